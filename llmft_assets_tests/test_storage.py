@@ -57,7 +57,7 @@ def test_same_content_same_version_new_content_new_version(backend, tmp_path: Pa
     assert list_versions(backend, "assets/a") == sorted({first.version, changed.version})
     assert latest_version(backend, "assets/a") == changed.version
     # Older versions stay readable by their version.
-    old, local = fetch_artifact(backend, "assets/a", tmp_path / "cache", version=first.version)
+    _old, local = fetch_artifact(backend, "assets/a", tmp_path / "cache", version=first.version)
     assert (local / "f").read_bytes() == b"1"
 
 
