@@ -5,7 +5,6 @@ publishes it atomically (files, manifest, pointer last) and records uri + versio
 Downstream assets receive an `ArtifactHandle`: a local folder with the verified files. Nothing is pickled.
 """
 
-from __future__ import annotations
 
 import shutil
 import tempfile
@@ -74,9 +73,13 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
 
     def handle_output(self, context: dg.OutputContext, obj: StagedArtifact) -> None:
         if not isinstance(obj, StagedArtifact):
-            raise TypeError(f"{context.asset_key.to_user_string()} returned {type(obj).__name__}, not StagedArtifact")
+            raise TypeError(
+                f"{context.asset_key.to_user_string()} returned {type(obj).__name__}, not StagedArtifact"
+            )
         backend = self.storage.backend()
-        published = publish_directory(backend, asset_prefix(context.asset_key), obj.path, metadata=obj.metadata)
+        published = publish_directory(
+            backend, asset_prefix(context.asset_key), obj.path, metadata=obj.metadata
+        )
         context.add_output_metadata(
             {
                 "uri": dg.MetadataValue.path(published.uri),

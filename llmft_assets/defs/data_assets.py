@@ -1,0 +1,393 @@
+"""The data half of the graph: raw -> cleaned -> validated -> tokenized -> splits, plus the base model.
+
+Each asset streams Parquet row groups through the pure functions in `llmft_assets.data`, writes its
+table(s) into a staging folder and returns a `StagedArtifact`; the IO manager publishes it atomically.
+Counts are kept so that rows in = rows out + quarantined + duplicates dropped, and shown as metadata.
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pyarrow as pa
+
+from llmft_assets.data.schema import (
+    CONVERSATION_SCHEMA,
+    QUARANTINE_SCHEMA,
+    TOKENIZED_SCHEMA,
+    StageCounts,
+)
+from llmft_assets.defs.storage_resources import ArtifactHandle, StagedArtifact, StorageResource
+from llmft_assets.storage.tables import ParquetSink, count_rows, iter_parquet_rows
+
+DATA_GROUP = "data"
+MODEL_GROUP = "model"
+OWNERS = ["team:llmft"]
+RAW_SCHEMA = pa.schema(
+    [
+        pa.field("origin", pa.string(), nullable=False),
+        # Rows keep their own columns (v0 and v1 differ); JSON keeps both in one table without coercion.
+        pa.field("payload", pa.string(), nullable=False),
+    ]
+)
+DATA_FILE = "data.parquet"
+QUARANTINE_FILE = "quarantine.parquet"
+SPLIT_NAMES = ("train", "validation", "test")
+PROGRESS_EVERY_ROWS = 20_000
+
+
+class RawDatasetConfig(dg.Config):
+    source: str = "sample"
+    """`sample` (bundled), a local file/glob/folder (jsonl, json, parquet), s3://bucket/prefix, or a HF dataset id."""
+    config: str | None = "all"
+    """R1-Distill-SFT config: v0, v1, or all (bundled sample only)."""
+    max_rows: int | None = None
+    batch_size: int = 2048
+
+
+class ValidationConfig(dg.Config):
+    min_chars: int = 16
+    max_chars: int = 65_536
+    max_turns: int = 64
+    require_answer: bool = True
+
+
+class BaseModelConfig(dg.Config):
+    model: str = "tiny"
+    """`tiny` (built offline, deterministic) or a Hugging Face id / local path, e.g. Qwen/Qwen2.5-7B-Instruct."""
+    revision: str | None = None
+    pretrain_steps: int | None = None
+    """tiny only: causal-LM pretraining steps on plain text (None = the builder's default)."""
+
+
+class TokenizeConfig(dg.Config):
+    max_seq_len: int = 1024
+    batch_size: int = 1024
+
+
+class SplitConfig(dg.Config):
+    validation_fraction: float = 0.05
+    test_fraction: float = 0.05
+    salt: str = "llmft-v1"
+
+
+def _counts_metadata(counts: StageCounts) -> dict[str, Any]:
+    counts.check_balanced()
+    data = counts.to_metadata()
+    return {
+        "rows_in": data["rows_in"],
+        "rows_out": data["rows_out"],
+        "quarantined": data["quarantined"],
+        "duplicates_dropped": data["duplicates"],
+        "quarantine_reasons": dg.MetadataValue.json(data["quarantine_reasons"]),
+        "counts_balance": dg.MetadataValue.md(
+            f"**{data['rows_in']}** in = **{data['rows_out']}** out + **{data['quarantined']}** quarantined"
+            f" + **{data['duplicates']}** duplicates dropped"
+        ),
+    }
+
+
+def _preview(rows: list[dict[str, Any]], limit: int = 5) -> dg.MetadataValue:
+    lines = ["| id | source | first user turn |", "|---|---|---|"]
+    for row in rows[:limit]:
+        user = next((m["content"] for m in row["messages"] if m["role"] == "user"), "")
+        snippet = user[:100].replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| {row['id']} | {row['source']} | {snippet} |")
+    return dg.MetadataValue.md("\n".join(lines))
+
+
+def _log_progress(context: dg.AssetExecutionContext, counts: StageCounts, last: list[int]) -> None:
+    if counts.rows_in - last[0] >= PROGRESS_EVERY_ROWS:
+        last[0] = counts.rows_in
+        context.log.info(
+            f"{counts.stage}: {counts.rows_in} rows read, {counts.rows_out} kept, "
+            f"{counts.quarantined} quarantined, {counts.duplicates} duplicates"
+        )
+
+
+def _stage_result(
+    staging: Path, counts: StageCounts, extra: dict[str, Any] | None = None
+) -> tuple[StagedArtifact, dict[str, Any]]:
+    counts_data = counts.to_metadata()
+    artifact = StagedArtifact(staging, metadata={"counts": counts_data, **(extra or {})})
+    return artifact, _counts_metadata(counts)
+
+
+@dg.asset(group_name=DATA_GROUP, owners=OWNERS, kinds={"parquet"})
+def raw_dataset(
+    context: dg.AssetExecutionContext, config: RawDatasetConfig, storage: StorageResource
+) -> dg.Output[StagedArtifact]:
+    """R1-Distill-SFT rows as read from the source, one JSON payload per row; unparseable input quarantined."""
+    from llmft_assets.data.raw_sources import iter_raw_batches
+
+    staging = storage.staging_dir("raw_dataset")
+    counts = StageCounts(stage="raw")
+    s3_client = storage.s3.get_client() if config.source.startswith("s3://") else None
+    last = [0]
+    with (
+        ParquetSink(staging / DATA_FILE, RAW_SCHEMA) as rows_out,
+        ParquetSink(staging / QUARANTINE_FILE, QUARANTINE_SCHEMA) as quarantine_out,
+    ):
+        for batch in iter_raw_batches(
+            config.source,
+            config=config.config,
+            max_rows=config.max_rows,
+            batch_size=config.batch_size,
+            s3_client=s3_client,
+            counts=counts,
+        ):
+            rows_out.write_rows(
+                [
+                    {
+                        "origin": row.get("origin", "unknown"),
+                        "payload": json.dumps(row, ensure_ascii=False, default=str),
+                    }
+                    for row in batch.rows
+                ]
+            )
+            quarantine_out.write_rows(batch.quarantine)
+            _log_progress(context, counts, last)
+    for warning in counts.warnings:
+        context.log.warning(warning)
+    artifact, metadata = _stage_result(staging, counts, {"source": config.source, "config": config.config})
+    return dg.Output(artifact, metadata={**metadata, "source": config.source, "config": str(config.config)})
+
+
+@dg.asset(group_name=DATA_GROUP, owners=OWNERS, kinds={"parquet"})
+def cleaned_dataset(
+    context: dg.AssetExecutionContext, raw_dataset: ArtifactHandle, storage: StorageResource
+) -> dg.Output[StagedArtifact]:
+    """One canonical conversation schema for both configs: NFC, whitespace and control characters
+    normalized, always-null columns dropped, exact duplicates removed by content hash."""
+    from llmft_assets.data.cleaning import always_null_columns, clean_rows
+
+    staging = storage.staging_dir("cleaned_dataset")
+    counts = StageCounts(stage="cleaned")
+    seen_hashes: set[str] = set()
+    preview: list[dict[str, Any]] = []
+    last = [0]
+    with (
+        ParquetSink(staging / DATA_FILE, CONVERSATION_SCHEMA) as rows_out,
+        ParquetSink(staging / QUARANTINE_FILE, QUARANTINE_SCHEMA) as quarantine_out,
+    ):
+        for raw_rows in iter_parquet_rows(raw_dataset.file(DATA_FILE)):
+            rows = [{**json.loads(r["payload"]), "origin": r["origin"]} for r in raw_rows]
+            cleaned, quarantine = clean_rows(rows, seen_hashes=seen_hashes, counts=counts)
+            rows_out.write_rows(cleaned)
+            quarantine_out.write_rows(quarantine)
+            preview.extend(cleaned[: 5 - len(preview)])
+            _log_progress(context, counts, last)
+    dropped = always_null_columns(counts)
+    artifact, metadata = _stage_result(staging, counts, {"dropped_null_columns": dropped})
+    return dg.Output(
+        artifact,
+        metadata={
+            **metadata,
+            "dropped_always_null_columns": dg.MetadataValue.json(dropped),
+            "preview": _preview(preview),
+            "upstream_version": raw_dataset.version,
+        },
+    )
+
+
+@dg.asset(group_name=DATA_GROUP, owners=OWNERS, kinds={"parquet"})
+def validated_dataset(
+    context: dg.AssetExecutionContext,
+    config: ValidationConfig,
+    cleaned_dataset: ArtifactHandle,
+    storage: StorageResource,
+) -> dg.Output[StagedArtifact]:
+    """Conversations that pass the rules (role order, non-empty turns, balanced <think>, length bounds,
+    answer present, unique ids); every rejected row is in quarantine.parquet with its reason."""
+    from llmft_assets.data.validation import ValidationLimits, validate_rows
+
+    limits = ValidationLimits(
+        min_chars=config.min_chars,
+        max_chars=config.max_chars,
+        max_turns=config.max_turns,
+        require_answer=config.require_answer,
+    )
+    staging = storage.staging_dir("validated_dataset")
+    counts = StageCounts(stage="validated")
+    seen_ids: set[str] = set()
+    last = [0]
+    with (
+        ParquetSink(staging / DATA_FILE, CONVERSATION_SCHEMA) as rows_out,
+        ParquetSink(staging / QUARANTINE_FILE, QUARANTINE_SCHEMA) as quarantine_out,
+    ):
+        for rows in iter_parquet_rows(cleaned_dataset.file(DATA_FILE)):
+            valid, quarantine = validate_rows(rows, seen_ids=seen_ids, limits=limits, counts=counts)
+            rows_out.write_rows(valid)
+            quarantine_out.write_rows(quarantine)
+            _log_progress(context, counts, last)
+    artifact, metadata = _stage_result(staging, counts)
+    reject_rate = counts.quarantined / counts.rows_in if counts.rows_in else 0.0
+    return dg.Output(
+        artifact,
+        metadata={**metadata, "reject_rate": reject_rate, "upstream_version": cleaned_dataset.version},
+    )
+
+
+@dg.asset(group_name=MODEL_GROUP, owners=OWNERS, kinds={"pytorch", "safetensors"})
+def base_model(
+    context: dg.AssetExecutionContext, config: BaseModelConfig, storage: StorageResource
+) -> dg.Output[StagedArtifact]:
+    """The model and tokenizer everything trains on, published into storage so training pods and
+    servers never need the hub. `tiny` is built offline and deterministically."""
+    from llmft_assets.modeling.base_model import materialize_base_model
+
+    staging = storage.staging_dir("base_model")
+    context.log.info(f"materializing base model {config.model!r}")
+    info = materialize_base_model(
+        config.model, staging, revision=config.revision, pretrain_steps=config.pretrain_steps
+    )
+    metadata: dict[str, Any] = {
+        key: value
+        for key, value in info.items()
+        if isinstance(value, str | int | float) and value is not None
+    }
+    metadata["info"] = dg.MetadataValue.json(info)
+    return dg.Output(StagedArtifact(staging, metadata={"model_info": info}), metadata=metadata)
+
+
+@dg.asset(group_name=DATA_GROUP, owners=OWNERS, kinds={"parquet"})
+def tokenized_dataset(
+    context: dg.AssetExecutionContext,
+    config: TokenizeConfig,
+    validated_dataset: ArtifactHandle,
+    base_model: ArtifactHandle,
+    storage: StorageResource,
+) -> dg.Output[StagedArtifact]:
+    """Conversations rendered with the base model's own chat template; labels are -100 everywhere
+    except assistant turns (content + end token); sequences over max_seq_len truncated and counted."""
+    from transformers import AutoTokenizer
+
+    from llmft_assets.data.stats import token_length_histogram
+    from llmft_assets.data.tokenization import tokenize_batch
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model.path)
+    staging = storage.staging_dir("tokenized_dataset")
+    counts = StageCounts(stage="tokenized")
+    lengths: list[int] = []
+    assistant_tokens = 0
+    truncated = 0
+    last = [0]
+    with ParquetSink(staging / DATA_FILE, TOKENIZED_SCHEMA) as rows_out:
+        for rows in iter_parquet_rows(validated_dataset.file(DATA_FILE), batch_size=config.batch_size):
+            tokenized = tokenize_batch(rows, tokenizer, max_seq_len=config.max_seq_len, counts=counts)
+            rows_out.write_rows(tokenized)
+            for row in tokenized:
+                lengths.append(row["num_tokens"])
+                assistant_tokens += row["num_assistant_tokens"]
+                truncated += bool(row["truncated"])
+            _log_progress(context, counts, last)
+    histogram = token_length_histogram(lengths, bins=20)
+    total_tokens = sum(lengths)
+    artifact, metadata = _stage_result(
+        staging,
+        counts,
+        {
+            "max_seq_len": config.max_seq_len,
+            "total_tokens": total_tokens,
+            "base_model_version": base_model.version,
+        },
+    )
+    return dg.Output(
+        artifact,
+        metadata={
+            **metadata,
+            "total_tokens": total_tokens,
+            "assistant_tokens": assistant_tokens,
+            "assistant_token_share": assistant_tokens / total_tokens if total_tokens else 0.0,
+            "truncated_rows": truncated,
+            "max_seq_len": config.max_seq_len,
+            "mean_tokens": total_tokens / len(lengths) if lengths else 0.0,
+            "max_tokens": max(lengths, default=0),
+            "token_length_histogram": dg.MetadataValue.json(histogram),
+            "token_length_histogram_md": dg.MetadataValue.md(_histogram_md(histogram)),
+            "base_model_version": base_model.version,
+            "upstream_version": validated_dataset.version,
+        },
+    )
+
+
+def _histogram_md(histogram: dict[str, Any]) -> str:
+    edges = histogram["edges"]
+    counts = histogram["counts"]
+    peak = max(counts, default=0) or 1
+    lines = ["| tokens | rows | |", "|---|---|---|"]
+    for index, count in enumerate(counts):
+        lines.append(
+            f"| {edges[index]:.0f}-{edges[index + 1]:.0f} | {count} | {'█' * max(1, round(20 * count / peak)) if count else ''} |"
+        )
+    return "\n".join(lines)
+
+
+@dg.asset(group_name=DATA_GROUP, owners=OWNERS, kinds={"parquet"})
+def dataset_splits(
+    context: dg.AssetExecutionContext,
+    config: SplitConfig,
+    tokenized_dataset: ArtifactHandle,
+    storage: StorageResource,
+) -> dg.Output[StagedArtifact]:
+    """train / validation / test by a stable hash of the conversation id: adding rows never moves an
+    existing row to another split."""
+    from llmft_assets.data.splits import assign_split, validate_fractions
+
+    validate_fractions(config.validation_fraction, config.test_fraction)
+    staging = storage.staging_dir("dataset_splits")
+    sinks = {name: ParquetSink(staging / f"{name}.parquet", TOKENIZED_SCHEMA) for name in SPLIT_NAMES}
+    tokens = dict.fromkeys(SPLIT_NAMES, 0)
+    rows_in = 0
+    try:
+        for rows in iter_parquet_rows(tokenized_dataset.file(DATA_FILE)):
+            by_split: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLIT_NAMES}
+            for row in rows:
+                split = assign_split(
+                    row["id"],
+                    validation_fraction=config.validation_fraction,
+                    test_fraction=config.test_fraction,
+                    salt=config.salt,
+                )
+                by_split[split].append(row)
+                tokens[split] += row["num_tokens"]
+            for name, split_rows in by_split.items():
+                sinks[name].write_rows(split_rows)
+            rows_in += len(rows)
+    finally:
+        for sink in sinks.values():
+            sink.close()
+    sizes = {name: sinks[name].rows_written for name in SPLIT_NAMES}
+    if sum(sizes.values()) != rows_in:
+        raise RuntimeError(f"split sizes {sizes} do not add up to {rows_in} tokenized rows")
+    context.log.info(f"splits: {sizes}")
+    artifact = StagedArtifact(
+        staging,
+        metadata={
+            "rows": sizes,
+            "tokens": tokens,
+            "salt": config.salt,
+            "upstream": tokenized_dataset.version,
+        },
+    )
+    return dg.Output(
+        artifact,
+        metadata={
+            **{f"{name}_rows": sizes[name] for name in SPLIT_NAMES},
+            **{f"{name}_tokens": tokens[name] for name in SPLIT_NAMES},
+            "rows_in": rows_in,
+            "split_rule": f"sha256(salt={config.salt!r}, id): test {config.test_fraction}, validation {config.validation_fraction}",
+            "upstream_version": tokenized_dataset.version,
+        },
+    )
+
+
+def split_file(splits: ArtifactHandle, name: str) -> Path:
+    if name not in SPLIT_NAMES:
+        raise ValueError(f"unknown split {name!r}; expected one of {SPLIT_NAMES}")
+    return splits.file(f"{name}.parquet")
+
+
+def split_rows(splits: ArtifactHandle) -> dict[str, int]:
+    return {name: count_rows(split_file(splits, name)) for name in SPLIT_NAMES}

@@ -1,0 +1,125 @@
+"""Asset checks on the data assets: schema, unique ids, reject rate, loss masks, split isolation."""
+
+import os
+from collections import Counter
+
+import dagster as dg
+import pyarrow.parquet as pq
+
+from llmft_assets.data.schema import CONVERSATION_SCHEMA, TOKENIZED_SCHEMA
+from llmft_assets.defs.data_assets import DATA_FILE, SPLIT_NAMES, split_file
+from llmft_assets.defs.storage_resources import ArtifactHandle
+from llmft_assets.storage.tables import iter_parquet_rows
+
+# The highest share of cleaned rows validation may reject before the pipeline stops.
+MAX_REJECT_RATE = float(os.environ.get("LLMFT_MAX_REJECT_RATE", "0.2"))
+MASK_CHECK_ROWS = int(os.environ.get("LLMFT_MASK_CHECK_ROWS", "64"))
+
+
+def _schema_problems(path, expected) -> list[str]:
+    actual = pq.read_schema(path)
+    problems = []
+    for field in expected:
+        if field.name not in actual.names:
+            problems.append(f"missing column {field.name}")
+        elif not actual.field(field.name).type.equals(field.type):
+            problems.append(f"{field.name}: {actual.field(field.name).type} != {field.type}")
+    return problems
+
+
+@dg.asset_check(
+    asset="validated_dataset", blocking=True, description="Columns and types match the conversation schema."
+)
+def validated_schema(validated_dataset: ArtifactHandle) -> dg.AssetCheckResult:
+    problems = _schema_problems(validated_dataset.file(DATA_FILE), CONVERSATION_SCHEMA)
+    return dg.AssetCheckResult(passed=not problems, metadata={"problems": dg.MetadataValue.json(problems)})
+
+
+@dg.asset_check(asset="validated_dataset", blocking=True, description="No conversation id appears twice.")
+def validated_unique_ids(validated_dataset: ArtifactHandle) -> dg.AssetCheckResult:
+    ids: Counter[str] = Counter()
+    for rows in iter_parquet_rows(validated_dataset.file(DATA_FILE), columns=["id"]):
+        ids.update(row["id"] for row in rows)
+    duplicates = sorted(key for key, count in ids.items() if count > 1)
+    return dg.AssetCheckResult(
+        passed=not duplicates,
+        metadata={
+            "rows": sum(ids.values()),
+            "duplicate_ids": len(duplicates),
+            "examples": dg.MetadataValue.json(duplicates[:10]),
+        },
+    )
+
+
+@dg.asset_check(
+    asset="validated_dataset",
+    blocking=True,
+    description=f"Validation rejects at most LLMFT_MAX_REJECT_RATE (default {MAX_REJECT_RATE:.0%}) of its input.",
+)
+def validated_reject_rate(validated_dataset: ArtifactHandle) -> dg.AssetCheckResult:
+    counts = validated_dataset.metadata["counts"]
+    rate = counts["quarantined"] / counts["rows_in"] if counts["rows_in"] else 0.0
+    return dg.AssetCheckResult(
+        passed=counts["rows_in"] > 0 and rate <= MAX_REJECT_RATE,
+        metadata={
+            "reject_rate": rate,
+            "max_reject_rate": MAX_REJECT_RATE,
+            "rows_in": counts["rows_in"],
+            "quarantine_reasons": dg.MetadataValue.json(counts["quarantine_reasons"]),
+        },
+        description=None if counts["rows_in"] else "validation received no rows",
+    )
+
+
+@dg.asset_check(
+    asset="tokenized_dataset",
+    additional_ins={"base_model": dg.AssetIn("base_model")},
+    blocking=True,
+    description="Rendered samples: the loss mask covers exactly the assistant turns, sequences end with the end token.",
+)
+def tokenized_masks(tokenized_dataset: ArtifactHandle, base_model: ArtifactHandle) -> dg.AssetCheckResult:
+    from transformers import AutoTokenizer
+
+    from llmft_assets.data.tokenization import verify_masks
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model.path)
+    sample = next(iter_parquet_rows(tokenized_dataset.file(DATA_FILE), batch_size=MASK_CHECK_ROWS), [])
+    problems = verify_masks(sample, tokenizer)
+    problems += _schema_problems(tokenized_dataset.file(DATA_FILE), TOKENIZED_SCHEMA)
+    return dg.AssetCheckResult(
+        passed=bool(sample) and not problems,
+        metadata={"rows_checked": len(sample), "problems": dg.MetadataValue.json(problems[:20])},
+    )
+
+
+@dg.asset_check(
+    asset="dataset_splits", blocking=True, description="No conversation content is shared between splits."
+)
+def splits_disjoint(dataset_splits: ArtifactHandle) -> dg.AssetCheckResult:
+    from llmft_assets.data.splits import find_cross_split_overlap
+
+    hashes = {}
+    for name in SPLIT_NAMES:
+        hashes[name] = [
+            row["content_hash"]
+            for rows in iter_parquet_rows(split_file(dataset_splits, name), columns=["content_hash"])
+            for row in rows
+        ]
+    overlap = find_cross_split_overlap(hashes)
+    return dg.AssetCheckResult(
+        passed=not overlap,
+        metadata={
+            "shared_hashes": len(overlap),
+            "rows": dg.MetadataValue.json({name: len(values) for name, values in hashes.items()}),
+            "examples": dg.MetadataValue.json(dict(list(overlap.items())[:5])),
+        },
+    )
+
+
+DATA_CHECKS = [
+    validated_schema,
+    validated_unique_ids,
+    validated_reject_rate,
+    tokenized_masks,
+    splits_disjoint,
+]
