@@ -119,24 +119,29 @@ def raw_dataset(
     context: dg.AssetExecutionContext, config: RawDatasetConfig, storage: StorageResource
 ) -> dg.Output[StagedArtifact]:
     """R1-Distill-SFT rows as read from the source, one JSON payload per row; unparseable input quarantined."""
-    from llmft_assets.data.raw_sources import iter_raw_batches
+    from llmft_assets.data.raw_sources import DataSourceError, iter_raw_batches
 
     staging = storage.staging_dir("raw_dataset")
     counts = StageCounts(stage="raw")
     s3_client = storage.s3.get_client() if config.source.startswith("s3://") else None
     last = [0]
-    with (
-        ParquetSink(staging / DATA_FILE, RAW_SCHEMA) as rows_out,
-        ParquetSink(staging / QUARANTINE_FILE, QUARANTINE_SCHEMA) as quarantine_out,
-    ):
-        for batch in iter_raw_batches(
+    try:
+        batches = iter_raw_batches(
             config.source,
             config=config.config,
             max_rows=config.max_rows,
             batch_size=config.batch_size,
             s3_client=s3_client,
             counts=counts,
-        ):
+        )
+    except (DataSourceError, ValueError) as exc:
+        # One clear line for the person at the UI: which source, what is wrong. No retry can fix it.
+        raise dg.Failure(description=f"raw_dataset: {exc}", allow_retries=False) from exc
+    with (
+        ParquetSink(staging / DATA_FILE, RAW_SCHEMA) as rows_out,
+        ParquetSink(staging / QUARANTINE_FILE, QUARANTINE_SCHEMA) as quarantine_out,
+    ):
+        for batch in batches:
             rows_out.write_rows(
                 [
                     {
