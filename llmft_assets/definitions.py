@@ -16,26 +16,33 @@ from llmft_assets.defs.data_assets import (
     validated_dataset,
 )
 from llmft_assets.defs.data_checks import DATA_CHECKS
+from llmft_assets.defs.jobs import data_job, release_job, train_job
+from llmft_assets.defs.mlflow_resource import MlflowResource
+from llmft_assets.defs.serving_assets import model_bento
 from llmft_assets.defs.storage_resources import ArtifactIOManager, StorageResource
+from llmft_assets.defs.training_assets import eval_gate, eval_report, lora_adapter
+from llmft_assets.defs.training_sensors import release_sensor, train_sensor
 
 DATA_ASSETS = [raw_dataset, cleaned_dataset, validated_dataset, base_model, tokenized_dataset, dataset_splits]
-
-data_job = dg.define_asset_job(
-    "data_job",
-    selection=dg.AssetSelection.assets(*DATA_ASSETS),
-    description="Raw data to train/validation/test splits, plus the base model (CPU).",
-)
+TRAINING_ASSETS = [lora_adapter, eval_report]
+SERVING_ASSETS = [model_bento]
 
 
 def build_resources() -> dict[str, object]:
     s3 = S3Resource()  # endpoint and credentials from the standard AWS environment (AWS_ENDPOINT_URL, ...)
     storage = StorageResource(s3=s3)
-    return {"s3": s3, "storage": storage, "io_manager": ArtifactIOManager(storage=storage)}
+    return {
+        "s3": s3,
+        "storage": storage,
+        "io_manager": ArtifactIOManager(storage=storage),
+        "mlflow": MlflowResource(),
+    }
 
 
 defs = dg.Definitions(
-    assets=DATA_ASSETS,
-    asset_checks=DATA_CHECKS,
-    jobs=[data_job],
+    assets=[*DATA_ASSETS, *TRAINING_ASSETS, *SERVING_ASSETS],
+    asset_checks=[*DATA_CHECKS, eval_gate],
+    jobs=[data_job, train_job, release_job],
+    sensors=[train_sensor, release_sensor],
     resources=build_resources(),
 )

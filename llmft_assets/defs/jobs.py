@@ -1,0 +1,48 @@
+"""Jobs. Training has its own job and executor (Dagster allows one executor per run, none per asset)."""
+
+import os
+
+import dagster as dg
+
+from llmft_assets.defs.k8s_tags import gpu_run_tags
+
+DATA_SELECTION = dg.AssetSelection.groups("data", "model")
+TRAIN_SELECTION = dg.AssetSelection.assets("lora_adapter")
+RELEASE_SELECTION = dg.AssetSelection.groups("evaluation", "serving")
+
+data_job = dg.define_asset_job(
+    "data_job",
+    selection=DATA_SELECTION,
+    description="Raw data to train/validation/test splits, plus the base model (CPU, multiprocess).",
+)
+
+
+def _train_executor() -> dg.ExecutorDefinition:
+    # LLMFT_TRAIN_EXECUTOR=k8s runs the training step in its own pod (GPU from the asset's op_tags);
+    # the default runs it inside the run worker, which K8sRunLauncher places by the job's tags.
+    if os.environ.get("LLMFT_TRAIN_EXECUTOR", "in_process") == "k8s":
+        from dagster_k8s import k8s_job_executor
+
+        return k8s_job_executor
+    return dg.in_process_executor
+
+
+_train_on_k8s_steps = os.environ.get("LLMFT_TRAIN_EXECUTOR", "in_process") == "k8s"
+
+train_job = dg.define_asset_job(
+    "train_job",
+    selection=TRAIN_SELECTION,
+    executor_def=_train_executor(),
+    description="LoRA/QLoRA training on its own executor; one at a time through the `gpu` pool.",
+    tags={
+        "dagster/max_runtime": str(int(os.environ.get("LLMFT_TRAIN_MAX_RUNTIME_S", 24 * 3600))),
+        "dagster/max_retries": "2",
+        **({} if _train_on_k8s_steps else gpu_run_tags()),
+    },
+)
+
+release_job = dg.define_asset_job(
+    "release_job",
+    selection=RELEASE_SELECTION,
+    description="Evaluate the new adapter against the base model and the champion; package the winner.",
+)

@@ -1,0 +1,391 @@
+"""Training and evaluation assets: `lora_adapter` (own job, `gpu` pool), `eval_report` and the `eval_gate`.
+
+The training loop, tracking and metrics live in `llmft_assets.training` / `llmft_assets.evaluation`;
+this layer wires storage, MLflow and config, and turns the results into metadata a person reads.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from llmft_assets.defs.data_assets import OWNERS, split_file
+from llmft_assets.defs.k8s_tags import gpu_op_tags
+from llmft_assets.defs.mlflow_resource import MlflowResource
+from llmft_assets.defs.storage_resources import ArtifactHandle, StagedArtifact, StorageResource, asset_prefix
+
+TRAINING_GROUP = "training"
+EVALUATION_GROUP = "evaluation"
+GPU_POOL = "gpu"
+ADAPTER_SUBDIR = "adapter"
+BOM_FILE = "bill_of_materials.json"
+RESULT_FILE = "train_result.json"
+LOSS_PNG = "loss_curve.png"
+DATASET_LICENSE = os.environ.get("LLMFT_DATASET_LICENSE", "CC-BY-NC-SA-4.0")
+
+
+class LoraAdapterConfig(dg.Config):
+    """Hyper-parameters of the LoRA / QLoRA run (validated by `TrainingConfig`; errors name the field)."""
+
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    target_modules: list[str] = Field(default=["all-linear"], description='["all-linear"] or module names')
+    qlora: bool = Field(default=False, description="4-bit NF4 base weights with double quantization")
+    learning_rate: float = 5e-4
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.03
+    num_train_epochs: float = 2.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_seq_len: int = 1024
+    packing: bool = Field(default=True, description="padding-free batches (DataCollatorWithFlattening)")
+    max_tokens_per_batch: int | None = None
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    precision: str = "auto"
+    save_steps: int = 50
+    logging_steps: int = 5
+    num_processes: int = Field(
+        default=1, description=">1 runs the same entry point under `accelerate launch` (DDP/FSDP)"
+    )
+
+    def training_config(self) -> Any:
+        from pydantic import ValidationError
+
+        from llmft_assets.training.config import TrainingConfig
+
+        values = self.model_dump(exclude={"num_processes"})
+        values["target_modules"] = (
+            "all-linear" if values["target_modules"] == ["all-linear"] else values["target_modules"]
+        )
+        try:
+            return TrainingConfig(**values)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise dg.Failure(
+                description=f"lora_adapter config is invalid: {problems}", allow_retries=False
+            ) from exc
+
+
+def _run_key(*parts: str) -> str:
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _loss_markdown(history: list[tuple[int, float]], points: int = 12) -> str:
+    if not history:
+        return "no loss logged"
+    stride = max(1, len(history) // points)
+    picked = history[::stride]
+    if picked[-1] != history[-1]:
+        picked.append(history[-1])
+    top = max(loss for _, loss in picked) or 1.0
+    lines = ["| step | loss | |", "|---|---|---|"]
+    lines += [f"| {step} | {loss:.4f} | {'█' * max(1, round(24 * loss / top))} |" for step, loss in picked]
+    return "\n".join(lines)
+
+
+def _train_with_accelerate(
+    context: dg.AssetExecutionContext, num_processes: int, args: list[str], output_dir: Path
+) -> dict[str, Any]:
+    """Multi-process training: the same CLI under `accelerate launch` (CPU: gloo; CUDA: NCCL)."""
+    import torch
+
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
+    if not torch.cuda.is_available():
+        command.append("--cpu")
+    command += ["-m", "llmft_assets.training.cli", *args]
+    context.log.info("launching: " + " ".join(command[2:]))
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert process.stdout is not None
+    for line in process.stdout:
+        context.log.info(line.rstrip())
+    if process.wait() != 0:
+        raise dg.Failure(description=f"accelerate launch exited with {process.returncode}")
+    return json.loads((output_dir / RESULT_FILE).read_text())
+
+
+@dg.asset(
+    group_name=TRAINING_GROUP,
+    owners=OWNERS,
+    kinds={"pytorch", "mlflow"},
+    pool=GPU_POOL,
+    retry_policy=dg.RetryPolicy(max_retries=2, delay=15),
+    # Read by k8s_job_executor for this step's pod (dagster issue 22865); ignored in-process.
+    op_tags=gpu_op_tags(),
+)
+def lora_adapter(
+    context: dg.AssetExecutionContext,
+    config: LoraAdapterConfig,
+    base_model: ArtifactHandle,
+    dataset_splits: ArtifactHandle,
+    storage: StorageResource,
+    mlflow: MlflowResource,
+) -> dg.Output[StagedArtifact]:
+    """A LoRA (or QLoRA) adapter fine-tuned on the train split with assistant-only loss; checkpoints go to
+    storage every `save_steps`, and a retried or re-launched run resumes from the latest one."""
+    from llmft_assets.training.bom import bill_of_materials
+    from llmft_assets.training.storage_checkpoints import StorageCheckpointStore
+    from llmft_assets.training.tracking import log_loss_curve
+    from llmft_assets.training.trainer import TrainResult, train_lora
+
+    training_config = config.training_config()
+    backend = storage.backend()
+    run_key = _run_key(base_model.version, dataset_splits.version, training_config.model_dump_json())
+    checkpoints = StorageCheckpointStore(backend, f"checkpoints/lora_adapter/{run_key}", storage.cache_dir())
+    base_info = base_model.metadata.get("model_info", {})
+    bom = bill_of_materials(
+        base_model_info={**base_info, "artifact_version": base_model.version, "artifact_uri": base_model.uri},
+        dataset_version=dataset_splits.version,
+        dataset_license=DATASET_LICENSE,
+        config=training_config,
+        seed=training_config.seed,
+    )
+    run_id = mlflow.start_training_run(
+        run_name=f"lora-{run_key[:8]}",
+        params={**training_config.model_dump(), "num_processes": config.num_processes},
+        tags={
+            "llmft.dagster_run_id": context.run.run_id,
+            "llmft.base_model": str(base_info.get("model_id", "")),
+            "llmft.dataset_version": dataset_splits.version,
+            "llmft.run_key": run_key,
+        },
+    )
+    context.log.info(f"MLflow run {run_id} ({mlflow.run_url(run_id) or mlflow.resolved_tracking_uri()})")
+    work = storage.staging_dir("lora_adapter-work")
+    try:
+        if config.num_processes > 1:
+            config_file = work / "training_config.json"
+            config_file.write_text(training_config.model_dump_json())
+            local_checkpoints = storage.cache_dir() / "checkpoints" / run_key
+            args = [
+                "--base-model", str(base_model.path),
+                "--train", str(split_file(dataset_splits, "train")),
+                "--eval", str(split_file(dataset_splits, "validation")),
+                "--output", str(work),
+                "--config", str(config_file),
+                "--checkpoint-dir", str(local_checkpoints),
+            ]  # fmt: skip
+            result = TrainResult.from_dict(_train_with_accelerate(context, config.num_processes, args, work))
+            mlflow.log_metrics(run_id, {"train_loss": result.train_loss}, step=result.global_step)
+        else:
+            result = train_lora(
+                base_model_dir=base_model.path,
+                train_path=split_file(dataset_splits, "train"),
+                eval_path=split_file(dataset_splits, "validation"),
+                output_dir=work,
+                config=training_config,
+                callbacks=[mlflow.training_callback(run_id)],
+                checkpoints=checkpoints,
+                log=context.log.info,
+            )
+    except BaseException:
+        mlflow.finish_run(run_id, status="FAILED")
+        raise
+
+    staging = storage.staging_dir("lora_adapter")
+    shutil.copytree(Path(result.adapter_dir), staging / ADAPTER_SUBDIR)
+    result_data = result.to_dict()
+    (staging / RESULT_FILE).write_text(json.dumps(result_data, indent=2))
+    (staging / BOM_FILE).write_text(json.dumps(bom, indent=2, default=str))
+    loss_png = log_loss_curve(run_id, result.loss_history, tracking_uri=mlflow.resolved_tracking_uri())
+    mlflow.log_adapter(run_id, staging / ADAPTER_SUBDIR)
+    mlflow.log_bill_of_materials(run_id, bom)
+    if result.eval_loss is not None:
+        mlflow.log_metrics(run_id, {"eval_loss": result.eval_loss}, step=result.global_step)
+    version = mlflow.register_adapter_version(
+        run_id,
+        tags={"llmft.run_key": run_key, "llmft.dataset_version": dataset_splits.version},
+    )
+    mlflow.set_alias("candidate", version)
+    mlflow.finish_run(run_id)
+    shutil.rmtree(work, ignore_errors=True)
+    context.log.info(
+        f"trained {result.global_step} steps, loss {result.train_loss:.4f}, "
+        f"{result.tokens_per_second:.0f} tokens/s; registered version {version} as candidate"
+    )
+    metadata = {
+        "mlflow_run_id": run_id,
+        "mlflow_run_url": dg.MetadataValue.url(mlflow.run_url(run_id)) if mlflow.run_url(run_id) else run_id,
+        "registered_model": mlflow.registered_model_name,
+        "registered_version": str(version),
+        "train_loss": result.train_loss,
+        "eval_loss": result.eval_loss if result.eval_loss is not None else float("nan"),
+        "global_step": result.global_step,
+        "tokens_per_second": result.tokens_per_second,
+        "train_tokens": result.num_train_tokens,
+        "train_runtime_s": result.train_runtime_s,
+        "trainable_params": result.num_trainable_params,
+        "total_params": result.num_total_params,
+        "resumed_from_step": result.resumed_from_step if result.resumed_from_step is not None else -1,
+        "world_size": result.world_size,
+        "device": result.device,
+        "precision": result.precision,
+        "loss_curve": dg.MetadataValue.md(_loss_markdown(result.loss_history)),
+        "loss_history": dg.MetadataValue.json(result_data["loss_history"]),
+        "bill_of_materials": dg.MetadataValue.json(json.loads(json.dumps(bom, default=str))),
+        "checkpoints_uri": backend.uri(f"checkpoints/lora_adapter/{run_key}"),
+    }
+    if loss_png:
+        metadata["loss_curve_artifact"] = loss_png
+    artifact = StagedArtifact(
+        staging,
+        metadata={
+            "mlflow_run_id": run_id,
+            "registered_version": str(version),
+            "base_model_version": base_model.version,
+            "dataset_version": dataset_splits.version,
+            "train_loss": result.train_loss,
+        },
+    )
+    return dg.Output(artifact, metadata=metadata)
+
+
+class EvalReportConfig(dg.Config):
+    max_rows: int = Field(default=64, description="test rows scored (generation is the slow part)")
+    max_new_tokens: int = 384
+    batch_size: int = 16
+    compare_champion: bool = Field(
+        default=True, description="also score the current champion on the same rows"
+    )
+
+
+def _adapter_dir_of_version(storage: StorageResource, version: str) -> Path:
+    from llmft_assets.storage import fetch_artifact
+
+    _, path = fetch_artifact(
+        storage.backend(), asset_prefix(dg.AssetKey("lora_adapter")), storage.cache_dir(), version=version
+    )
+    return path / ADAPTER_SUBDIR
+
+
+@dg.asset(group_name=EVALUATION_GROUP, owners=OWNERS, kinds={"mlflow", "html"})
+def eval_report(
+    context: dg.AssetExecutionContext,
+    config: EvalReportConfig,
+    lora_adapter: ArtifactHandle,
+    base_model: ArtifactHandle,
+    dataset_splits: ArtifactHandle,
+    storage: StorageResource,
+    mlflow: MlflowResource,
+) -> dg.Output[StagedArtifact]:
+    """Base model vs adapter (vs the champion) on the test split: perplexity on assistant tokens, boxed-answer
+    accuracy, format compliance and response length, as JSON + HTML."""
+    from llmft_assets.evaluation.report import evaluate
+    from llmft_assets.storage.tables import iter_parquet_rows
+
+    rows = next(iter_parquet_rows(split_file(dataset_splits, "test"), batch_size=config.max_rows), [])
+    if not rows:
+        raise dg.Failure(description="the test split is empty: nothing to evaluate", allow_retries=False)
+    champion = mlflow.get_version_by_alias("champion")
+    champion_dir = None
+    champion_name = None
+    adapter_version = lora_adapter.version
+    if config.compare_champion and champion is not None:
+        champion_artifact = (champion.tags or {}).get("llmft.adapter_version")
+        if champion_artifact and champion_artifact != adapter_version:
+            champion_dir = _adapter_dir_of_version(storage, champion_artifact)
+            champion_name = f"champion v{champion.version}"
+    context.log.info(f"evaluating on {len(rows)} test rows (champion: {champion_name or 'none'})")
+    report = evaluate(
+        base_model.path,
+        lora_adapter.path / ADAPTER_SUBDIR,
+        rows,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+        champion_adapter_dir=champion_dir,
+        base_model_name=str(base_model.metadata.get("model_info", {}).get("model_id", "base")),
+        adapter_name=f"adapter {adapter_version}",
+        champion_name=champion_name,
+    )
+    staging = storage.staging_dir("eval_report")
+    report.write(staging)
+    headline = report.headline()
+    run_id = lora_adapter.metadata.get("mlflow_run_id")
+    if run_id:
+        mlflow.log_metrics(
+            run_id, {f"eval.{k}": float(v) for k, v in headline.items() if isinstance(v, int | float)}, step=0
+        )
+        mlflow.log_artifacts(run_id, staging, "eval_report")
+    version = lora_adapter.metadata.get("registered_version")
+    if version:
+        mlflow.set_version_tags(
+            version,
+            {
+                "llmft.adapter_version": adapter_version,
+                "llmft.eval": json.dumps(report.metrics_for("adapter")),
+            },
+        )
+    metadata: dict[str, Any] = {
+        key: (value if value is not None else float("nan")) for key, value in headline.items()
+    }
+    metadata["adapter_version"] = adapter_version
+    metadata["registered_version"] = str(version)
+    metadata["report_preview"] = dg.MetadataValue.md(_report_markdown(report))
+    return dg.Output(
+        StagedArtifact(
+            staging,
+            metadata={
+                "headline": headline,
+                "adapter_version": adapter_version,
+                "registered_version": version,
+            },
+        ),
+        metadata=metadata,
+    )
+
+
+def _report_markdown(report: Any) -> str:
+    metrics = ["accuracy", "format_compliance", "perplexity", "mean_response_tokens"]
+    lines = ["| model | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for name in report.models:
+        scores = report.metrics_for(name)
+        cells = [f"{scores.get(m):.4g}" if isinstance(scores.get(m), int | float) else "-" for m in metrics]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+GATE_TOLERANCE = float(os.environ.get("LLMFT_GATE_TOLERANCE", "0.02"))
+
+
+@dg.asset_check(
+    asset=eval_report,
+    blocking=True,
+    description=(
+        "Promotion gate: the adapter beats the base model and does not fall behind the champion by more "
+        f"than LLMFT_GATE_TOLERANCE (default {GATE_TOLERANCE}); on pass the version becomes `champion`."
+    ),
+)
+def eval_gate(eval_report: ArtifactHandle, mlflow: MlflowResource) -> dg.AssetCheckResult:
+    from llmft_assets.evaluation.gate import decide_gate_for_report
+    from llmft_assets.evaluation.report import EvalReport
+
+    report = EvalReport.from_json((eval_report.path / "eval_report.json").read_text())
+    champion_version = mlflow.get_version_by_alias("champion")
+    champion_metrics = None
+    if champion_version is not None and "llmft.eval" in (champion_version.tags or {}):
+        champion_metrics = json.loads(champion_version.tags["llmft.eval"])
+    decision = decide_gate_for_report(report, tolerance=GATE_TOLERANCE, champion=champion_metrics)
+    candidate = eval_report.metadata.get("registered_version")
+    promoted = False
+    if decision.passed and candidate:
+        mlflow.set_alias("champion", candidate)
+        promoted = True
+    return dg.AssetCheckResult(
+        passed=decision.passed,
+        metadata={
+            "reasons": dg.MetadataValue.md("\n".join(f"- {reason}" for reason in decision.reasons)),
+            "candidate_version": str(candidate),
+            "previous_champion": str(champion_version.version) if champion_version else "none",
+            "promoted": promoted,
+            "tolerance": GATE_TOLERANCE,
+        },
+    )

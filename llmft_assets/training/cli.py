@@ -1,0 +1,75 @@
+"""Command-line entry point for LoRA/QLoRA training, single process or under `accelerate launch`.
+
+    python -m llmft_assets.training.cli --base-model DIR --train PATH [--eval PATH] --output DIR \
+        --config JSON_FILE [--checkpoint-dir DIR] [--sample-trace PATH]
+    accelerate launch --num_processes 2 --cpu -m llmft_assets.training.cli ...   (DDP over gloo)
+
+Rank 0 writes the adapter to `OUTPUT/adapter` and the result to `OUTPUT/train_result.json`; every
+rank logs with a `[rank r/w]` prefix. Exit status 2 means bad input (config, paths, data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="llmft-train", description="Fine-tune a LoRA/QLoRA adapter.")
+    parser.add_argument("--base-model", required=True, type=Path, help="save_pretrained base model dir")
+    parser.add_argument("--train", required=True, type=Path, help="tokenized train split (Parquet)")
+    parser.add_argument("--eval", type=Path, default=None, help="tokenized eval split (Parquet)")
+    parser.add_argument("--output", required=True, type=Path, help="output dir (adapter, result, trainer)")
+    parser.add_argument("--config", required=True, type=Path, help="TrainingConfig as a JSON file")
+    parser.add_argument(
+        "--checkpoint-dir", type=Path, default=None, help="checkpoint store root (default OUTPUT/checkpoints)"
+    )
+    parser.add_argument(
+        "--sample-trace", type=Path, default=None, help="append the row ids of every step to this JSONL file"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    prefix = f"[rank {rank}/{world_size}]"
+
+    def log(message: str) -> None:
+        print(f"{prefix} {message}", flush=True)
+
+    from llmft_assets.training.checkpoints import LocalCheckpointStore
+    from llmft_assets.training.config import TrainingConfig
+    from llmft_assets.training.trainer import train_lora
+
+    try:
+        config = TrainingConfig.from_json_file(args.config)
+        store = LocalCheckpointStore(args.checkpoint_dir) if args.checkpoint_dir is not None else None
+        result = train_lora(
+            base_model_dir=args.base_model,
+            train_path=args.train,
+            eval_path=args.eval,
+            output_dir=args.output,
+            config=config,
+            checkpoints=store,
+            log=log,
+            sample_trace_path=args.sample_trace,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        log(f"error: {error}")
+        return EXIT_BAD_INPUT
+    log(
+        f"done: world size {result.world_size}, {result.global_step} steps, "
+        f"train loss {result.train_loss:.4f}, resumed from step {result.resumed_from_step}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""lora_adapter -> eval_report -> eval_gate through Dagster, tracked in a real `mlflow server`.
+
+One module-scoped workspace: the data chain is materialized once (small), then training runs against it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from llmft_assets.definitions import DATA_ASSETS, TRAINING_ASSETS, build_resources
+from llmft_assets.defs.data_checks import DATA_CHECKS
+from llmft_assets.defs.training_assets import eval_gate
+from llmft_assets_tests.servers import mlflow_server
+
+pytestmark = pytest.mark.slow
+
+ALL = [*DATA_ASSETS, *TRAINING_ASSETS, *DATA_CHECKS, eval_gate]
+DATA_CONFIG = {
+    "raw_dataset": {"config": {"source": "sample", "config": "all", "max_rows": 240}},
+    "base_model": {"config": {"pretrain_steps": 0}},
+    "tokenized_dataset": {"config": {"max_seq_len": 384}},
+    "dataset_splits": {"config": {"validation_fraction": 0.1, "test_fraction": 0.1}},
+}
+TRAIN_CONFIG = {
+    "max_steps": 8,
+    "save_steps": 2,
+    "max_seq_len": 384,
+    "per_device_train_batch_size": 4,
+    "logging_steps": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    home = tmp_path_factory.mktemp("train_home")
+    with pytest.MonkeyPatch.context() as patch, mlflow_server(home / "mlflow_server") as tracking_uri:
+        env = {"LLMFT_HOME": str(home), "MLFLOW_TRACKING_URI": tracking_uri}
+        for key, value in env.items():
+            patch.setenv(key, value)
+        patch.delenv("LLMFT_STORAGE", raising=False)
+        result = dg.materialize(
+            ALL,
+            resources=build_resources(),
+            selection=dg.AssetSelection.groups("data", "model"),
+            run_config={"ops": DATA_CONFIG},
+            instance=dg.DagsterInstance.ephemeral(),
+        )
+        assert result.success
+        yield env
+
+
+def _materialize(selection: list[str], run_config: dict, instance: dg.DagsterInstance | None = None):
+    return dg.materialize(
+        ALL,
+        resources=build_resources(),
+        selection=dg.AssetSelection.assets(*selection),
+        run_config={"ops": run_config},
+        instance=instance or dg.DagsterInstance.ephemeral(),
+        raise_on_error=False,
+    )
+
+
+def _metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict:
+    for event in result.get_asset_materialization_events():
+        materialization = event.event_specific_data.materialization
+        if materialization.asset_key.to_user_string() == asset:
+            return {key: getattr(value, "value", value) for key, value in materialization.metadata.items()}
+    raise AssertionError(f"{asset} not materialized")
+
+
+def test_train_evaluate_gate_and_registry(workspace: dict[str, str]) -> None:
+    from mlflow import MlflowClient
+
+    result = _materialize(
+        ["lora_adapter", "eval_report"],
+        {
+            "lora_adapter": {"config": TRAIN_CONFIG},
+            "eval_report": {"config": {"max_rows": 6, "max_new_tokens": 24}},
+        },
+    )
+    assert result.success, [e.event_specific_data.error.message for e in result.get_step_failure_events()]
+    adapter = _metadata(result, "lora_adapter")
+    assert adapter["global_step"] == 8
+    assert adapter["tokens_per_second"] > 0 and adapter["train_tokens"] > 0
+    assert adapter["trainable_params"] < adapter["total_params"]
+    bom = adapter["bill_of_materials"]
+    assert (
+        bom["dataset"]["license"] == "CC-BY-NC-SA-4.0"
+        if "dataset" in bom
+        else "CC-BY-NC-SA-4.0" in json.dumps(bom)
+    )
+    for needle in ("chat_template_sha256", "seed", "artifact_version"):
+        assert needle in json.dumps(bom)
+    adapter_dir = Path(str(adapter["uri"])) / "adapter"
+    assert (adapter_dir / "adapter_config.json").is_file()
+    assert (adapter_dir / "adapter_model.safetensors").is_file()
+
+    client = MlflowClient(workspace["MLFLOW_TRACKING_URI"])
+    run = client.get_run(adapter["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert (
+        run.data.params["lora_r"] == "16"
+        or run.data.params.get("lora.r") == "16"
+        or "16" in run.data.params.values()
+    )
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert len(losses) >= 4 and all(point.step > 0 for point in losses)
+    artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
+    assert {"adapter", "bill_of_materials.json"} <= artifacts
+    assert any("loss_curve" in path for path in _all_artifacts(client, run.info.run_id))
+
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    report = _metadata(result, "eval_report")
+    assert report["num_rows"] > 0
+    assert "adapter_perplexity" in report and "base_perplexity" in report
+    version = adapter["registered_version"]
+    gate = checks["eval_gate"]
+    if gate.passed:
+        assert client.get_model_version_by_alias("llmft-adapter", "champion").version == version
+    else:
+        assert client.get_model_version_by_alias("llmft-adapter", "candidate").version == version
+
+
+def _all_artifacts(client, run_id: str, path: str | None = None) -> list[str]:
+    found = []
+    for item in client.list_artifacts(run_id, path):
+        found += _all_artifacts(client, run_id, item.path) if item.is_dir else [item.path]
+    return found
+
+
+def test_invalid_training_config_is_a_clear_failure(workspace: dict[str, str]) -> None:
+    result = _materialize(["lora_adapter"], {"lora_adapter": {"config": {**TRAIN_CONFIG, "lora_r": 0}}})
+    assert not result.success
+    message = result.get_step_failure_events()[0].event_specific_data.error.message
+    assert "lora_r" in message
+
+
+KILLABLE_RUN = """
+import os, sys, dagster as dg
+from llmft_assets.definitions import DATA_ASSETS, TRAINING_ASSETS, build_resources
+config = {"ops": {"lora_adapter": {"config": %s}}}
+dg.materialize([*DATA_ASSETS, *TRAINING_ASSETS], resources=build_resources(),
+               selection=dg.AssetSelection.assets("lora_adapter"), run_config=config,
+               instance=dg.DagsterInstance.ephemeral())
+"""
+
+
+def test_sigkilled_training_resumes_from_the_storage_checkpoint(workspace: dict[str, str]) -> None:
+    config = {**TRAIN_CONFIG, "max_steps": 12, "save_steps": 3, "seed": 7}
+    checkpoints = Path(workspace["LLMFT_HOME"]) / "storage" / "checkpoints" / "lora_adapter"
+    before = set(checkpoints.rglob("_MANIFEST.json")) if checkpoints.exists() else set()
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILLABLE_RUN % json.dumps(config)],
+        env={**os.environ, **workspace},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and process.poll() is None:
+            new = set(checkpoints.rglob("_MANIFEST.json")) - before if checkpoints.exists() else set()
+            if any("checkpoint-3/" in str(path) or "checkpoint-6/" in str(path) for path in new):
+                break
+            time.sleep(0.5)
+        assert process.poll() is None, "training ended before a checkpoint could be interrupted"
+        os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        process.wait(timeout=60)
+    result = _materialize(["lora_adapter"], {"lora_adapter": {"config": config}})
+    assert result.success
+    metadata = _metadata(result, "lora_adapter")
+    assert metadata["resumed_from_step"] in (3, 6, 9)
+    assert metadata["global_step"] == 12

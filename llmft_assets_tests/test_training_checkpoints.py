@@ -1,0 +1,64 @@
+"""LocalCheckpointStore: atomic publish, only complete checkpoints are visible, retention."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llmft_assets.training.checkpoints import (
+    COMPLETE_MARKER,
+    CheckpointStore,
+    LocalCheckpointStore,
+    checkpoint_step,
+)
+
+
+def _fake_trainer_checkpoint(root: Path, step: int, payload: str = "weights") -> Path:
+    directory = root / f"checkpoint-{step}"
+    (directory / "nested").mkdir(parents=True)
+    (directory / "adapter_model.safetensors").write_text(f"{payload}-{step}")
+    (directory / "nested" / "rng_state.pth").write_text("rng")
+    return directory
+
+
+def test_save_then_latest_returns_the_newest_complete_checkpoint(tmp_path: Path) -> None:
+    store = LocalCheckpointStore(tmp_path / "store", keep_last=3)
+    assert isinstance(store, CheckpointStore)
+    assert store.latest() is None
+    uris = [store.save(step, _fake_trainer_checkpoint(tmp_path / "trainer", step)) for step in (2, 4)]
+    assert uris[-1].startswith("file://") and uris[-1].endswith("checkpoint-4")
+    latest = store.latest()
+    assert latest is not None and checkpoint_step(latest) == 4
+    assert (latest / "adapter_model.safetensors").read_text() == "weights-4"
+    assert (latest / "nested" / "rng_state.pth").is_file()
+    assert (latest / COMPLETE_MARKER).is_file()
+
+
+def test_incomplete_and_staging_directories_are_never_returned(tmp_path: Path) -> None:
+    store = LocalCheckpointStore(tmp_path / "store")
+    store.save(2, _fake_trainer_checkpoint(tmp_path / "trainer", 2))
+    # a writer killed after the rename but before the marker, and one killed mid-copy
+    _fake_trainer_checkpoint(tmp_path / "store", 6)
+    (tmp_path / "store" / ".tmp-checkpoint-8-abcd").mkdir()
+    latest = store.latest()
+    assert latest is not None and checkpoint_step(latest) == 2
+
+
+def test_retention_keeps_the_last_n_and_resave_replaces(tmp_path: Path) -> None:
+    store = LocalCheckpointStore(tmp_path / "store", keep_last=2)
+    for step in (1, 2, 3):
+        store.save(step, _fake_trainer_checkpoint(tmp_path / f"t{step}", step))
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["checkpoint-2", "checkpoint-3"]
+    store.save(3, _fake_trainer_checkpoint(tmp_path / "again", 3, payload="redone"))
+    latest = store.latest()
+    assert latest is not None and (latest / "adapter_model.safetensors").read_text() == "redone-3"
+
+
+def test_bad_inputs_raise(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        LocalCheckpointStore(tmp_path).save(1, tmp_path / "missing")
+    with pytest.raises(ValueError, match="keep_last"):
+        LocalCheckpointStore(tmp_path, keep_last=0)
+    with pytest.raises(ValueError, match="not a checkpoint"):
+        checkpoint_step(tmp_path / "adapter")
