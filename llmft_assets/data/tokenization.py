@@ -1,0 +1,265 @@
+"""Tokenization with assistant-only labels, by prompt-prefix masking over the tokenizer's own template.
+
+For every assistant turn k the conversation up to turn k is rendered with ``add_generation_prompt=True``;
+that rendering must be a prefix of the full rendering, and everything up to its end is prompt. The turn's
+labelled span runs from there to the end of the template's end-of-turn marker (``<|im_end|>`` for
+ChatML), found in the rendering of the turns up to and including k. This works with any template that
+renders earlier turns unchanged (ChatML, Llama 3, ...) and needs no ``{% generation %}`` markup.
+
+Speed: texts are rendered with ``tokenize=False`` for the whole batch, then tokenized in one call of the
+fast (Rust) tokenizer; character spans become token spans through the encodings' ``char_to_token``.
+Each sequence ends right after the final assistant turn's end marker (the template's trailing newline
+is dropped: it is never a label, so it is only padding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from llmft_assets.data.schema import CONVERSATION_COLUMNS, IGNORE_INDEX, StageCounts
+
+STAGE = "tokenized"
+_SENTINEL = "\u2063llmft-end-probe\u2063"
+# Rows per call of the Rust tokenizer: enough to keep every core busy, small enough to bound memory.
+ENCODE_CHUNK_ROWS = 256
+
+
+class ChatTemplateError(ValueError):
+    """The tokenizer's chat template cannot be used for prompt-prefix masking."""
+
+
+def assistant_end_marker(tokenizer: Any) -> str:
+    """The text the chat template puts after an assistant turn's content (e.g. ``<|im_end|>``)."""
+    probe = [{"role": "user", "content": "u"}, {"role": "assistant", "content": _SENTINEL}]
+    rendered = tokenizer.apply_chat_template(probe, tokenize=False)
+    if _SENTINEL not in rendered:
+        raise ChatTemplateError("the chat template does not render assistant content verbatim")
+    marker = rendered[rendered.rindex(_SENTINEL) + len(_SENTINEL) :].strip()
+    if not marker:
+        raise ChatTemplateError("the chat template puts no end-of-turn marker after an assistant turn")
+    return marker
+
+
+def _check_tokenizer(tokenizer: Any) -> None:
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("tokenize_batch needs a fast (Rust) tokenizer for batched encoding with offsets")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateError("the tokenizer has no chat_template")
+
+
+def _messages_of(row: dict[str, Any]) -> list[dict[str, str]]:
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"row {row.get('id')!r}: messages must be a non-empty list")
+    try:
+        return [{"role": message["role"], "content": message["content"]} for message in messages]
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"row {row.get('id')!r}: every message needs a role and a content") from error
+
+
+def _render(
+    tokenizer: Any, conversations: list[list[dict[str, str]]], *, generation_prompt: bool
+) -> list[str]:
+    if not conversations:
+        return []
+    rendered = tokenizer.apply_chat_template(
+        conversations, tokenize=False, add_generation_prompt=generation_prompt
+    )
+    return [rendered] if isinstance(rendered, str) else list(rendered)
+
+
+def assistant_char_spans(
+    rows: Sequence[dict[str, Any]], tokenizer: Any, marker: str
+) -> tuple[list[str], list[list[tuple[int, int]]]]:
+    """Rendered texts (cut after the last assistant end marker) and each row's assistant character spans."""
+    conversations = [_messages_of(row) for row in rows]
+    full_texts = _render(tokenizer, conversations, generation_prompt=False)
+    # (row index, assistant turn index) for every assistant turn of the batch.
+    turns = [
+        (row_index, turn_index)
+        for row_index, messages in enumerate(conversations)
+        for turn_index, message in enumerate(messages)
+        if message["role"] == "assistant"
+    ]
+    prompts = _render(tokenizer, [conversations[r][:t] for r, t in turns], generation_prompt=True)
+    # Turns up to and including k; only rendered when k is not the conversation's last turn.
+    inner_turns = [(r, t) for r, t in turns if t + 1 < len(conversations[r])]
+    inner_rendered = dict(
+        zip(
+            inner_turns,
+            _render(tokenizer, [conversations[r][: t + 1] for r, t in inner_turns], generation_prompt=False),
+            strict=True,
+        )
+    )
+    spans: list[list[tuple[int, int]]] = [[] for _ in rows]
+    for (row_index, turn_index), prompt in zip(turns, prompts, strict=True):
+        full = full_texts[row_index]
+        row_id = rows[row_index].get("id")
+        if not full.startswith(prompt):
+            raise ChatTemplateError(
+                f"row {row_id!r}: the template's rendering of turns [0, {turn_index}) with "
+                "add_generation_prompt=True is not a prefix of the full conversation; prompt-prefix "
+                "masking needs a template that renders earlier turns unchanged"
+            )
+        through_turn = inner_rendered.get((row_index, turn_index), full)
+        if not full.startswith(through_turn):
+            raise ChatTemplateError(
+                f"row {row_id!r}: the rendering of turns [0, {turn_index}] is not a prefix of the full one"
+            )
+        end = through_turn.rfind(marker)
+        if end < len(prompt):
+            raise ChatTemplateError(f"row {row_id!r}: no {marker!r} after assistant turn {turn_index}")
+        spans[row_index].append((len(prompt), end + len(marker)))
+    # Cut after the final assistant end marker, but never drop a trailing non-assistant turn.
+    texts = [
+        full[: row_spans[-1][1]] if row_spans and messages[-1]["role"] == "assistant" else full
+        for full, row_spans, messages in zip(full_texts, spans, conversations, strict=True)
+    ]
+    return texts, spans
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> list[Any]:
+    """`tokenizers.Encoding`s of all texts from one call of the Rust tokenizer (parallel over the batch).
+
+    The backend is called directly (no per-row conversion to Python dicts) unless a truncation or padding
+    setting is left on it, in which case the transformers call resets those first.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        return backend.encode_batch(texts, add_special_tokens=False)
+    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False).encodings
+
+
+def tokenize_batch(
+    rows: list[dict[str, Any]],
+    tokenizer: Any,
+    *,
+    max_seq_len: int,
+    counts: StageCounts | None = None,
+) -> list[dict[str, Any]]:
+    """Tokenize conversations into TOKENIZED_SCHEMA rows with -100 on every non-assistant token.
+
+    Labels cover each assistant turn's content and its end marker. Sequences longer than
+    ``max_seq_len`` are cut and flagged ``truncated``. Raises ChatTemplateError when the template
+    cannot be masked by prompt prefix, ValueError for malformed rows or a slow tokenizer.
+    """
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len <= 0:
+        raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
+    if not rows:
+        return []
+    _check_tokenizer(tokenizer)
+    marker = assistant_end_marker(tokenizer)
+    texts, spans = assistant_char_spans(rows, tokenizer, marker)
+    out: list[dict[str, Any]] = []
+    encodings: list[Any] = []
+    for index, (row, row_spans) in enumerate(zip(rows, spans, strict=True)):
+        if index % ENCODE_CHUNK_ROWS == 0:
+            # Encodings carry offsets and token strings (~100 bytes a token): hold one chunk at a time.
+            encodings = _encode(tokenizer, texts[index : index + ENCODE_CHUNK_ROWS])
+        encoding = encodings[index % ENCODE_CHUNK_ROWS]
+        input_ids: list[int] = encoding.ids
+        labels = [IGNORE_INDEX] * len(input_ids)
+        for start, end in row_spans:
+            first = encoding.char_to_token(start)
+            last = encoding.char_to_token(end - 1)
+            if first is None or last is None:
+                raise ChatTemplateError(f"row {row.get('id')!r}: assistant span has no tokens")
+            labels[first : last + 1] = input_ids[first : last + 1]
+        truncated = len(input_ids) > max_seq_len
+        if truncated:
+            input_ids = input_ids[:max_seq_len]
+            labels = labels[:max_seq_len]
+        num_assistant_tokens = len(input_ids) - labels.count(IGNORE_INDEX)
+        tokenized = {column: row.get(column) for column in CONVERSATION_COLUMNS}
+        tokenized.update(
+            input_ids=input_ids,
+            labels=labels,
+            num_tokens=len(input_ids),
+            num_assistant_tokens=num_assistant_tokens,
+            truncated=truncated,
+        )
+        out.append(tokenized)
+        if counts is not None:
+            counts.extra["tokens"] += len(input_ids)
+            counts.extra["assistant_tokens"] += num_assistant_tokens
+            counts.extra["truncated"] += truncated
+            counts.extra["no_assistant_tokens"] += num_assistant_tokens == 0
+    if counts is not None:
+        counts.rows_in += len(rows)
+        counts.rows_out += len(out)
+    return out
+
+
+def _labelled_runs(labels: Sequence[int]) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    start = None
+    for position, label in enumerate(labels):
+        if label != IGNORE_INDEX and start is None:
+            start = position
+        elif label == IGNORE_INDEX and start is not None:
+            runs.append((start, position))
+            start = None
+    if start is not None:
+        runs.append((start, len(labels)))
+    return runs
+
+
+def verify_masks(rows: Sequence[dict[str, Any]], tokenizer: Any, *, max_problems: int = 50) -> list[str]:
+    """Problems with tokenized rows' labels (empty list = all good).
+
+    Checks, independently of how the labels were made: labels equal input_ids or -100; the decoded
+    labelled runs are exactly the assistant turns' contents each followed by the end marker (a prefix of
+    them when truncated); the sequence ends with the end marker unless truncated; counts agree.
+    """
+    marker = assistant_end_marker(tokenizer)
+    problems: list[str] = []
+
+    def problem(row: dict[str, Any], text: str) -> None:
+        problems.append(f"row {row.get('id')!r}: {text}")
+
+    for row in rows:
+        if len(problems) >= max_problems:
+            break
+        input_ids = list(row["input_ids"])
+        labels = list(row["labels"])
+        if len(labels) != len(input_ids):
+            problem(row, f"{len(labels)} labels for {len(input_ids)} input ids")
+            continue
+        if row.get("num_tokens") != len(input_ids):
+            problem(row, f"num_tokens {row.get('num_tokens')} != {len(input_ids)} input ids")
+        mismatched = [
+            i for i, (token, label) in enumerate(zip(input_ids, labels, strict=True))
+            if label != IGNORE_INDEX and label != token
+        ]  # fmt: skip
+        if mismatched:
+            problem(row, f"labels differ from input_ids at positions {mismatched[:5]}")
+            continue
+        labelled = len(labels) - labels.count(IGNORE_INDEX)
+        if row.get("num_assistant_tokens") != labelled:
+            problem(row, f"num_assistant_tokens {row.get('num_assistant_tokens')} != {labelled} labelled")
+        expected = [m["content"] + marker for m in row["messages"] if m["role"] == "assistant"]
+        decoded = [
+            tokenizer.decode(
+                input_ids[start:end], skip_special_tokens=False, clean_up_tokenization_spaces=False
+            )
+            for start, end in _labelled_runs(labels)
+        ]
+        truncated = bool(row.get("truncated"))
+        if truncated:
+            ok = len(decoded) <= len(expected) and all(
+                got == want if i < len(decoded) - 1 else want.startswith(got)
+                for i, (got, want) in enumerate(zip(decoded, expected, strict=False))
+            )
+        else:
+            ok = decoded == expected
+        if not ok:
+            shown = [text[:80] for text in decoded]
+            problem(row, f"labelled spans {shown} do not match the assistant turns (+{marker!r})")
+        if not truncated:
+            tail = tokenizer.decode(
+                input_ids[-8:], skip_special_tokens=False, clean_up_tokenization_spaces=False
+            )
+            if not tail.endswith(marker):
+                problem(row, f"sequence does not end with {marker!r}")
+    return problems
