@@ -72,7 +72,9 @@ def test_counts_add_up_from_raw_file_to_tokens(tmp_path: Path, tokenizer: Any) -
 
     by_split: dict[str, list[str]] = {"train": [], "validation": [], "test": []}
     for row in tokenized:
-        by_split[assign_split(row["id"], validation_fraction=0.2, test_fraction=0.2)].append(row["content_hash"])
+        by_split[assign_split(row["id"], validation_fraction=0.2, test_fraction=0.2)].append(
+            row["content_hash"]
+        )
     assert find_cross_split_overlap(by_split) == {}
     assert all(by_split.values())
 

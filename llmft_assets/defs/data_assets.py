@@ -46,6 +46,11 @@ class RawDatasetConfig(dg.Config):
     batch_size: int = 2048
 
 
+class CleanConfig(dg.Config):
+    prefer_reannotated: bool = True
+    """v1 rows: train on `reannotated_messages` (the R1 reasoning traces) rather than the short `messages`."""
+
+
 class ValidationConfig(dg.Config):
     min_chars: int = 16
     max_chars: int = 65_536
@@ -161,7 +166,10 @@ def raw_dataset(
 
 @dg.asset(group_name=DATA_GROUP, owners=OWNERS, kinds={"parquet"})
 def cleaned_dataset(
-    context: dg.AssetExecutionContext, raw_dataset: ArtifactHandle, storage: StorageResource
+    context: dg.AssetExecutionContext,
+    config: CleanConfig,
+    raw_dataset: ArtifactHandle,
+    storage: StorageResource,
 ) -> dg.Output[StagedArtifact]:
     """One canonical conversation schema for both configs: NFC, whitespace and control characters
     normalized, always-null columns dropped, exact duplicates removed by content hash."""
@@ -178,7 +186,9 @@ def cleaned_dataset(
     ):
         for raw_rows in iter_parquet_rows(raw_dataset.file(DATA_FILE)):
             rows = [{**json.loads(r["payload"]), "origin": r["origin"]} for r in raw_rows]
-            cleaned, quarantine = clean_rows(rows, seen_hashes=seen_hashes, counts=counts)
+            cleaned, quarantine = clean_rows(
+                rows, seen_hashes=seen_hashes, counts=counts, prefer_reannotated=config.prefer_reannotated
+            )
             rows_out.write_rows(cleaned)
             quarantine_out.write_rows(quarantine)
             preview.extend(cleaned[: 5 - len(preview)])
