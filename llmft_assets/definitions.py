@@ -18,6 +18,13 @@ from llmft_assets.defs.data_assets import (
 from llmft_assets.defs.data_checks import DATA_CHECKS
 from llmft_assets.defs.jobs import data_job, release_job, train_job
 from llmft_assets.defs.mlflow_resource import MlflowResource
+from llmft_assets.defs.monitoring_assets import (
+    MONITORING_ASSETS,
+    MONITORING_CHECKS,
+    MONITORING_JOBS,
+    MONITORING_SCHEDULES,
+    MONITORING_SENSORS,
+)
 from llmft_assets.defs.serving_assets import model_bento
 from llmft_assets.defs.storage_resources import ArtifactIOManager, StorageResource
 from llmft_assets.defs.training_assets import eval_gate, eval_report, lora_adapter
@@ -40,9 +47,10 @@ def build_resources() -> dict[str, object]:
 
 
 defs = dg.Definitions(
-    assets=[*DATA_ASSETS, *TRAINING_ASSETS, *SERVING_ASSETS],
-    asset_checks=[*DATA_CHECKS, eval_gate],
-    jobs=[data_job, train_job, release_job],
-    sensors=[train_sensor, release_sensor],
+    assets=[*DATA_ASSETS, *TRAINING_ASSETS, *SERVING_ASSETS, *MONITORING_ASSETS],
+    asset_checks=[*DATA_CHECKS, eval_gate, *MONITORING_CHECKS],
+    jobs=[data_job, train_job, release_job, *MONITORING_JOBS],
+    sensors=[train_sensor, release_sensor, *MONITORING_SENSORS],
+    schedules=MONITORING_SCHEDULES,
     resources=build_resources(),
 )

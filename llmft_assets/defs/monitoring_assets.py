@@ -34,7 +34,7 @@ from llmft_assets.defs.data_assets import OWNERS, split_file
 from llmft_assets.defs.jobs import data_job, train_job
 from llmft_assets.defs.storage_resources import ArtifactHandle, StagedArtifact, StorageResource, asset_prefix
 from llmft_assets.storage import StorageBackend
-from llmft_assets.storage.publish import content_version, describe_directory, latest_version
+from llmft_assets.storage.publish import content_version, describe_directory
 from llmft_assets.storage.tables import count_rows, iter_parquet_batches
 
 MONITORING_GROUP = "monitoring"
@@ -174,7 +174,6 @@ def _columns_markdown(summary: dict[str, Any]) -> str:
     group_name=MONITORING_GROUP,
     owners=OWNERS,
     kinds={"evidently", "html"},
-    ins={"dataset_splits": dg.AssetIn("dataset_splits")},
 )
 def drift_report(
     context: dg.AssetExecutionContext,
@@ -270,9 +269,7 @@ def drift_report(
 # --------------------------------------------------------------------------------- drift_check + alert
 
 
-def send_alert_if_configured(
-    summary: dict[str, Any], report_uri: str | None, log: Any
-) -> str:
+def send_alert_if_configured(summary: dict[str, Any], report_uri: str | None, log: Any) -> str:
     """Post the drift alert to $LLMFT_ALERT_WEBHOOK_URL; returns what happened (for metadata).
 
     Unset webhook: skipped with a log line. Delivery failure: logged as an error, never raised (the
@@ -322,7 +319,9 @@ def drift_check(context: dg.AssetCheckExecutionContext, drift_report: ArtifactHa
         return dg.AssetCheckResult(
             passed=True,
             severity=dg.AssetCheckSeverity.WARN,
-            description=f"Not enough data: {message}",
+            description=message
+            if message.lower().startswith("not enough data")
+            else f"Not enough data: {message}",
             metadata=metadata,
         )
     if status == "ok":
@@ -511,7 +510,14 @@ def drift_retrain_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult
     if passed:
         return dg.SensorResult(skip_reason="the latest drift_check passed", cursor=cursor.dump())
 
-    report_version = _metadata_text(dict(evaluation.metadata), "report_version") or record.run_id
+    check_metadata = dict(evaluation.metadata)
+    verdict = _metadata_text(check_metadata, "status")
+    if verdict not in (None, "drift"):  # e.g. an unreadable report: worth a look, not a retraining
+        return dg.SensorResult(
+            skip_reason=f"the latest drift_check failed without a drift verdict (status {verdict!r})",
+            cursor=cursor.dump(),
+        )
+    report_version = _metadata_text(check_metadata, "report_version") or record.run_id
     now = time.time()
     cooldown = retrain_cooldown_s()
     if cursor.last_retrain_at is not None and now - cursor.last_retrain_at < cooldown:

@@ -5,7 +5,6 @@ publishes it atomically (files, manifest, pointer last) and records uri + versio
 Downstream assets receive an `ArtifactHandle`: a local folder with the verified files. Nothing is pickled.
 """
 
-
 import shutil
 import tempfile
 from dataclasses import dataclass, field

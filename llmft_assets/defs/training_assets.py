@@ -233,6 +233,9 @@ def lora_adapter(
         "loss_history": dg.MetadataValue.json(result_data["loss_history"]),
         "bill_of_materials": dg.MetadataValue.json(json.loads(json.dumps(bom, default=str))),
         "checkpoints_uri": backend.uri(f"checkpoints/lora_adapter/{run_key}"),
+        # The train sensor compares these with the latest inputs so one input pair trains once.
+        "dataset_version": dataset_splits.version,
+        "base_model_version": base_model.version,
     }
     if loss_png:
         metadata["loss_curve_artifact"] = loss_png

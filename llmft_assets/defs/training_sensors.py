@@ -5,12 +5,16 @@ import dagster as dg
 from llmft_assets.defs.jobs import release_job, train_job
 
 
-def _latest_version(context: dg.SensorEvaluationContext, asset: str) -> str | None:
+def _latest_metadata(context: dg.SensorEvaluationContext, asset: str, key: str) -> str | None:
     event = context.instance.get_latest_materialization_event(dg.AssetKey(asset))
     if event is None or event.asset_materialization is None:
         return None
-    version = event.asset_materialization.metadata.get("version")
-    return str(getattr(version, "value", version)) if version is not None else None
+    value = event.asset_materialization.metadata.get(key)
+    return str(getattr(value, "value", value)) if value is not None else None
+
+
+def _latest_version(context: dg.SensorEvaluationContext, asset: str) -> str | None:
+    return _latest_metadata(context, asset, "version")
 
 
 @dg.sensor(job=train_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING)
@@ -20,7 +24,11 @@ def train_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.Sk
     if splits is None or base is None:
         return dg.SkipReason("waiting for dataset_splits and base_model to be materialized")
     run_key = f"splits-{splits}-base-{base}"
-    if context.cursor == run_key:
+    trained_on = (
+        _latest_metadata(context, "lora_adapter", "dataset_version"),
+        _latest_metadata(context, "lora_adapter", "base_model_version"),
+    )
+    if context.cursor == run_key or trained_on == (splits, base):
         return dg.SkipReason(f"already trained on {run_key}")
     return dg.SensorResult(
         run_requests=[
@@ -36,8 +44,8 @@ def release_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.
     adapter = _latest_version(context, "lora_adapter")
     if adapter is None:
         return dg.SkipReason("no lora_adapter yet")
-    if context.cursor == adapter:
-        return dg.SkipReason(f"adapter {adapter} already released or evaluated")
+    if context.cursor == adapter or _latest_metadata(context, "eval_report", "adapter_version") == adapter:
+        return dg.SkipReason(f"adapter {adapter} already evaluated")
     return dg.SensorResult(
         run_requests=[dg.RunRequest(run_key=f"adapter-{adapter}", tags={"llmft/adapter": adapter})],
         cursor=adapter,

@@ -1,0 +1,400 @@
+"""The monitoring automation through Dagster's own test helpers: the incoming-data sensor, the drift
+retraining sensor (run keys, cooldown, data then training), the daily drift schedule, the alert."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from dagster._core.storage.dagster_run import DagsterRun
+from dagster_aws.s3 import S3Resource
+
+from llmft_assets import definitions
+from llmft_assets.defs.monitoring_assets import (
+    DRIFT_CHECK,
+    DRIFT_REPORT,
+    MONITORING_ASSETS,
+    MONITORING_CHECKS,
+    MONITORING_JOBS,
+    MONITORING_SCHEDULES,
+    MONITORING_SENSORS,
+    RetrainCursor,
+    drift_retrain_sensor,
+    drift_schedule,
+    incoming_data_sensor,
+    incoming_uri,
+    send_alert_if_configured,
+)
+from llmft_assets.defs.storage_resources import StorageResource
+from llmft_assets_tests.test_monitoring_asset import WebhookReceiver
+
+
+@pytest.fixture(scope="module")
+def repository() -> dg.RepositoryDefinition:
+    """The real code location, with the monitoring definitions added if the lead has not wired them yet."""
+    repo = definitions.defs.get_repository_def()
+    if repo.has_sensor_def("incoming_data_sensor"):
+        return repo
+    monitoring = dg.Definitions(
+        assets=MONITORING_ASSETS,
+        asset_checks=MONITORING_CHECKS,
+        jobs=MONITORING_JOBS,
+        sensors=MONITORING_SENSORS,
+        schedules=MONITORING_SCHEDULES,
+    )
+    return dg.Definitions.merge(definitions.defs, monitoring).get_repository_def()
+
+
+@pytest.fixture
+def instance() -> Iterator[dg.DagsterInstance]:
+    with dg.instance_for_test() as test_instance:
+        yield test_instance
+
+
+def test_definitions_carry_the_monitoring_automation(repository: dg.RepositoryDefinition) -> None:
+    assert repository.get_sensor_def("incoming_data_sensor").default_status == dg.DefaultSensorStatus.RUNNING
+    assert repository.get_sensor_def("drift_retrain_sensor").default_status == dg.DefaultSensorStatus.RUNNING
+    assert {target.job_name for target in repository.get_sensor_def("drift_retrain_sensor").targets} == {
+        "data_job",
+        "train_job",
+    }
+    schedule = repository.get_schedule_def("drift_schedule")
+    assert schedule.job_name == "drift_job"
+    assert schedule.cron_schedule == "0 6 * * *"
+    drift_job = repository.get_job("drift_job")
+    assert drift_job.asset_layer.executable_asset_keys == {dg.AssetKey(DRIFT_REPORT)}
+    assert (
+        dg.AssetCheckKey(dg.AssetKey(DRIFT_REPORT), DRIFT_CHECK)
+        in drift_job.asset_layer.asset_graph.asset_check_keys
+    )
+    assert repository.asset_graph.get(dg.AssetKey(DRIFT_REPORT)).group_name == "monitoring"
+    assert incoming_uri("s3://bucket/prefix/") == "s3://bucket/prefix/incoming"
+
+
+# ------------------------------------------------------------------------------------ incoming data
+
+
+def _storage_resource(root: str) -> StorageResource:
+    return StorageResource(root=root, s3=S3Resource())
+
+
+def _evaluate_incoming(
+    instance: dg.DagsterInstance, root: str, cursor: str | None, repository: dg.RepositoryDefinition
+) -> tuple[list[dg.RunRequest], str | None, str | None]:
+    with dg.build_sensor_context(
+        instance=instance,
+        cursor=cursor,
+        repository_def=repository,
+        resources={"storage": _storage_resource(root)},
+    ) as context:
+        data = incoming_data_sensor.evaluate_tick(context)
+    skip = data.skip_message
+    return list(data.run_requests or []), data.cursor, skip
+
+
+def test_incoming_drops_each_start_one_data_run(
+    tmp_path: Path, instance: dg.DagsterInstance, repository: dg.RepositoryDefinition
+) -> None:
+    root = tmp_path / "storage"
+    incoming = Path(incoming_uri(str(root)))
+    requests, cursor, skip = _evaluate_incoming(instance, str(root), None, repository)
+    assert requests == [] and "no new data" in str(skip)
+
+    incoming.mkdir(parents=True)
+    (incoming / "batch-001.jsonl").write_text('{"id": "a"}\n')
+    (incoming / ".batch-002.jsonl.swp").write_text("editor scratch")  # hidden: never a drop
+    # First sighting: the file may still be being copied, so it waits one evaluation.
+    requests, cursor, skip = _evaluate_incoming(instance, str(root), cursor, repository)
+    assert requests == [] and "settle" in str(skip) and "batch-001.jsonl" in str(skip)
+
+    # A folder drop with the ready marker is read at once; the settled file is read now.
+    (incoming / "2025-03-10").mkdir()
+    (incoming / "2025-03-10" / "part-0.parquet").write_bytes(b"data")
+    (incoming / "2025-03-10" / "_SUCCESS").write_text("")
+    requests, cursor, _ = _evaluate_incoming(instance, str(root), cursor, repository)
+
+    by_drop = {request.tags["llmft/incoming_drop"]: request for request in requests}
+    assert set(by_drop) == {"batch-001.jsonl", "2025-03-10"}
+    data_job = repository.get_job("data_job")
+    for name, request in by_drop.items():
+        source = request.run_config["ops"]["raw_dataset"]["config"]["source"]
+        assert source == str(incoming / name)
+        assert request.run_config["ops"]["raw_dataset"]["config"]["config"] is None
+        assert request.tags["llmft/trigger"] == "incoming"
+        assert request.run_key == f"incoming-{name}-{request.tags['llmft/incoming_fingerprint']}"
+        assert dg.validate_run_config(data_job, request.run_config)  # the run config the job accepts
+
+    # Nothing new: no run. The same drop seen again never starts a second run.
+    requests, cursor, skip = _evaluate_incoming(instance, str(root), cursor, repository)
+    assert requests == [] and "no new data" in str(skip)
+
+    # The file is replaced with new content: a new dataset version, a new run key (after settling).
+    (incoming / "batch-001.jsonl").write_text('{"id": "a"}\n{"id": "b"}\n')
+    requests, cursor, _ = _evaluate_incoming(instance, str(root), cursor, repository)
+    assert requests == []
+    requests, cursor, _ = _evaluate_incoming(instance, str(root), cursor, repository)
+    (changed,) = requests
+    assert changed.tags["llmft/incoming_drop"] == "batch-001.jsonl"
+    assert changed.run_key != by_drop["batch-001.jsonl"].run_key
+    assert json.loads(cursor or "{}")["pending"] == {}
+
+
+def test_incoming_drop_without_data_files_is_left_alone(
+    tmp_path: Path, instance: dg.DagsterInstance, repository: dg.RepositoryDefinition
+) -> None:
+    root = tmp_path / "storage"
+    notes = Path(incoming_uri(str(root))) / "notes"
+    notes.mkdir(parents=True)
+    (notes / "README.txt").write_text("what this is")
+    (notes / "_SUCCESS").write_text("")
+    requests, cursor, _ = _evaluate_incoming(instance, str(root), None, repository)
+    assert requests == []
+    assert "notes" in json.loads(cursor or "{}")["processed"]  # warned once, not retried every tick
+
+
+def test_incoming_drops_on_s3(
+    s3_bucket: str, instance: dg.DagsterInstance, repository: dg.RepositoryDefinition
+) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    root = f"s3://{s3_bucket}/llmft"
+    client.put_object(Bucket=s3_bucket, Key="llmft/incoming/drop-a/part-0.jsonl", Body=b'{"id": 1}\n')
+    client.put_object(Bucket=s3_bucket, Key="llmft/incoming/drop-b.jsonl.gz", Body=b"gz")
+    requests, cursor, _ = _evaluate_incoming(instance, root, None, repository)
+    assert requests == []
+    requests, cursor, _ = _evaluate_incoming(instance, root, cursor, repository)
+    sources = {
+        request.tags["llmft/incoming_drop"]: request.run_config["ops"]["raw_dataset"]["config"]["source"]
+        for request in requests
+    }
+    assert sources == {
+        "drop-a": f"{root}/incoming/drop-a/",  # a folder: the trailing slash keeps drop-ab out
+        "drop-b.jsonl.gz": f"{root}/incoming/drop-b.jsonl.gz",
+    }
+
+
+# ------------------------------------------------------------------------------------ drift retraining
+
+CHECK_KEY = dg.AssetCheckKey(dg.AssetKey(DRIFT_REPORT), DRIFT_CHECK)
+
+
+def _report_check(
+    instance: dg.DagsterInstance, *, passed: bool, report_version: str, status: str | None = None
+) -> None:
+    instance.report_runless_asset_event(
+        dg.AssetCheckEvaluation(
+            asset_key=CHECK_KEY.asset_key,
+            check_name=CHECK_KEY.name,
+            passed=passed,
+            metadata={"report_version": report_version, "status": status or ("ok" if passed else "drift")},
+        )
+    )
+
+
+def _report_materialization(instance: dg.DagsterInstance, asset: str, **metadata: str) -> None:
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset, metadata=metadata))
+
+
+def _evaluate_drift(
+    instance: dg.DagsterInstance, cursor: str | None, repository: dg.RepositoryDefinition | None
+) -> tuple[list[dg.RunRequest], str | None, str | None]:
+    context = dg.build_sensor_context(instance=instance, cursor=cursor, repository_def=repository)
+    data = drift_retrain_sensor.evaluate_tick(context)
+    return list(data.run_requests or []), data.cursor, data.skip_message
+
+
+def _add_data_run(
+    instance: dg.DagsterInstance, request: dg.RunRequest, status: dg.DagsterRunStatus
+) -> DagsterRun:
+    """What the daemon does with the sensor's request: a data_job run carrying its tags."""
+    run = DagsterRun(job_name="data_job", run_id=f"run-{request.run_key}", tags=request.tags, status=status)
+    instance.delete_run(run.run_id)
+    return instance.add_run(run)
+
+
+def test_drift_starts_fresh_data_then_training_once(
+    instance: dg.DagsterInstance, repository: dg.RepositoryDefinition, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLMFT_RETRAIN_COOLDOWN_HOURS", "24")
+    requests, cursor, skip = _evaluate_drift(instance, None, repository)
+    assert requests == [] and "has not run" in str(skip)
+
+    _report_check(instance, passed=True, report_version="r0")
+    requests, cursor, skip = _evaluate_drift(instance, cursor, repository)
+    assert requests == [] and "passed" in str(skip)
+
+    # A failed check that is not a drift verdict (an unreadable report) is no reason to retrain.
+    _report_check(instance, passed=False, report_version="r00", status="missing")
+    requests, cursor, skip = _evaluate_drift(instance, cursor, repository)
+    assert requests == [] and "without a drift verdict" in str(skip)
+
+    _report_materialization(instance, "raw_dataset", source="s3://bucket/raw/", config="None")
+    _report_materialization(instance, "dataset_splits", version="splits-1")
+    _report_check(instance, passed=False, report_version="r1")
+    requests, cursor, _ = _evaluate_drift(instance, cursor, repository)
+    (data_request,) = requests
+    assert data_request.job_name == "data_job"
+    assert data_request.run_key == "drift-r1-data"
+    assert data_request.tags["llmft/drift_report_version"] == "r1"
+    # Fresh data from the source the current raw_dataset came from.
+    assert data_request.run_config == {
+        "ops": {"raw_dataset": {"config": {"source": "s3://bucket/raw/", "config": None}}}
+    }
+    assert dg.validate_run_config(repository.get_job("data_job"), data_request.run_config)
+
+    # The same failed evaluation seen again never starts a second retraining.
+    requests, cursor, skip = _evaluate_drift(instance, cursor, repository)
+    assert requests == [] and "to be created" in str(skip)
+
+    _add_data_run(instance, data_request, dg.DagsterRunStatus.STARTED)
+    requests, cursor, skip = _evaluate_drift(instance, cursor, repository)
+    assert requests == [] and "waiting for data run" in str(skip)
+
+    # Data run done and the splits are unchanged: train_sensor has nothing new, so this sensor trains.
+    data_run = _add_data_run(instance, data_request, dg.DagsterRunStatus.SUCCESS)
+    requests, cursor, _ = _evaluate_drift(instance, cursor, repository)
+    (train_request,) = requests
+    assert train_request.job_name == "train_job"
+    assert train_request.run_key == "drift-r1-train"
+    assert train_request.tags["llmft/data_run"] == data_run.run_id
+    assert RetrainCursor.parse(cursor).pending is None
+
+    # A new drift inside the cooldown: noted, no run.
+    _report_check(instance, passed=False, report_version="r2")
+    requests, cursor, skip = _evaluate_drift(instance, cursor, repository)
+    assert requests == [] and "cooling down" in str(skip)
+    requests, cursor, skip = _evaluate_drift(instance, cursor, repository)
+    assert requests == [] and "no drift_check evaluation since" in str(skip)
+
+
+def test_after_the_cooldown_a_new_drift_retrains_and_new_splits_go_to_train_sensor(
+    instance: dg.DagsterInstance, repository: dg.RepositoryDefinition, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLMFT_RETRAIN_COOLDOWN_HOURS", "0")
+    _report_materialization(instance, "dataset_splits", version="splits-1")
+    _report_check(instance, passed=False, report_version="r1")
+    requests, cursor, _ = _evaluate_drift(instance, None, repository)
+    (first,) = requests
+    _add_data_run(instance, first, dg.DagsterRunStatus.SUCCESS)
+    _report_materialization(instance, "dataset_splits", version="splits-2")  # the data run changed them
+    requests, cursor, skip = _evaluate_drift(instance, cursor, repository)
+    assert requests == [] and "train_sensor starts the training" in str(skip)
+
+    _report_check(instance, passed=False, report_version="r2")
+    requests, cursor, _ = _evaluate_drift(instance, cursor, repository)
+    (second,) = requests
+    assert second.run_key == "drift-r2-data" != first.run_key
+    assert second.run_config == {}  # no raw_dataset yet: the asset's defaults
+
+    # Its data run fails: the retraining stops there, cleanly.
+    _add_data_run(instance, second, dg.DagsterRunStatus.FAILURE)
+    requests, cursor, skip = _evaluate_drift(instance, cursor, repository)
+    assert requests == [] and "FAILURE" in str(skip)
+    assert RetrainCursor.parse(cursor).pending is None
+
+
+def test_retrain_cursor_survives_garbage() -> None:
+    assert RetrainCursor.parse("not json") == RetrainCursor()
+    cursor = RetrainCursor(handled_check_id=3, last_retrain_at=10.0, pending={"report_version": "x"})
+    assert RetrainCursor.parse(cursor.dump()) == cursor
+
+
+def test_real_failed_drift_check_is_seen_by_the_sensor(
+    llmft_home: Path,
+    tmp_path: Path,
+    instance: dg.DagsterInstance,
+    repository: dg.RepositoryDefinition,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """drift_report + drift_check really materialized into the instance; the sensor reads that."""
+    from datetime import timedelta
+
+    from llmft_assets.storage import open_storage
+    from llmft_assets_tests.test_monitoring_asset import (
+        WINDOW_END,
+        log_requests,
+        materialize_drift,
+        publish_fake_splits,
+        synthetic_pairs,
+    )
+
+    monkeypatch.delenv("LLMFT_ALERT_WEBHOOK_URL", raising=False)
+    backend = open_storage(str(llmft_home / "storage"))
+    publish_fake_splits(backend, tmp_path)
+    log_requests(
+        backend,
+        synthetic_pairs(120, shifted=True, seed=11),
+        start=WINDOW_END - timedelta(days=1),
+        spacing=timedelta(minutes=10),
+        batch="shifted",
+    )
+    result = materialize_drift(instance)
+    (evaluation,) = result.get_asset_check_evaluations()
+    assert not evaluation.passed
+    assert evaluation.metadata["alert"].value == "skipped (no webhook configured)"
+
+    requests, _, _ = _evaluate_drift(instance, None, repository)
+    (request,) = requests
+    version = evaluation.metadata["report_version"].value
+    assert request.run_key == f"drift-{version}-data"
+
+
+# ------------------------------------------------------------------------------------ schedule + alert
+
+
+def test_daily_drift_schedule(instance: dg.DagsterInstance, repository: dg.RepositoryDefinition) -> None:
+    tick = datetime(2025, 3, 10, 6, 0, tzinfo=UTC)
+    context = dg.build_schedule_context(instance=instance, scheduled_execution_time=tick)
+    data = drift_schedule.evaluate_tick(context)
+    assert not data.run_requests and "no dataset_splits" in str(data.skip_message)
+
+    _report_materialization(instance, "dataset_splits", version="splits-1")
+    data = drift_schedule.evaluate_tick(
+        dg.build_schedule_context(instance=instance, scheduled_execution_time=tick)
+    )
+    (request,) = data.run_requests or []
+    assert request.run_config == {"ops": {"drift_report": {"config": {"end_time": tick.isoformat()}}}}
+    assert request.run_key == f"drift-{tick.isoformat()}"
+    assert dg.validate_run_config(repository.get_job("drift_job"), request.run_config)
+    # Daily at 06:00 UTC: consecutive ticks are a day apart.
+    from dagster._utils.schedules import cron_string_iterator
+
+    ticks = cron_string_iterator(
+        tick.timestamp(), drift_schedule.cron_schedule, drift_schedule.execution_timezone
+    )
+    first, second = next(ticks), next(ticks)
+    assert (second - first).total_seconds() == 24 * 3600 and first.hour == 6
+
+
+def test_alert_goes_to_the_configured_webhook(monkeypatch: pytest.MonkeyPatch) -> None:
+    log = dg.get_dagster_logger("test-alert")
+    summary = {
+        "status": "drift",
+        "message": "Drift detected: 2 of 3 columns drifted",
+        "drift_share": 0.67,
+        "drift_share_threshold": 0.5,
+        "drifted_columns": ["prompt", "prompt_words"],
+        "number_of_columns": 3,
+        "reference_rows": 100,
+        "current_rows": 80,
+    }
+    monkeypatch.delenv("LLMFT_ALERT_WEBHOOK_URL", raising=False)
+    assert send_alert_if_configured(summary, "s3://b/report.html", log) == "skipped (no webhook configured)"
+
+    with WebhookReceiver() as receiver:
+        monkeypatch.setenv("LLMFT_ALERT_WEBHOOK_URL", receiver.url)
+        assert send_alert_if_configured(summary, "s3://b/report.html", log) == "sent"
+    (alert,) = receiver.received
+    assert "0.67" in alert["body"]["text"] and "s3://b/report.html" in alert["body"]["text"]
+    assert "`prompt`" in json.dumps(alert["body"]["blocks"])
+
+    # A webhook that rejects the alert: reported, never raised, and the secret URL is not echoed.
+    monkeypatch.setenv("LLMFT_ALERT_WEBHOOK_URL", "ftp://example.invalid/secret-path")
+    outcome = send_alert_if_configured(summary, None, log)
+    assert outcome.startswith("failed") and "secret-path" not in outcome
