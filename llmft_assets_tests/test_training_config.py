@@ -42,7 +42,10 @@ def test_defaults_and_derived_values() -> None:
     config = TrainingConfig(per_device_train_batch_size=4, max_seq_len=512)
     assert config.target_modules == "all-linear"
     assert config.attn_implementation == "sdpa"
-    assert config.token_budget == 4 * 512
+    assert config.token_budget == 512  # packed: one max-length sequence per micro-batch
+    assert (
+        TrainingConfig(per_device_train_batch_size=4, max_seq_len=512, packing=False).token_budget == 4 * 512
+    )
     assert TrainingConfig(max_tokens_per_batch=4096, max_seq_len=1024).token_budget == 4096
     # auto precision: fp32 on CPU
     assert config.resolve_precision("cpu") == "fp32"

@@ -19,7 +19,7 @@ from llmft_assets.training.data import (
 )
 from llmft_assets_tests.test_training_support import (  # noqa: F401 - fixtures
     TOKENIZED_SCHEMA,
-    tiny_model_dir,
+    tiny_model_dir_fixture,
     write_tokenized_split,
 )
 
@@ -45,7 +45,11 @@ def test_split_keeps_counts_truncates_and_drops_rows_without_labels(tmp_path: Pa
             {"id": "ok", "input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]},
             {"id": "long", "input_ids": list(range(10, 30)), "labels": [-100] * 5 + list(range(15, 30))},
             {"id": "prompt-only", "input_ids": [1, 2, 3], "labels": [-100, -100, -100]},
-            {"id": "labels-cut-off", "input_ids": list(range(10, 30)), "labels": [-100] * 12 + list(range(22, 30))},
+            {
+                "id": "labels-cut-off",
+                "input_ids": list(range(10, 30)),
+                "labels": [-100] * 12 + list(range(22, 30)),
+            },
             {"id": "empty", "input_ids": [], "labels": []},
         ],
     )

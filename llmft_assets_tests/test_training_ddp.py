@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from llmft_assets.training.config import TrainingConfig
-from llmft_assets_tests.test_training_support import tiny_model_dir, tiny_splits  # noqa: F401 - fixtures
+from llmft_assets_tests.test_training_support import tiny_model_dir_fixture, tiny_splits_fixture  # noqa: F401 - fixtures
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,9 +29,17 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_process_ddp_trains_one_adapter(tiny_model_dir: Path, tiny_splits: dict[str, Path], tmp_path: Path) -> None:
+def test_two_process_ddp_trains_one_adapter(
+    tiny_model_dir: Path, tiny_splits: dict[str, Path], tmp_path: Path
+) -> None:
     config = TrainingConfig(
-        lora_r=4, lora_alpha=8, max_seq_len=256, max_tokens_per_batch=384, max_steps=4, save_steps=2, logging_steps=1
+        lora_r=4,
+        lora_alpha=8,
+        max_seq_len=256,
+        max_tokens_per_batch=384,
+        max_steps=4,
+        save_steps=2,
+        logging_steps=1,
     ).to_json_file(tmp_path / "config.json")
     out = tmp_path / "out"
     command = [
@@ -81,13 +89,16 @@ def test_two_process_ddp_trains_one_adapter(tiny_model_dir: Path, tiny_splits: d
     assert result["world_size"] == 2 and result["global_step"] == 4
     assert "[rank 0/2] done: world size 2" in output and "[rank 1/2] done: world size 2" in output
     # one adapter, written by rank 0 only
-    assert sorted(path.name for path in out.glob("**/adapter_model.safetensors") if "checkpoint" not in str(path)) == [
-        "adapter_model.safetensors"
-    ]
+    assert sorted(
+        path.name for path in out.glob("**/adapter_model.safetensors") if "checkpoint" not in str(path)
+    ) == ["adapter_model.safetensors"]
     assert "[rank 0/2] trained" in output and "[rank 1/2] trained" not in output
     # both ranks trained: each step, each rank saw different rows
     traces = [
-        {json.loads(line)["step"]: json.loads(line)["ids"] for line in (out / f"trace.rank{rank}.jsonl").read_text().splitlines()}
+        {
+            json.loads(line)["step"]: json.loads(line)["ids"]
+            for line in (out / f"trace.rank{rank}.jsonl").read_text().splitlines()
+        }
         for rank in (0, 1)
     ]
     assert sorted(traces[0]) == sorted(traces[1]) == [1, 2, 3, 4]

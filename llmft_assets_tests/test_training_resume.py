@@ -20,7 +20,7 @@ import pytest
 
 from llmft_assets.training.checkpoints import LocalCheckpointStore, checkpoint_step
 from llmft_assets.training.config import TrainingConfig
-from llmft_assets_tests.test_training_support import tiny_model_dir, tiny_splits  # noqa: F401 - fixtures
+from llmft_assets_tests.test_training_support import tiny_model_dir_fixture, tiny_splits_fixture  # noqa: F401 - fixtures
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS = 8
@@ -48,7 +48,12 @@ def _cli_command(model: Path, splits: dict[str, Path], out: Path, config: Path) 
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO_ROOT),
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
 
 def _run(command: list[str], log: Path) -> None:

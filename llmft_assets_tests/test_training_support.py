@@ -60,16 +60,18 @@ def write_tokenized_split(
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="session", name="tiny_model_dir")
+def tiny_model_dir_fixture(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project's tiny Qwen2 chat model (random init, with tokenizer), built once per session."""
     from llmft_assets.modeling.tiny_model import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny_model") / "model", pretrain_steps=0, use_cache=False)
+    return build_tiny_model(
+        tmp_path_factory.mktemp("tiny_model") / "model", pretrain_steps=0, use_cache=False
+    )
 
 
-@pytest.fixture(scope="session")
-def tiny_splits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+@pytest.fixture(scope="session", name="tiny_splits")
+def tiny_splits_fixture(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("splits")
     return {
         "train": write_tokenized_split(root / "train.parquet", 48, seed=1, prefix="train"),

@@ -13,8 +13,8 @@ from llmft_assets.training.checkpoints import LocalCheckpointStore, checkpoint_s
 from llmft_assets.training.config import TrainingConfig
 from llmft_assets.training.trainer import TrainResult, train_lora
 from llmft_assets_tests.test_training_support import (  # noqa: F401 - fixtures
-    tiny_model_dir,
-    tiny_splits,
+    tiny_model_dir_fixture,
+    tiny_splits_fixture,
     write_tokenized_split,
 )
 
@@ -47,7 +47,9 @@ def test_train_lora_writes_adapter_result_logs_and_checkpoints(
         def __init__(self) -> None:
             self.logged: list[dict[str, Any]] = []
 
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any
+        ) -> None:
             self.logged.append(dict(logs or {}))
 
     recorder = RecordingCallback()
@@ -104,8 +106,12 @@ def test_train_lora_writes_adapter_result_logs_and_checkpoints(
     assert any("resuming from step 6" in line for line in lines)
 
 
-def test_pad_to_longest_path_trains(tiny_model_dir: Path, tiny_splits: dict[str, Path], tmp_path: Path) -> None:
-    config = TrainingConfig(**{**FAST, "max_tokens_per_batch": 1024}, packing=False, max_steps=2, save_steps=10)
+def test_pad_to_longest_path_trains(
+    tiny_model_dir: Path, tiny_splits: dict[str, Path], tmp_path: Path
+) -> None:
+    config = TrainingConfig(
+        **{**FAST, "max_tokens_per_batch": 1024}, packing=False, max_steps=2, save_steps=10
+    )
     result = train_lora(
         base_model_dir=tiny_model_dir,
         train_path=tiny_splits["train"],
@@ -149,7 +155,7 @@ def test_bad_inputs_fail_clearly(tiny_model_dir: Path, tmp_path: Path) -> None:
             output_dir=tmp_path / "out",
             config=config,
         )
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
         train_lora(
             base_model_dir=tmp_path / "nowhere",
             train_path=empty,
@@ -162,7 +168,11 @@ def test_bad_inputs_fail_clearly(tiny_model_dir: Path, tmp_path: Path) -> None:
 def test_bill_of_materials(tmp_path: Path) -> None:
     config = TrainingConfig(lora_r=8, qlora=False, seed=7)
     bom = bill_of_materials(
-        base_model_info={"id": "Qwen/Qwen2.5-7B-Instruct", "revision": "abc123", "chat_template_sha256": "f00"},
+        base_model_info={
+            "id": "Qwen/Qwen2.5-7B-Instruct",
+            "revision": "abc123",
+            "chat_template_sha256": "f00",
+        },
         dataset_version="v-123",
         config=config,
         seed=7,

@@ -60,7 +60,7 @@ def model_bento(
             f"{champion.version if champion else 'none'}); not packaging it",
             allow_retries=False,
         )
-    bom = json.loads((lora_adapter.path / BOM_FILE).read_text())
+    bom = json.loads((lora_adapter.path / ADAPTER_SUBDIR / BOM_FILE).read_text())
     labels: dict[str, Any] = {
         "model_version": lora_adapter.version,
         "mlflow_run_id": lora_adapter.metadata.get("mlflow_run_id", ""),

@@ -99,9 +99,16 @@ def _train_with_accelerate(
     """Multi-process training: the same CLI under `accelerate launch` (CPU: gloo; CUDA: NCCL)."""
     import torch
 
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
-    if not torch.cuda.is_available():
-        command.append("--cpu")
+    # `--multi_gpu` makes accelerate start the processes through torchrun; on a machine without CUDA the
+    # trainer then runs DDP over gloo. (`--cpu --num_processes 2` silently starts one process without mpirun.)
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(num_processes),
+    ]
     command += ["-m", "llmft_assets.training.cli", *args]
     context.log.info("launching: " + " ".join(command[2:]))
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -195,7 +202,8 @@ def lora_adapter(
     shutil.copytree(Path(result.adapter_dir), staging / ADAPTER_SUBDIR)
     result_data = result.to_dict()
     (staging / RESULT_FILE).write_text(json.dumps(result_data, indent=2))
-    (staging / BOM_FILE).write_text(json.dumps(bom, indent=2, default=str))
+    # The bill of materials travels inside the adapter folder: to MLflow, the bento and any copy of it.
+    (staging / ADAPTER_SUBDIR / BOM_FILE).write_text(json.dumps(bom, indent=2, default=str))
     loss_png = log_loss_curve(run_id, result.loss_history, tracking_uri=mlflow.resolved_tracking_uri())
     mlflow.log_adapter(run_id, staging / ADAPTER_SUBDIR)
     mlflow.log_bill_of_materials(run_id, bom)

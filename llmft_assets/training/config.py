@@ -63,7 +63,7 @@ class TrainingConfig(BaseModel):
     max_tokens_per_batch: int | None = Field(
         None,
         gt=0,
-        description="token budget per micro-batch (default per_device_train_batch_size * max_seq_len); "
+        description="token budget per micro-batch (default: see token_budget); "
         "a row longer than the budget gets a micro-batch of its own",
     )
     shuffle_window_batches: int = Field(
@@ -120,8 +120,17 @@ class TrainingConfig(BaseModel):
 
     @property
     def token_budget(self) -> int:
-        """Tokens per micro-batch for padding-free batches (or padded token slots without packing)."""
-        return self.max_tokens_per_batch or self.per_device_train_batch_size * self.max_seq_len
+        """Tokens per micro-batch for padding-free batches (or padded token slots without packing).
+
+        Packed default: max_seq_len. With sdpa/eager the flattened row pays attention over its whole
+        length (block-diagonal mask, T^2 work), so a packed row much longer than one sequence wastes
+        compute; flash_attention_2 (varlen) has no such cost and can take a larger budget.
+        """
+        if self.max_tokens_per_batch is not None:
+            return self.max_tokens_per_batch
+        if self.packing:
+            return self.max_seq_len
+        return self.per_device_train_batch_size * self.max_seq_len
 
     def resolve_precision(self, device_type: str) -> ResolvedPrecision:
         """The precision actually used on `device_type` ("cpu" or "cuda"); "auto" picks bf16 where supported."""

@@ -307,7 +307,10 @@ class PaddedCollator:
         import torch
 
         batch = self._pad(
-            [{"input_ids": _as_int_list(f["input_ids"]), "labels": _as_int_list(f["labels"])} for f in features]
+            [
+                {"input_ids": _as_int_list(f["input_ids"]), "labels": _as_int_list(f["labels"])}
+                for f in features
+            ]
         )
         batch = dict(batch)
         if "row_index" in features[0]:
@@ -322,15 +325,10 @@ def _pad_only_tokenizer(pad_token_id: int) -> Any:
     from transformers import PreTrainedTokenizerFast
 
     vocab = {f"<unused{index}>": index for index in range(pad_token_id)} | {"<pad>": pad_token_id}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<pad>")), pad_token="<pad>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<pad>")), pad_token="<pad>"
+    )
 
 
 def _as_int_list(values: Any) -> list[int]:
     return values.tolist() if hasattr(values, "tolist") else [int(value) for value in values]
-
-
-def real_token_count(batch: dict[str, Any]) -> int:
-    """Non-pad tokens in a collated batch (packed batches have no padding at all)."""
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    return int(batch["input_ids"].numel())

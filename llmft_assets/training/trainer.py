@@ -80,7 +80,9 @@ def _device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_lora_model(base_model_dir: Path, config: TrainingConfig, device_type: str, local_rank: int = 0) -> Any:
+def load_lora_model(
+    base_model_dir: Path, config: TrainingConfig, device_type: str, local_rank: int = 0
+) -> Any:
     """Base model (NF4 4-bit for QLoRA) with a fresh peft LoRA adapter; KV cache off for packing."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -98,7 +100,9 @@ def load_lora_model(base_model_dir: Path, config: TrainingConfig, device_type: s
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(compute, torch.float32),
+            bnb_4bit_compute_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+                compute, torch.float32
+            ),
         )
         kwargs["device_map"] = {"": local_rank} if device_type == "cuda" else {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(str(base_model_dir), **kwargs)
@@ -157,7 +161,11 @@ def _make_trainer_class() -> type:
             return self.accelerator.prepare(loader)
 
         def compute_loss(
-            self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+            self,
+            model: Any,
+            inputs: dict[str, Any],
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
         ) -> Any:
             row_index = inputs.pop("row_index", None)
             if row_index is not None and model.training:
@@ -170,7 +178,10 @@ def _make_trainer_class() -> type:
 
 
 def _make_progress_callback(
-    log: Callable[[str], None], trainer_ref: dict[str, Any], sample_trace_path: Path | None, row_ids: list[str]
+    log: Callable[[str], None],
+    trainer_ref: dict[str, Any],
+    sample_trace_path: Path | None,
+    row_ids: list[str],
 ) -> Any:
     from transformers import TrainerCallback
 
