@@ -47,7 +47,7 @@ ui: install
 	$(BIN)/dagster dev -w workspace.yaml -h $(HOST) -p 3001
 
 serve: install
-	$(PY) -m llmft_assets.serving.cli serve --host $(HOST) --port $(PORT)
+	$(BIN)/bentoml serve bentos.service:LLMChatService --host $(HOST) --port $(PORT)
 
 benchmarks: install
 	$(PY) benchmarks/data_pipeline.py --quick

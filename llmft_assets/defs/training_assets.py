@@ -97,7 +97,6 @@ def _train_with_accelerate(
     context: dg.AssetExecutionContext, num_processes: int, args: list[str], output_dir: Path
 ) -> dict[str, Any]:
     """Multi-process training: the same CLI under `accelerate launch` (CPU: gloo; CUDA: NCCL)."""
-    import torch
 
     # `--multi_gpu` makes accelerate start the processes through torchrun; on a machine without CUDA the
     # trainer then runs DDP over gloo. (`--cpu --num_processes 2` silently starts one process without mpirun.)

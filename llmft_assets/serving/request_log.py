@@ -1,0 +1,209 @@
+"""Durable request log of the model server, read back by the drift report.
+
+Records are buffered in memory and written as one Parquet object per batch to
+`<root>/request_logs/date=YYYY-MM-DD/<batch_id>.parquet` through the storage backend, whose
+`put_bytes` is atomic (temp file + rename locally, a single PUT on S3): a reader sees a whole
+batch or nothing, and a crash loses at most the batch still in memory. A batch is flushed when it
+reaches `max_batch_rows`, when `flush_interval_s` has passed since its first record, and on close.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import uuid
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Protocol
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+logger = logging.getLogger(__name__)
+
+REQUEST_LOG_PREFIX = "request_logs"
+
+REQUEST_LOG_SCHEMA = pa.schema(
+    [
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("timestamp", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("model", pa.string()),
+        pa.field("model_version", pa.string()),
+        pa.field("prompt", pa.string()),
+        pa.field("messages_json", pa.string()),
+        pa.field("response", pa.string()),
+        pa.field("prompt_tokens", pa.int32()),
+        pa.field("completion_tokens", pa.int32()),
+        pa.field("latency_ms", pa.float64()),
+        pa.field("finish_reason", pa.string()),
+        pa.field("stream", pa.bool_()),
+    ]
+)
+
+
+class BytesSink(Protocol):
+    """What the writer needs from a storage backend (llmft_assets.storage.StorageBackend fits)."""
+
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+
+
+@dataclass(frozen=True)
+class RequestLogRecord:
+    request_id: str
+    timestamp: datetime
+    model: str
+    model_version: str
+    prompt: str
+    messages_json: str
+    response: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float
+    finish_reason: str
+    stream: bool
+
+
+def request_log_key(day: str, batch_id: str) -> str:
+    return f"{REQUEST_LOG_PREFIX}/date={day}/{batch_id}.parquet"
+
+
+def records_to_parquet_bytes(records: Iterable[RequestLogRecord]) -> bytes:
+    rows = [asdict(record) for record in records]
+    for row in rows:
+        if row["timestamp"].tzinfo is None:
+            raise ValueError("request log timestamps must be timezone-aware (UTC)")
+    table = pa.Table.from_pylist(rows, schema=REQUEST_LOG_SCHEMA)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+def _new_batch_id(now: datetime) -> str:
+    # Sortable by time, unique across server workers and restarts.
+    return f"{now.strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:12]}"
+
+
+class RequestLogWriter:
+    """Thread-safe batched writer; `log()` never blocks on storage I/O beyond a size-triggered flush.
+
+    A failed write keeps the rows in memory and retries at the next flush (bounded by
+    `max_buffered_rows`, after which the oldest rows are dropped with an error log rather than
+    exhausting memory), so a storage hiccup does not lose traffic.
+    """
+
+    def __init__(
+        self,
+        sink: BytesSink,
+        *,
+        max_batch_rows: int = 256,
+        flush_interval_s: float = 5.0,
+        max_buffered_rows: int = 100_000,
+    ) -> None:
+        if max_batch_rows < 1 or flush_interval_s <= 0:
+            raise ValueError("max_batch_rows must be >= 1 and flush_interval_s > 0")
+        self._sink = sink
+        self._max_batch_rows = max_batch_rows
+        self._flush_interval_s = flush_interval_s
+        self._max_buffered_rows = max(max_buffered_rows, max_batch_rows)
+        self._buffer: list[RequestLogRecord] = []
+        self._buffer_lock = threading.Lock()
+        self._write_lock = threading.Lock()  # one flush at a time keeps batches whole and ordered
+        self._closed = threading.Event()
+        self._wake = threading.Event()
+        self.rows_written = 0
+        self.batches_written = 0
+        self.write_failures = 0
+        self._thread = threading.Thread(target=self._run, name="request-log-flusher", daemon=True)
+        self._thread.start()
+
+    def log(self, record: RequestLogRecord) -> None:
+        if self._closed.is_set():
+            raise RuntimeError("request log writer is closed")
+        if record.timestamp.tzinfo is None:
+            # Rejected here: a row that cannot be written would block every later flush.
+            raise ValueError("request log timestamps must be timezone-aware (UTC)")
+        with self._buffer_lock:
+            self._buffer.append(record)
+            full = len(self._buffer) >= self._max_batch_rows
+        if full:
+            self._wake.set()
+
+    def pending_rows(self) -> int:
+        with self._buffer_lock:
+            return len(self._buffer)
+
+    def flush(self) -> int:
+        """Write everything buffered now; returns the number of rows written."""
+        with self._write_lock:
+            with self._buffer_lock:
+                batch, self._buffer = self._buffer, []
+            if not batch:
+                return 0
+            written = 0
+            try:
+                for chunk_start in range(0, len(batch), self._max_batch_rows):
+                    chunk = batch[chunk_start : chunk_start + self._max_batch_rows]
+                    written += self._write_batch(chunk)
+            except Exception as exc:
+                self.write_failures += 1
+                unwritten = batch[written:]
+                logger.error(
+                    "request log: writing %d rows failed (%s); keeping them for the next flush",
+                    len(unwritten),
+                    type(exc).__name__,
+                )
+                with self._buffer_lock:
+                    self._buffer = unwritten + self._buffer
+                    overflow = len(self._buffer) - self._max_buffered_rows
+                    if overflow > 0:
+                        del self._buffer[:overflow]
+                        logger.error("request log: buffer full, dropped %d oldest rows", overflow)
+            return written
+
+    def _write_batch(self, records: list[RequestLogRecord]) -> int:
+        by_day: dict[str, list[RequestLogRecord]] = {}
+        for record in records:
+            by_day.setdefault(record.timestamp.astimezone(UTC).strftime("%Y-%m-%d"), []).append(record)
+        written = 0
+        for day, day_records in sorted(by_day.items()):
+            key = request_log_key(day, _new_batch_id(datetime.now(UTC)))
+            self._sink.put_bytes(key, records_to_parquet_bytes(day_records))
+            written += len(day_records)
+            self.rows_written += len(day_records)
+            self.batches_written += 1
+        return written
+
+    def _run(self) -> None:
+        while not self._closed.is_set():
+            self._wake.wait(timeout=self._flush_interval_s)
+            self._wake.clear()
+            if self._closed.is_set():
+                break
+            try:
+                self.flush()
+            except Exception:  # never let the flusher thread die
+                logger.exception("request log: flusher error")
+
+    def close(self) -> None:
+        """Stop the flusher and write what is left (idempotent)."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._wake.set()
+        self._thread.join(timeout=30)
+        self.flush()
+
+
+def read_request_logs(sink_with_listing: object, *, day: str | None = None) -> pa.Table:
+    """Read every logged batch (optionally of one day) back as one table.
+
+    `sink_with_listing` is a storage backend with `list(prefix)` and `get_bytes(key)`.
+    """
+    prefix = f"{REQUEST_LOG_PREFIX}/date={day}/" if day else f"{REQUEST_LOG_PREFIX}/"
+    keys = sorted(k for k in sink_with_listing.list(prefix) if k.endswith(".parquet"))  # type: ignore[attr-defined]
+    tables = [pq.read_table(io.BytesIO(sink_with_listing.get_bytes(k))) for k in keys]  # type: ignore[attr-defined]
+    if not tables:
+        return REQUEST_LOG_SCHEMA.empty_table()
+    return pa.concat_tables([t.cast(REQUEST_LOG_SCHEMA) for t in tables])

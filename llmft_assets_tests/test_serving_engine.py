@@ -1,0 +1,169 @@
+"""The continuous-batching transformers engine on the tiny offline Qwen2 model."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from llmft_assets.serving.engine import SamplingParams, TransformersEngine, sample_next_tokens
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from llmft_assets.modeling.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", pretrain_steps=0)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path):
+    engine = TransformersEngine(tiny_model_dir, max_batch_size=8, device="cpu")
+    yield engine
+    engine.close()
+
+
+def prompts(engine: TransformersEngine, count: int) -> list[list[int]]:
+    # Different lengths on purpose: rows are left-padded and merged at different cache lengths.
+    return [
+        engine.render_prompt(
+            [{"role": "user", "content": f"Question {i}: what is {i} + {i * 7}?" + " please" * i}]
+        )
+        for i in range(count)
+    ]
+
+
+def reference_greedy(engine: TransformersEngine, prompt_ids: list[int], max_new_tokens: int) -> str:
+    import torch
+
+    output = engine.model.generate(
+        torch.tensor([prompt_ids]),
+        attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+    )
+    return engine.tokenizer.decode(output[0, len(prompt_ids) :], skip_special_tokens=True)
+
+
+async def run_staggered(
+    engine: TransformersEngine, all_prompts: list[list[int]], params: SamplingParams
+) -> list[str]:
+    async def one(index: int, prompt_ids: list[int]) -> str:
+        await asyncio.sleep(0.003 * index)  # arrive while others are mid-generation
+        parts = [d.text async for d in engine.stream(prompt_ids, params, f"r{index}")]
+        return "".join(parts)
+
+    return await asyncio.gather(*(one(i, p) for i, p in enumerate(all_prompts)))
+
+
+def test_continuous_batching_matches_sequential_generate(engine: TransformersEngine) -> None:
+    all_prompts = prompts(engine, 12)  # more than max_batch_size: some wait for a free slot
+    batched = asyncio.run(run_staggered(engine, all_prompts, SamplingParams(max_tokens=12, temperature=0.0)))
+    assert engine.max_batch_seen > 1, "requests were not batched"
+    for prompt_ids, text in zip(all_prompts, batched, strict=True):
+        assert text == reference_greedy(engine, prompt_ids, 12)
+
+
+def test_max_tokens_and_stop_sequences(engine: TransformersEngine) -> None:
+    prompt_ids = prompts(engine, 1)[0]
+    text, finish, completion_tokens = engine.generate_text(
+        prompt_ids, SamplingParams(max_tokens=10, temperature=0.0)
+    )
+    assert finish in ("length", "stop") and completion_tokens <= 10
+    if finish == "length":
+        assert completion_tokens == 10
+    stop = text.strip()[:2] or text[:1]
+    assert stop
+    stopped, stop_finish, _ = engine.generate_text(
+        prompt_ids, SamplingParams(max_tokens=10, temperature=0.0, stop=(stop,))
+    )
+    assert stop_finish == "stop"
+    assert stopped == text[: text.find(stop)]
+
+
+def test_seeded_sampling_is_reproducible_and_streams_concatenate(engine: TransformersEngine) -> None:
+    prompt_ids = prompts(engine, 2)[1]
+    params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=1234)
+    first = engine.generate_text(prompt_ids, params)
+    second = engine.generate_text(prompt_ids, params)
+    assert first == second
+
+    async def streamed() -> tuple[str, int]:
+        deltas = [d async for d in engine.stream(prompt_ids, params, "s")]
+        assert all(d.finish_reason is None for d in deltas[:-1]) and deltas[-1].finish_reason is not None
+        return "".join(d.text for d in deltas), len(deltas)
+
+    text, chunk_count = asyncio.run(streamed())
+    assert text == first[0] and chunk_count >= 1
+
+
+def test_a_cancelled_request_leaves_the_others_intact(engine: TransformersEngine) -> None:
+    all_prompts = prompts(engine, 3)
+    params = SamplingParams(max_tokens=10, temperature=0.0)
+
+    async def scenario() -> list[str]:
+        async def abandon() -> None:
+            async for _ in engine.stream(
+                all_prompts[0], SamplingParams(max_tokens=200, temperature=0.0), "gone"
+            ):
+                break  # client disconnects after the first delta
+
+        async def full(index: int) -> str:
+            return "".join([d.text async for d in engine.stream(all_prompts[index], params, f"k{index}")])
+
+        results = await asyncio.gather(abandon(), full(1), full(2))
+        return list(results[1:])
+
+    outputs = asyncio.run(scenario())
+    assert outputs == [reference_greedy(engine, all_prompts[i], 10) for i in (1, 2)]
+
+
+def test_a_failing_forward_fails_its_requests_and_the_loop_recovers(engine: TransformersEngine) -> None:
+    from llmft_assets.serving.engine import EngineError
+
+    prompt_ids = prompts(engine, 1)[0]
+    params = SamplingParams(max_tokens=3, temperature=0.0)
+    real_model = engine.model
+
+    def broken_model(**_: object) -> None:
+        raise RuntimeError("simulated device failure")
+
+    engine.model = broken_model
+    try:
+        with pytest.raises(EngineError):
+            engine.generate_text(prompt_ids, params)
+    finally:
+        engine.model = real_model
+    assert engine.is_ready()
+    assert engine.generate_text(prompt_ids, params)[0] == reference_greedy(engine, prompt_ids, 3)
+
+
+def test_sampler_rules() -> None:
+    import torch
+
+    logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 2.9]])
+    greedy = sample_next_tokens(logits, temperatures=[0.0, 0.0], top_ps=[1.0, 1.0], generators=[None, None])
+    assert greedy == [1, 0]
+    # top_p that keeps only the most likely token is greedy whatever the seed.
+    generator = torch.Generator().manual_seed(0)
+    tokens = sample_next_tokens(
+        logits, temperatures=[1.0, 1.0], top_ps=[0.01, 0.01], generators=[generator, generator]
+    )
+    assert tokens == [1, 0]
+    # A frequency penalty pushes an already generated token down.
+    penalised = sample_next_tokens(
+        logits.clone(),
+        temperatures=[0.0, 0.0],
+        top_ps=[1.0, 1.0],
+        generators=[None, None],
+        penalties=[(0.0, 2.0, [1, 1, 1]), (0.0, 0.0, [])],
+    )
+    assert penalised == [2, 0]
+
+
+def test_invalid_sampling_params_are_rejected() -> None:
+    with pytest.raises(ValueError):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError):
+        SamplingParams(max_tokens=5, top_p=0.0)
