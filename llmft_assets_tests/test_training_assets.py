@@ -131,6 +131,51 @@ def test_train_evaluate_gate_and_registry(workspace: dict[str, str]) -> None:
         assert client.get_model_version_by_alias("llmft-adapter", "candidate").version == version
 
 
+BENTO_RUN = """
+import json, dagster as dg, bentoml
+from llmft_assets.definitions import defs
+from llmft_assets.defs.mlflow_resource import MlflowResource
+champion = MlflowResource().get_version_by_alias("champion")
+result = dg.materialize(
+    list(defs.assets), resources=defs.resources, selection=dg.AssetSelection.assets("model_bento"),
+    run_config={"ops": {"model_bento": {"config": {"require_champion": champion is not None}}}},
+    instance=dg.DagsterInstance.ephemeral(), raise_on_error=False,
+)
+out = {"success": result.success, "champion": str(champion.version) if champion else None}
+if result.success:
+    event = result.get_asset_materialization_events()[0].event_specific_data.materialization
+    meta = {k: getattr(v, "value", v) for k, v in event.metadata.items()}
+    model = bentoml.models.get(meta["model_tag"])
+    out.update(meta=meta, labels=dict(model.info.labels), bentos=[str(b.tag) for b in bentoml.bentos.list()])
+else:
+    out["errors"] = [e.event_specific_data.error.message for e in result.get_step_failure_events()]
+print("RESULT " + json.dumps(out, default=str))
+"""
+
+
+def test_model_bento_packages_the_champion_with_lineage_labels(
+    workspace: dict[str, str], tmp_path: Path
+) -> None:
+    """Runs after the training test (same module workspace): the adapter, its eval report and gate exist."""
+    env = {**os.environ, **workspace, "BENTOML_HOME": str(tmp_path / "bentoml")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    completed = subprocess.run(
+        [sys.executable, "-c", BENTO_RUN], env=env, capture_output=True, text=True, timeout=900
+    )
+    line = next((ln for ln in completed.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line, completed.stdout[-3000:] + completed.stderr[-3000:]
+    out = json.loads(line[len("RESULT ") :])
+    assert out["success"], out
+    labels = out["labels"]
+    assert labels["model_version"] == out["meta"]["model_version"]
+    assert labels["license"] == "CC-BY-NC-SA-4.0"
+    assert labels["mlflow_run_id"] and labels["storage_uri"].endswith(labels["model_version"])
+    assert "base_model" in labels["bill_of_materials"]
+    assert out["meta"]["bento_tag"] in out["bentos"]
+    exported = list((Path(workspace["LLMFT_HOME"]) / "storage" / "assets" / "model_bento").rglob("*.bento"))
+    assert exported, "the bento archive was not exported into storage"
+
+
 def _all_artifacts(client, run_id: str, path: str | None = None) -> list[str]:
     found = []
     for item in client.list_artifacts(run_id, path):

@@ -14,6 +14,9 @@ data_job = dg.define_asset_job(
     "data_job",
     selection=DATA_SELECTION,
     description="Raw data to train/validation/test splits, plus the base model (CPU, multiprocess).",
+    # Run monitoring fails a run whose worker vanished with its host after this long (single-host launchers
+    # cannot probe worker health); data runs take minutes, so a few hours is generous.
+    tags={"dagster/max_runtime": str(int(os.environ.get("LLMFT_DATA_MAX_RUNTIME_S", 4 * 3600)))},
 )
 
 

@@ -133,9 +133,14 @@ class LocalBackend(StorageBackend):
 
 def _is_transient(exc: BaseException) -> bool:
     """Connection trouble and throttling are worth retrying; missing keys and auth errors are not."""
-    from botocore.exceptions import ClientError, ConnectionError, EndpointConnectionError, ReadTimeoutError
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
 
-    if isinstance(exc, EndpointConnectionError | ConnectionError | ReadTimeoutError):
+    if isinstance(exc, S3UploadFailedError):
+        # upload_file re-raises a ClientError (503 SlowDown, 500...) as S3UploadFailedError; judge the cause.
+        return exc.__context__ is not None and _is_transient(exc.__context__)
+    # ConnectionError: endpoint unreachable; HTTPClientError: connection reset mid-request, read timeout.
+    if isinstance(exc, ConnectionError | HTTPClientError):
         return True
     if isinstance(exc, ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
@@ -146,7 +151,7 @@ def _is_transient(exc: BaseException) -> bool:
 
 _s3_retry = retry(
     retry=retry_if_exception(_is_transient),
-    stop=stop_after_attempt(int(os.environ.get("LLMFT_S3_ATTEMPTS", "5"))),
+    stop=stop_after_attempt(int(os.environ.get("LLMFT_S3_ATTEMPTS", "8"))),
     wait=wait_exponential(multiplier=0.5, max=8),
     reraise=True,
 )
