@@ -3,16 +3,19 @@
 Both paths do the same work on the same R1-shaped synthetic rows (llmft_assets.data.sample_gen), read
 from parquet files on disk: clean -> validate -> tokenize with assistant-only labels -> write the result.
 
-- ours: `iter_raw_batches` -> `clean_rows` -> `validate_rows` -> `tokenize_batch` (templates rendered
-  with tokenize=False for the batch, one call of the fast tokenizer), tokenized rows streamed into a
-  parquet file batch by batch.
+- ours: `iter_raw_batches` -> `clean_rows` -> `validate_rows` in this process, then
+  `llmft_assets.data.parallel.iter_tokenized_tables`: batches tokenized in an ordered pool of worker
+  processes (one per CPU by default, `--workers`), each rendering the templates with tokenize=False for
+  the batch, encoding with the fast tokenizer and building an Arrow table from numpy arrays; tables
+  streamed into a parquet file batch by batch. Pool start-up is inside the timed region.
 - naive: `Dataset.from_parquet` + unbatched `datasets.map`/`filter` for cleaning and validation (the same
   row functions) and for tokenization per row with `apply_chat_template(tokenize=True)` (the full
   conversation, plus the prompt prefix of every assistant turn to mask it).
 
 Each run happens in its own subprocess, which reports its own peak RSS (`resource.getrusage`), so the
 numbers do not mix. Prints JSON lines; the last line is a summary with top-level `speedup` (rows/s of
-ours / naive) and `rss_ratio` (our peak RSS at the large / the small row count; streaming keeps it ~1).
+ours / naive) and `rss_ratio` (our peak memory, PSS summed over the process and its workers, at the large
+/ the small row count; streaming keeps it ~1).
 
     python benchmarks/data_pipeline.py            # 50k rows compared, RSS at 20k vs 200k (long)
     python benchmarks/data_pipeline.py --quick    # 5k rows compared, RSS at 2k vs 20k
@@ -45,10 +48,83 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def _pss_mb(pid: int) -> float:
+    """Proportional set size: pages shared with other processes (a fork server's preloaded modules)
+    count a share each, so a sum over processes is the memory they really hold together."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _descendants(pid: int) -> list[int]:
+    children = _children_pids(pid)
+    return children + [grandchild for child in children for grandchild in _descendants(child)]
+
+
+class TreeMemorySampler:
+    """Peak of the summed PSS of this process and all its descendants (workers, fork server), sampled
+    every ``interval_s``. ru_maxrss covers one process; with workers the memory is spread over several.
+    """
+
+    def __init__(self, interval_s: float = 0.1) -> None:
+        import threading
+
+        self.peak_mb = 0.0
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            pids = [os.getpid(), *_descendants(os.getpid())]
+            self.peak_mb = max(self.peak_mb, sum(_pss_mb(pid) for pid in pids))
+            self._stop.wait(self._interval_s)
+
+    def __enter__(self) -> TreeMemorySampler:
+        if Path("/proc/self/smaps_rollup").is_file():
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def _children_pids(pid: int) -> list[int]:
+    pids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            pids += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return pids
+
+
+def _proc_cpu_seconds(pid: int) -> float:
+    """utime + stime + its waited-for children's cutime + cstime, from /proc/PID/stat."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # After the ')' closing the command name: fields[11..14] are utime, stime, cutime, cstime.
+    return sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds() -> float:
-    """CPU time of this process (all threads): on a shared machine it is steadier than wall time."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    """CPU time of this process tree (all threads, waited-for children, and live children with the
+    children they reaped, e.g. the multiprocessing fork server and its finished workers). On a shared
+    machine it is steadier than wall time."""
+    self_usage = resource.getrusage(resource.RUSAGE_SELF)
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = self_usage.ru_utime + self_usage.ru_stime + reaped.ru_utime + reaped.ru_stime
+    if Path("/proc/self/task").is_dir():
+        total += sum(_proc_cpu_seconds(pid) for pid in _children_pids(os.getpid()))
+    return total
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -86,32 +162,45 @@ def load_tokenizer(tokenizer_dir: str) -> Any:
 
 
 def run_ours(
-    data_dir: Path, rows: int, tokenizer_dir: str, out_dir: Path, batch_size: int, max_seq_len: int
+    data_dir: Path,
+    rows: int,
+    tokenizer_dir: str,
+    out_dir: Path,
+    batch_size: int,
+    max_seq_len: int,
+    workers: int,
 ) -> dict:
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from llmft_assets.data.cleaning import clean_rows
+    from llmft_assets.data.parallel import iter_tokenized_tables, resolve_workers
     from llmft_assets.data.raw_sources import iter_raw_batches
     from llmft_assets.data.schema import TOKENIZED_SCHEMA, StageCounts
-    from llmft_assets.data.tokenization import tokenize_batch
     from llmft_assets.data.validation import ValidationLimits, validate_rows
 
-    tokenizer = load_tokenizer(tokenizer_dir)
+    load_tokenizer(tokenizer_dir)  # the import, as the naive path pays it before its clock starts
+    worker_count = resolve_workers(workers)
     limits = ValidationLimits()
     counts = {stage: StageCounts(stage=stage) for stage in ("raw", "cleaned", "validated", "tokenized")}
     seen_hashes: set[str] = set()
     seen_ids: set[str] = set()
-    started, cpu_started = time.perf_counter(), cpu_seconds()
-    with pq.ParquetWriter(out_dir / "tokenized.parquet", TOKENIZED_SCHEMA) as writer:
+
+    def valid_batches() -> Any:
         for batch in iter_raw_batches(
             str(data_dir), max_rows=rows, batch_size=batch_size, counts=counts["raw"]
         ):
             cleaned, _ = clean_rows(batch.rows, seen_hashes=seen_hashes, counts=counts["cleaned"])
             valid, _ = validate_rows(cleaned, seen_ids=seen_ids, limits=limits, counts=counts["validated"])
-            tokenized = tokenize_batch(valid, tokenizer, max_seq_len=max_seq_len, counts=counts["tokenized"])
-            if tokenized:
-                writer.write_table(pa.Table.from_pylist(tokenized, schema=TOKENIZED_SCHEMA))
+            yield valid
+
+    started, cpu_started = time.perf_counter(), cpu_seconds()
+    with pq.ParquetWriter(out_dir / "tokenized.parquet", TOKENIZED_SCHEMA) as writer:
+        for table, delta in iter_tokenized_tables(
+            valid_batches(), tokenizer_dir, max_seq_len=max_seq_len, workers=worker_count
+        ):
+            counts["tokenized"].merge(delta)
+            if table.num_rows:
+                writer.write_table(table)
     seconds = time.perf_counter() - started
     for stage_counts in counts.values():
         stage_counts.check_balanced()
@@ -122,6 +211,7 @@ def run_ours(
         "assistant_tokens": counts["tokenized"].extra["assistant_tokens"],
         "seconds": round(seconds, 2),
         "cpu_seconds": round(cpu_seconds() - cpu_started, 2),
+        "workers": worker_count,
     }
 
 
@@ -224,6 +314,7 @@ def run_child(path: str, data_dir: Path, rows: int, args: argparse.Namespace) ->
     command = [
         sys.executable, __file__, "--child", path, "--data-dir", str(data_dir), "--rows", str(rows),
         "--tokenizer", args.tokenizer, "--batch-size", str(args.batch_size), "--max-seq-len", str(args.max_seq_len),
+        "--workers", str(args.workers),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     completed = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
@@ -240,16 +331,27 @@ def run_child(path: str, data_dir: Path, rows: int, args: argparse.Namespace) ->
 def child_main(args: argparse.Namespace) -> None:
     out_dir = Path(tempfile.mkdtemp(prefix=f"llmft-bench-{args.child}-"))
     try:
-        if args.child == "ours":
-            report = run_ours(
-                Path(args.data_dir), args.rows, args.tokenizer, out_dir, args.batch_size, args.max_seq_len
-            )
-        else:
-            report = run_naive(Path(args.data_dir), args.rows, args.tokenizer, out_dir, args.max_seq_len)
+        with TreeMemorySampler() as sampler:
+            report = run_path(args, out_dir)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
-    report.update(path=args.child, peak_rss_mb=peak_rss_mb())
+    # peak_rss_mb: this process (ru_maxrss); tree_peak_mb: it and its workers, PSS summed (sampled).
+    report.update(path=args.child, peak_rss_mb=peak_rss_mb(), tree_peak_mb=round(sampler.peak_mb, 1))
     print(json.dumps(report, sort_keys=True), flush=True)
+
+
+def run_path(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    if args.child == "ours":
+        return run_ours(
+            Path(args.data_dir),
+            args.rows,
+            args.tokenizer,
+            out_dir,
+            args.batch_size,
+            args.max_seq_len,
+            args.workers,
+        )
+    return run_naive(Path(args.data_dir), args.rows, args.tokenizer, out_dir, args.max_seq_len)
 
 
 def default_tokenizer_dir(work_dir: Path) -> str:
@@ -267,6 +369,7 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="5k rows compared, RSS at 2k vs 20k")
     parser.add_argument("--batch-size", type=int, default=2048)
+    parser.add_argument("--workers", type=int, default=0, help="tokenizer worker processes (0: one per CPU)")
     parser.add_argument("--max-seq-len", type=int, default=4096)
     parser.add_argument("--tokenizer", default=None, help="a save_pretrained dir (default: the tiny model's)")
     parser.add_argument("--work-dir", default=None, help="where the synthetic parquet files go (kept)")
@@ -292,7 +395,8 @@ def main() -> None:
     write_synthetic_rows(data_dir, max(compare_rows, large_rows), args.seed)
     args.tokenizer = args.tokenizer or default_tokenizer_dir(work_dir)
     emit({"event": "prepared", "rows": max(compare_rows, large_rows), "files": len(data_files(data_dir)),
-          "seconds": round(time.perf_counter() - started, 1), "cpus": os.cpu_count()})  # fmt: skip
+          "seconds": round(time.perf_counter() - started, 1), "cpus": os.cpu_count(),
+          "load_average": os.getloadavg()})  # fmt: skip
 
     ours = run_child("ours", data_dir, compare_rows, args)
     emit({"event": "compare", **ours})
@@ -307,19 +411,29 @@ def main() -> None:
         {
             "event": "summary",
             "rows": compare_rows,
+            "workers": ours["workers"],
+            "cpus": os.cpu_count(),
             "ours_rows_per_s": ours["rows_per_s"],
             "naive_rows_per_s": naive["rows_per_s"],
+            "ours_seconds": ours["seconds"],
+            "naive_seconds": naive["seconds"],
+            "ours_cpu_seconds": ours["cpu_seconds"],
+            "naive_cpu_seconds": naive["cpu_seconds"],
             "speedup": round(ours["rows_per_s"] / naive["rows_per_s"], 2),
             # CPU work per row; wall-clock speedup also counts parallel tokenization on several cores.
             "cpu_speedup": round(ours["rows_per_cpu_s"] / naive["rows_per_cpu_s"], 2),
-            "ours_peak_rss_mb": ours["peak_rss_mb"],
-            "naive_peak_rss_mb": naive["peak_rss_mb"],
+            "ours_peak_mb": ours["tree_peak_mb"],
+            "naive_peak_mb": naive["tree_peak_mb"],
             # Same rows in, same tokens out: the two paths agree on what they produce.
             "outputs_match": (ours["rows_out"], ours["tokens"], ours["assistant_tokens"])
             == (naive["rows_out"], naive["tokens"], naive["assistant_tokens"]),
             "rss_rows": [small_rows, large_rows],
-            "rss_mb": [small["peak_rss_mb"], large["peak_rss_mb"]],
-            "rss_ratio": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3),
+            "main_rss_mb": [small["peak_rss_mb"], large["peak_rss_mb"]],
+            "rss_ratio": round(large["tree_peak_mb"] / small["tree_peak_mb"], 3),
+            # Summed over the process and its workers (sampled); the main process alone below.
+            "tree_peak_mb": [small["tree_peak_mb"], large["tree_peak_mb"]],
+            "main_rss_ratio": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3),
+            "load_average_after": os.getloadavg(),
         }
     )
     if not args.work_dir:

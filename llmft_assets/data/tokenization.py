@@ -17,7 +17,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from llmft_assets.data.schema import CONVERSATION_COLUMNS, IGNORE_INDEX, StageCounts
+import numpy as np
+import pyarrow as pa
+
+from llmft_assets.data.schema import (
+    CONVERSATION_COLUMNS,
+    CONVERSATION_SCHEMA,
+    IGNORE_INDEX,
+    TOKENIZED_SCHEMA,
+    StageCounts,
+)
 
 STAGE = "tokenized"
 _SENTINEL = "\u2063llmft-end-probe\u2063"
@@ -131,6 +140,62 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[Any]:
     return tokenizer(texts, add_special_tokens=False, return_attention_mask=False).encodings
 
 
+def _check_max_seq_len(max_seq_len: int) -> None:
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len <= 0:
+        raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
+
+
+def _token_arrays(
+    rows: Sequence[dict[str, Any]], tokenizer: Any, max_seq_len: int
+) -> tuple[list[np.ndarray], list[np.ndarray], list[bool]]:
+    """Per row: input ids and labels (int32 arrays, cut at ``max_seq_len``) and whether it was cut."""
+    marker = assistant_end_marker(tokenizer)
+    texts, spans = assistant_char_spans(rows, tokenizer, marker)
+    all_ids: list[np.ndarray] = []
+    all_labels: list[np.ndarray] = []
+    truncated: list[bool] = []
+    encodings: list[Any] = []
+    for index, row_spans in enumerate(spans):
+        if index % ENCODE_CHUNK_ROWS == 0:
+            # Encodings carry offsets and token strings (~100 bytes a token): hold one chunk at a time.
+            encodings = _encode(tokenizer, texts[index : index + ENCODE_CHUNK_ROWS])
+        encoding = encodings[index % ENCODE_CHUNK_ROWS]
+        ids = np.array(encoding.ids, dtype=np.int32)
+        labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
+        for start, end in row_spans:
+            first = encoding.char_to_token(start)
+            last = encoding.char_to_token(end - 1)
+            if first is None or last is None:
+                raise ChatTemplateError(f"row {rows[index].get('id')!r}: assistant span has no tokens")
+            labels[first : last + 1] = ids[first : last + 1]
+        truncated.append(len(ids) > max_seq_len)
+        # Slices of numpy arrays are views: cutting copies nothing.
+        all_ids.append(ids[:max_seq_len])
+        all_labels.append(labels[:max_seq_len])
+    return all_ids, all_labels, truncated
+
+
+def _assistant_token_counts(all_labels: list[np.ndarray]) -> list[int]:
+    return [int(np.count_nonzero(labels != IGNORE_INDEX)) for labels in all_labels]
+
+
+def _count(
+    counts: StageCounts | None,
+    rows_in: int,
+    lengths: Sequence[int],
+    assistant_counts: Sequence[int],
+    truncated: Sequence[bool],
+) -> None:
+    if counts is None:
+        return
+    counts.extra["tokens"] += int(sum(lengths))
+    counts.extra["assistant_tokens"] += int(sum(assistant_counts))
+    counts.extra["truncated"] += int(sum(truncated))
+    counts.extra["no_assistant_tokens"] += sum(count == 0 for count in assistant_counts)
+    counts.rows_in += rows_in
+    counts.rows_out += len(lengths)
+
+
 def tokenize_batch(
     rows: list[dict[str, Any]],
     tokenizer: Any,
@@ -143,52 +208,86 @@ def tokenize_batch(
     Labels cover each assistant turn's content and its end marker. Sequences longer than
     ``max_seq_len`` are cut and flagged ``truncated``. Raises ChatTemplateError when the template
     cannot be masked by prompt prefix, ValueError for malformed rows or a slow tokenizer.
+    See `tokenize_to_table` for the same result as an Arrow table (no Python lists per token).
     """
-    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len <= 0:
-        raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
+    _check_max_seq_len(max_seq_len)
     if not rows:
         return []
     _check_tokenizer(tokenizer)
-    marker = assistant_end_marker(tokenizer)
-    texts, spans = assistant_char_spans(rows, tokenizer, marker)
+    all_ids, all_labels, truncated = _token_arrays(rows, tokenizer, max_seq_len)
+    assistant_counts = _assistant_token_counts(all_labels)
     out: list[dict[str, Any]] = []
-    encodings: list[Any] = []
-    for index, (row, row_spans) in enumerate(zip(rows, spans, strict=True)):
-        if index % ENCODE_CHUNK_ROWS == 0:
-            # Encodings carry offsets and token strings (~100 bytes a token): hold one chunk at a time.
-            encodings = _encode(tokenizer, texts[index : index + ENCODE_CHUNK_ROWS])
-        encoding = encodings[index % ENCODE_CHUNK_ROWS]
-        input_ids: list[int] = encoding.ids
-        labels = [IGNORE_INDEX] * len(input_ids)
-        for start, end in row_spans:
-            first = encoding.char_to_token(start)
-            last = encoding.char_to_token(end - 1)
-            if first is None or last is None:
-                raise ChatTemplateError(f"row {row.get('id')!r}: assistant span has no tokens")
-            labels[first : last + 1] = input_ids[first : last + 1]
-        truncated = len(input_ids) > max_seq_len
-        if truncated:
-            input_ids = input_ids[:max_seq_len]
-            labels = labels[:max_seq_len]
-        num_assistant_tokens = len(input_ids) - labels.count(IGNORE_INDEX)
+    for row, ids, labels, was_cut, assistant_count in zip(
+        rows, all_ids, all_labels, truncated, assistant_counts, strict=True
+    ):
         tokenized = {column: row.get(column) for column in CONVERSATION_COLUMNS}
         tokenized.update(
-            input_ids=input_ids,
-            labels=labels,
-            num_tokens=len(input_ids),
-            num_assistant_tokens=num_assistant_tokens,
-            truncated=truncated,
+            input_ids=ids.tolist(),
+            labels=labels.tolist(),
+            num_tokens=len(ids),
+            num_assistant_tokens=assistant_count,
+            truncated=was_cut,
         )
         out.append(tokenized)
-        if counts is not None:
-            counts.extra["tokens"] += len(input_ids)
-            counts.extra["assistant_tokens"] += num_assistant_tokens
-            counts.extra["truncated"] += truncated
-            counts.extra["no_assistant_tokens"] += num_assistant_tokens == 0
-    if counts is not None:
-        counts.rows_in += len(rows)
-        counts.rows_out += len(out)
+    _count(counts, len(rows), [len(ids) for ids in all_ids], assistant_counts, truncated)
     return out
+
+
+def _list_column(arrays: list[np.ndarray]) -> pa.Array:
+    """One ``list<int32>`` column from per-row int32 arrays: one concatenation, no Python ints."""
+    lengths = np.fromiter((len(array) for array in arrays), dtype=np.int64, count=len(arrays))
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if offsets[-1] > np.iinfo(np.int32).max:
+        raise ValueError(
+            f"{offsets[-1]} tokens in one batch overflow list<int32> offsets: use smaller batches"
+        )
+    values = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, type=pa.int32()))
+
+
+def _conversation_columns(rows: Sequence[dict[str, Any]] | pa.Table) -> list[pa.Array | pa.ChunkedArray]:
+    if isinstance(rows, pa.Table):
+        # Arrow input (e.g. a Parquet row group): the columns pass through without a round trip to Python.
+        return [rows.column(field.name).cast(field.type) for field in CONVERSATION_SCHEMA]
+    return [pa.array([row.get(field.name) for row in rows], type=field.type) for field in CONVERSATION_SCHEMA]
+
+
+def tokenize_to_table(
+    rows: list[dict[str, Any]] | pa.Table | pa.RecordBatch,
+    tokenizer: Any,
+    *,
+    max_seq_len: int,
+    counts: StageCounts | None = None,
+) -> pa.Table:
+    """`tokenize_batch` as an Arrow table in TOKENIZED_SCHEMA, built from numpy arrays.
+
+    ``rows`` may be conversation dicts or an Arrow table/record batch with the conversation columns
+    (only ``id`` and ``messages`` are converted to Python, for the chat template).
+    """
+    _check_max_seq_len(max_seq_len)
+    if isinstance(rows, pa.RecordBatch):
+        rows = pa.Table.from_batches([rows])
+    python_rows = rows.select(["id", "messages"]).to_pylist() if isinstance(rows, pa.Table) else rows
+    if not python_rows:
+        return TOKENIZED_SCHEMA.empty_table()
+    _check_tokenizer(tokenizer)
+    all_ids, all_labels, truncated = _token_arrays(python_rows, tokenizer, max_seq_len)
+    assistant_counts = _assistant_token_counts(all_labels)
+    lengths = [len(ids) for ids in all_ids]
+    table = pa.Table.from_arrays(
+        [
+            *_conversation_columns(rows),
+            _list_column(all_ids),
+            _list_column(all_labels),
+            pa.array(lengths, type=pa.int32()),
+            pa.array(assistant_counts, type=pa.int32()),
+            pa.array(truncated, type=pa.bool_()),
+        ],
+        schema=TOKENIZED_SCHEMA,
+    )
+    _count(counts, len(python_rows), lengths, assistant_counts, truncated)
+    return table
 
 
 def _labelled_runs(labels: Sequence[int]) -> list[tuple[int, int]]:

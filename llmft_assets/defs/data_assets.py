@@ -69,6 +69,8 @@ class BaseModelConfig(dg.Config):
 class TokenizeConfig(dg.Config):
     max_seq_len: int = 1024
     batch_size: int = 1024
+    workers: int = 0
+    """Tokenizer worker processes: 0 = one per CPU, 1 = in the step's own process."""
 
 
 class SplitConfig(dg.Config):
@@ -276,26 +278,29 @@ def tokenized_dataset(
 ) -> dg.Output[StagedArtifact]:
     """Conversations rendered with the base model's own chat template; labels are -100 everywhere
     except assistant turns (content + end token); sequences over max_seq_len truncated and counted."""
-    from transformers import AutoTokenizer
-
+    from llmft_assets.data.parallel import iter_tokenized_tables, resolve_workers
     from llmft_assets.data.stats import token_length_histogram
-    from llmft_assets.data.tokenization import tokenize_batch
+    from llmft_assets.storage.tables import iter_parquet_batches
 
-    tokenizer = AutoTokenizer.from_pretrained(base_model.path)
+    workers = resolve_workers(config.workers)
     staging = storage.staging_dir("tokenized_dataset")
     counts = StageCounts(stage="tokenized")
     lengths: list[int] = []
     assistant_tokens = 0
     truncated = 0
     last = [0]
+    context.log.info(f"tokenizing with {workers} worker process(es)")
+    # Arrow batches go to the workers as they are: the conversation columns never become Python objects here.
+    batches = iter_parquet_batches(validated_dataset.file(DATA_FILE), batch_size=config.batch_size)
     with ParquetSink(staging / DATA_FILE, TOKENIZED_SCHEMA) as rows_out:
-        for rows in iter_parquet_rows(validated_dataset.file(DATA_FILE), batch_size=config.batch_size):
-            tokenized = tokenize_batch(rows, tokenizer, max_seq_len=config.max_seq_len, counts=counts)
-            rows_out.write_rows(tokenized)
-            for row in tokenized:
-                lengths.append(row["num_tokens"])
-                assistant_tokens += row["num_assistant_tokens"]
-                truncated += bool(row["truncated"])
+        for table, batch_counts in iter_tokenized_tables(
+            batches, base_model.path, max_seq_len=config.max_seq_len, workers=workers
+        ):
+            counts.merge(batch_counts)
+            rows_out.write_table(table)
+            lengths.extend(table.column("num_tokens").to_pylist())
+            assistant_tokens += batch_counts.extra["assistant_tokens"]
+            truncated += batch_counts.extra["truncated"]
             _log_progress(context, counts, last)
     histogram = token_length_histogram(lengths, bins=20)
     total_tokens = sum(lengths)
