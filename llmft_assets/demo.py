@@ -24,7 +24,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Small enough for a 2-core CPU machine in a few minutes; every key is a normal run-config field.
 DEMO_RUN_CONFIG: dict[str, dict[str, Any]] = {
     # ~240k training tokens: minutes on a 2-core CPU; the loss has left the plateau the base model starts on.
-    "train_job": {"ops": {"lora_adapter": {"config": {"max_steps": 240, "max_seq_len": 1024, "save_steps": 80}}}},
+    "train_job": {
+        "ops": {"lora_adapter": {"config": {"max_steps": 240, "max_seq_len": 1024, "save_steps": 80}}}
+    },
     "release_job": {"ops": {"eval_report": {"config": {"max_rows": 48, "max_new_tokens": 320}}}},
 }
 
