@@ -28,6 +28,7 @@ demo: install
 	$(PY) -m llmft_assets.demo
 
 test: install
+	mkdir -p $(DAGSTER_HOME)
 	bash scripts/ensure_postgres.sh
 	$(BIN)/pytest -ra
 

