@@ -27,7 +27,8 @@ DEMO_RUN_CONFIG: dict[str, dict[str, Any]] = {
     "train_job": {
         "ops": {"lora_adapter": {"config": {"max_steps": 240, "max_seq_len": 1024, "save_steps": 80}}}
     },
-    "release_job": {"ops": {"eval_report": {"config": {"max_rows": 48, "max_new_tokens": 320}}}},
+    # R1-style answers run to several hundred tokens: give generation room to reach the boxed answer.
+    "release_job": {"ops": {"eval_report": {"config": {"max_rows": 32, "max_new_tokens": 1024}}}},
 }
 
 OFF_TOPIC_PROMPTS = [
@@ -43,9 +44,12 @@ OFF_TOPIC_PROMPTS = [
 def _run_job(defs: Any, instance: Any, job_name: str) -> dict[str, dict]:
     job = defs.get_job_def(job_name)
     started = time.monotonic()
-    result = job.execute_in_process(
-        instance=instance, run_config=DEMO_RUN_CONFIG.get(job_name, {}), raise_on_error=False
-    )
+    # INFO on the console (progress, loss, tokens/s); every DEBUG event is still in the run's log in the UI.
+    run_config = {
+        **DEMO_RUN_CONFIG.get(job_name, {}),
+        "loggers": {"console": {"config": {"log_level": "INFO"}}},
+    }
+    result = job.execute_in_process(instance=instance, run_config=run_config, raise_on_error=False)
     failed_checks = [e for e in result.get_asset_check_evaluations() if not e.passed]
     for evaluation in failed_checks:
         print(f"  check {evaluation.check_name} on {evaluation.asset_key.to_user_string()} did not pass")
