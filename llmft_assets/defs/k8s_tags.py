@@ -161,54 +161,15 @@ def gpu_k8s_config(
     return {"container_config": container_config, "pod_spec_config": pod_spec_config}
 
 
-def gpu_run_tags(
-    *,
-    gpus: int | None = None,
-    node_selector: Mapping[str, str] | None = None,
-    tolerations: Sequence[Mapping[str, Any]] | None = None,
-    cpu_request: str | None = None,
-    memory_request: str | None = None,
-    shm_size: str | None = None,
-    image: str | None = None,
-    service_account: str | None = None,
-) -> dict[str, str]:
-    """Job tags that put a run's pod (K8sRunLauncher) on a GPU node with ``gpus`` GPUs."""
-    config = gpu_k8s_config(
-        gpus=gpus,
-        node_selector=node_selector,
-        tolerations=tolerations,
-        cpu_request=cpu_request,
-        memory_request=memory_request,
-        shm_size=shm_size,
-        image=image,
-        service_account=service_account,
-    )
-    return {K8S_CONFIG_TAG: json.dumps(config, sort_keys=True)}
+def gpu_run_tags(**placement: Any) -> dict[str, str]:
+    """Job tags that put a run's pod (K8sRunLauncher) on a GPU node; arguments as `gpu_k8s_config`."""
+    return {K8S_CONFIG_TAG: json.dumps(gpu_k8s_config(**placement), sort_keys=True)}
 
 
-def gpu_op_tags(
-    *,
-    gpus: int | None = None,
-    node_selector: Mapping[str, str] | None = None,
-    tolerations: Sequence[Mapping[str, Any]] | None = None,
-    cpu_request: str | None = None,
-    memory_request: str | None = None,
-    shm_size: str | None = None,
-    image: str | None = None,
-    service_account: str | None = None,
-) -> dict[str, str]:
+def gpu_op_tags(**placement: Any) -> dict[str, str]:
     """Asset ``op_tags`` that put that asset's step pod (k8s_job_executor) on a GPU node.
 
     Same tag as ``gpu_run_tags``; the executor reads it from the step, not from the job (dagster
     issue 22865), so it must sit on the asset.
     """
-    return gpu_run_tags(
-        gpus=gpus,
-        node_selector=node_selector,
-        tolerations=tolerations,
-        cpu_request=cpu_request,
-        memory_request=memory_request,
-        shm_size=shm_size,
-        image=image,
-        service_account=service_account,
-    )
+    return gpu_run_tags(**placement)
