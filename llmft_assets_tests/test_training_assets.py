@@ -190,6 +190,18 @@ def test_invalid_training_config_is_a_clear_failure(workspace: dict[str, str]) -
     assert "lora_r" in message
 
 
+def test_two_process_training_through_the_asset(workspace: dict[str, str]) -> None:
+    """`num_processes: 2` runs the same entry point under `accelerate launch` (DDP over gloo on CPU)."""
+    result = _materialize(
+        ["lora_adapter"], {"lora_adapter": {"config": {**TRAIN_CONFIG, "max_steps": 4, "num_processes": 2}}}
+    )
+    assert result.success, [e.event_specific_data.error.message for e in result.get_step_failure_events()]
+    metadata = _metadata(result, "lora_adapter")
+    assert metadata["world_size"] == 2
+    assert metadata["global_step"] == 4
+    assert (Path(str(metadata["uri"])) / "adapter" / "adapter_model.safetensors").is_file()
+
+
 KILLABLE_RUN = """
 import os, sys, dagster as dg
 from llmft_assets.definitions import DATA_ASSETS, TRAINING_ASSETS, build_resources
