@@ -200,6 +200,13 @@ def test_two_process_training_through_the_asset(workspace: dict[str, str]) -> No
     assert metadata["world_size"] == 2
     assert metadata["global_step"] == 4
     assert (Path(str(metadata["uri"])) / "adapter" / "adapter_model.safetensors").is_file()
+    from mlflow import MlflowClient
+
+    # Per-step metrics reach MLflow from inside the accelerate processes too.
+    losses = MlflowClient(workspace["MLFLOW_TRACKING_URI"]).get_metric_history(
+        metadata["mlflow_run_id"], "loss"
+    )
+    assert {point.step for point in losses} >= {1, 2, 3, 4}
 
 
 KILLABLE_RUN = """

@@ -94,7 +94,11 @@ def _loss_markdown(history: list[tuple[int, float]], points: int = 12) -> str:
 
 
 def _train_with_accelerate(
-    context: dg.AssetExecutionContext, num_processes: int, args: list[str], output_dir: Path
+    context: dg.AssetExecutionContext,
+    num_processes: int,
+    args: list[str],
+    output_dir: Path,
+    tracking_uri: str,
 ) -> dict[str, Any]:
     """Multi-process training: the same CLI under `accelerate launch` (CPU: gloo; CUDA: NCCL)."""
 
@@ -110,7 +114,8 @@ def _train_with_accelerate(
     ]
     command += ["-m", "llmft_assets.training.cli", *args]
     context.log.info("launching: " + " ".join(command[2:]))
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     assert process.stdout is not None
     for line in process.stdout:
         context.log.info(line.rstrip())
@@ -179,9 +184,13 @@ def lora_adapter(
                 "--output", str(work),
                 "--config", str(config_file),
                 "--checkpoint-dir", str(local_checkpoints),
+                "--mlflow-run-id", run_id,
             ]  # fmt: skip
-            result = TrainResult.from_dict(_train_with_accelerate(context, config.num_processes, args, work))
-            mlflow.log_metrics(run_id, {"train_loss": result.train_loss}, step=result.global_step)
+            result = TrainResult.from_dict(
+                _train_with_accelerate(
+                    context, config.num_processes, args, work, mlflow.resolved_tracking_uri()
+                )
+            )
         else:
             result = train_lora(
                 base_model_dir=base_model.path,

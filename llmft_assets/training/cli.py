@@ -32,6 +32,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sample-trace", type=Path, default=None, help="append the row ids of every step to this JSONL file"
     )
+    parser.add_argument(
+        "--mlflow-run-id",
+        default=None,
+        help="log per-step metrics into this open MLflow run (MLFLOW_TRACKING_URI or the embedded store)",
+    )
     return parser.parse_args(argv)
 
 
@@ -51,6 +56,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = TrainingConfig.from_json_file(args.config)
         store = LocalCheckpointStore(args.checkpoint_dir) if args.checkpoint_dir is not None else None
+        callbacks = []
+        if args.mlflow_run_id:
+            from llmft_assets.training.tracking import MlflowTrainingCallback
+
+            # The callback logs from the main process only, so every rank can carry it.
+            callbacks.append(MlflowTrainingCallback(args.mlflow_run_id))
         result = train_lora(
             base_model_dir=args.base_model,
             train_path=args.train,
@@ -58,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             output_dir=args.output,
             config=config,
             checkpoints=store,
+            callbacks=callbacks,
             log=log,
             sample_trace_path=args.sample_trace,
         )
