@@ -29,6 +29,7 @@ from llmft_assets.data.tokenization import (
     tokenize_to_table,
     verify_masks,
 )
+from llmft_assets_tests.test_data_tokenization import conversation
 
 
 def reference_tokenize_batch(
@@ -64,19 +65,6 @@ def reference_tokenize_batch(
     counts.rows_in += len(rows)
     counts.rows_out += len(out)
     return out
-
-
-def conversation(turns: list[tuple[str, str]], row_id: str) -> dict[str, Any]:
-    return {
-        "id": row_id,
-        "messages": [{"role": role, "content": content} for role, content in turns],
-        "source": "test",
-        "source_dataset": "test",
-        "schema_version": "v1",
-        "reference_answer": None,
-        "content_hash": row_id,
-        "origin": f"test#{row_id}",
-    }
 
 
 EDGE_ROWS = [

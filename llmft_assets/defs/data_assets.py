@@ -19,7 +19,7 @@ from llmft_assets.data.schema import (
     StageCounts,
 )
 from llmft_assets.defs.storage_resources import ArtifactHandle, StagedArtifact, StorageResource
-from llmft_assets.storage.tables import ParquetSink, count_rows, iter_parquet_rows
+from llmft_assets.storage.tables import ParquetSink, iter_parquet_rows
 
 DATA_GROUP = "data"
 MODEL_GROUP = "model"
@@ -407,7 +407,3 @@ def split_file(splits: ArtifactHandle, name: str) -> Path:
     if name not in SPLIT_NAMES:
         raise ValueError(f"unknown split {name!r}; expected one of {SPLIT_NAMES}")
     return splits.file(f"{name}.parquet")
-
-
-def split_rows(splits: ArtifactHandle) -> dict[str, int]:
-    return {name: count_rows(split_file(splits, name)) for name in SPLIT_NAMES}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -63,10 +63,3 @@ def iter_parquet_rows(
 
 def count_rows(path: Path) -> int:
     return pq.ParquetFile(path).metadata.num_rows
-
-
-def write_rows(path: Path, schema: pa.Schema, batches: Iterable[list[dict[str, Any]]]) -> int:
-    with ParquetSink(path, schema) as sink:
-        for rows in batches:
-            sink.write_rows(rows)
-        return sink.rows_written
