@@ -11,7 +11,7 @@ export DAGSTER_HOME ?= $(LLMFT_HOME)/dagster_home
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export BENTOML_HOME ?= $(LLMFT_HOME)/bentoml
 
-.PHONY: install demo test test-fast lint format ui serve benchmarks clean constraints
+.PHONY: install demo test test-fast lint format ui check-defs serve benchmarks clean constraints
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,7 @@ demo: install
 test: install
 	mkdir -p $(DAGSTER_HOME)
 	bash scripts/ensure_postgres.sh
+	bash scripts/ensure_chromium.sh
 	$(BIN)/pytest -ra
 
 test-fast: install
@@ -46,6 +47,10 @@ format: install
 ui: install
 	mkdir -p $(DAGSTER_HOME)
 	$(BIN)/dagster dev -w workspace.yaml -h $(HOST) -p 3001
+
+check-defs: install
+	mkdir -p $(DAGSTER_HOME)
+	$(BIN)/dg check defs
 
 serve: install
 	$(BIN)/bentoml serve bentos.service:LLMChatService --host $(HOST) --port $(PORT)
