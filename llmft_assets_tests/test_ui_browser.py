@@ -69,9 +69,9 @@ def dagster_ui(tmp_path: Path) -> Iterator[str]:
     }
     env.update({"LLMFT_HOME": str(llmft_home), "DAGSTER_HOME": str(dagster_home), "PYTHONUNBUFFERED": "1"})
     port = free_port()
+    dagster = str(Path(sys.executable).parent / "dagster")
     server = start_process(
-        [str(Path(sys.executable).parent / "dagster"), "dev", "-w", str(REPO_ROOT / "workspace.yaml")]
-        + ["-h", LOOPBACK, "-p", str(port)],
+        [dagster, "dev", "-w", str(REPO_ROOT / "workspace.yaml"), "-h", LOOPBACK, "-p", str(port)],
         f"http://{LOOPBACK}:{port}/server_info",
         timeout=240,
         env=env,
@@ -102,7 +102,9 @@ def _latest_materialization(base_url: str, asset: str) -> dict[str, Any] | None:
 def test_materialize_from_the_ui_and_read_its_metadata(dagster_ui: str, tmp_path: Path) -> None:
     executable = chromium_executable()
     if executable is None:
-        pytest.skip("no Chromium found (scripts/ensure_chromium.sh installs Debian's; LLMFT_CHROMIUM names one)")
+        pytest.skip(
+            "no Chromium found (scripts/ensure_chromium.sh installs Debian's; LLMFT_CHROMIUM names one)"
+        )
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -132,7 +134,9 @@ def test_materialize_from_the_ui_and_read_its_metadata(dagster_ui: str, tmp_path
             run = graphql(f"{dagster_ui}/graphql", RUN_STATUS, runId=materialization["runId"])["runOrError"]
             while run.get("status") in {"QUEUED", "STARTING", "STARTED"} and time.monotonic() < deadline:
                 time.sleep(2)
-                run = graphql(f"{dagster_ui}/graphql", RUN_STATUS, runId=materialization["runId"])["runOrError"]
+                run = graphql(f"{dagster_ui}/graphql", RUN_STATUS, runId=materialization["runId"])[
+                    "runOrError"
+                ]
             assert run == {"__typename": "Run", "status": "SUCCESS"}
 
             recorded = {entry["label"]: entry for entry in materialization["metadataEntries"]}
