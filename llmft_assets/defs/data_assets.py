@@ -44,6 +44,8 @@ class RawDatasetConfig(dg.Config):
     """R1-Distill-SFT config: v0, v1, or all (bundled sample only)."""
     max_rows: int | None = None
     batch_size: int = 2048
+    columns: dict[str, str] | None = None
+    """Your column names mapped onto a known format's, e.g. {prompt: question, response: answer}."""
 
 
 class CleanConfig(dg.Config):
@@ -140,6 +142,7 @@ def raw_dataset(
             batch_size=config.batch_size,
             s3_client=s3_client,
             counts=counts,
+            columns=config.columns,
         )
     except (DataSourceError, ValueError) as exc:
         # One clear line for the person at the UI: which source, what is wrong. No retry can fix it.
@@ -176,6 +179,7 @@ def cleaned_dataset(
     """One canonical conversation schema for both configs: NFC, whitespace and control characters
     normalized, always-null columns dropped, exact duplicates removed by content hash."""
     from llmft_assets.data.cleaning import always_null_columns, clean_rows
+    from llmft_assets.data.formats import format_counts
 
     staging = storage.staging_dir("cleaned_dataset")
     counts = StageCounts(stage="cleaned")
@@ -196,11 +200,13 @@ def cleaned_dataset(
             preview.extend(cleaned[: 5 - len(preview)])
             _log_progress(context, counts, last)
     dropped = always_null_columns(counts)
-    artifact, metadata = _stage_result(staging, counts, {"dropped_null_columns": dropped})
+    formats = format_counts(counts)
+    artifact, metadata = _stage_result(staging, counts, {"dropped_null_columns": dropped, "formats": formats})
     return dg.Output(
         artifact,
         metadata={
             **metadata,
+            "rows_per_format": dg.MetadataValue.json(formats),
             "dropped_always_null_columns": dg.MetadataValue.json(dropped),
             "preview": _preview(preview),
             "upstream_version": raw_dataset.version,
@@ -217,6 +223,7 @@ def validated_dataset(
 ) -> dg.Output[StagedArtifact]:
     """Conversations that pass the rules (role order, non-empty turns, balanced <think>, length bounds,
     answer present, unique ids); every rejected row is in quarantine.parquet with its reason."""
+    from llmft_assets.data.formats import format_counts
     from llmft_assets.data.validation import ValidationLimits, validate_rows
 
     limits = ValidationLimits(
@@ -238,11 +245,17 @@ def validated_dataset(
             rows_out.write_rows(valid)
             quarantine_out.write_rows(quarantine)
             _log_progress(context, counts, last)
-    artifact, metadata = _stage_result(staging, counts)
+    formats = format_counts(counts)
+    artifact, metadata = _stage_result(staging, counts, {"formats": formats})
     reject_rate = counts.quarantined / counts.rows_in if counts.rows_in else 0.0
     return dg.Output(
         artifact,
-        metadata={**metadata, "reject_rate": reject_rate, "upstream_version": cleaned_dataset.version},
+        metadata={
+            **metadata,
+            "rows_per_format": dg.MetadataValue.json(formats),
+            "reject_rate": reject_rate,
+            "upstream_version": cleaned_dataset.version,
+        },
     )
 
 
