@@ -83,19 +83,10 @@ def _copy_pretrained_dir(source: Path, target: Path) -> None:
 
 
 def _merge_adapter_into(model_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from llmft_assets.modeling.merge import merge_adapter
 
-    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(str(out_dir), safe_serialization=True)
-    # The adapter directory may carry the tokenizer it was trained with (chat template included).
-    tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else model_dir
-    AutoTokenizer.from_pretrained(str(tokenizer_source)).save_pretrained(str(out_dir))
-    generation_config = model_dir / "generation_config.json"
-    if generation_config.is_file():
-        shutil.copy2(generation_config, out_dir / "generation_config.json")
+    # The same merge as the merged_model export: the base's dtype (bf16 stays bf16), safetensors only.
+    merge_adapter(model_dir, adapter_dir, out_dir)
 
 
 def save_model_to_bentoml(
