@@ -453,3 +453,44 @@ def test_mixed_format_folder_goes_from_raw_to_splits(llmft_home: Path, tmp_path:
     )
     assert assistant_turns == runs == 2
     assert {row["source_format"] for row in train} <= {"openai", "sharegpt", "alpaca", "prompt_response"}
+
+
+def test_columns_config_maps_a_custom_file_through_the_assets(llmft_home: Path, tmp_path: Path) -> None:
+    from llmft_assets.definitions import DATA_ASSETS, build_resources
+
+    source = tmp_path / "custom.jsonl"
+    _write_jsonl(
+        source,
+        [
+            {"uid": "q1", "question": "Name the largest planet.", "answer": "Jupiter."},
+            {"uid": "q2", "question": "Name the smallest planet."},  # no answer column
+        ],
+    )
+    columns = {"id": "uid", "prompt": "question", "response": "answer"}
+    result = dg.materialize(
+        DATA_ASSETS[:2],
+        resources=build_resources(),
+        run_config={
+            "ops": {"raw_dataset": {"config": {"source": str(source), "config": None, "columns": columns}}}
+        },
+        instance=dg.DagsterInstance.ephemeral(),
+    )
+    assert result.success
+    metadata = {
+        event.event_specific_data.materialization.asset_key.to_user_string(): {
+            key: getattr(value, "value", value)
+            for key, value in event.event_specific_data.materialization.metadata.items()
+        }
+        for event in result.get_asset_materialization_events()
+    }
+    assert (metadata["raw_dataset"]["rows_out"], metadata["raw_dataset"]["quarantined"]) == (1, 1)
+    assert metadata["raw_dataset"]["quarantine_reasons"] == {"missing_column": 1}
+    assert metadata["cleaned_dataset"]["rows_per_format"] == {"prompt_response": 1}
+    from llmft_assets.storage import open_storage
+    from llmft_assets.storage.publish import latest_version
+
+    root = llmft_home / "storage"
+    version = latest_version(open_storage(str(root)), "assets/cleaned_dataset")
+    (row,) = pq.read_table(root / "assets" / "cleaned_dataset" / version / "data.parquet").to_pylist()
+    assert row["id"] == "q1" and row["source_format"] == "prompt_response"
+    assert turns(row) == [("user", "Name the largest planet."), ("assistant", "Jupiter.")]
