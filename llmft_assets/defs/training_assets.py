@@ -30,7 +30,6 @@ ADAPTER_SUBDIR = "adapter"
 BOM_FILE = "bill_of_materials.json"
 RESULT_FILE = "train_result.json"
 LOSS_PNG = "loss_curve.png"
-DATASET_LICENSE = os.environ.get("LLMFT_DATASET_LICENSE", "CC-BY-NC-SA-4.0")
 
 
 class LoraAdapterConfig(dg.Config):
@@ -145,6 +144,7 @@ def lora_adapter(
 ) -> dg.Output[StagedArtifact]:
     """A LoRA (or QLoRA) adapter fine-tuned on the train split with assistant-only loss; checkpoints go to
     storage every `save_steps`, and a retried or re-launched run resumes from the latest one."""
+    from llmft_assets.evaluation.model_card import MODEL_CARD_FILE, model_card_from_bom
     from llmft_assets.training.bom import bill_of_materials
     from llmft_assets.training.storage_checkpoints import StorageCheckpointStore
     from llmft_assets.training.tracking import log_loss_curve
@@ -158,7 +158,8 @@ def lora_adapter(
     bom = bill_of_materials(
         base_model_info={**base_info, "artifact_version": base_model.version, "artifact_uri": base_model.uri},
         dataset_version=dataset_splits.version,
-        dataset_license=DATASET_LICENSE,
+        # Source and licence as raw_dataset recorded them (per-source table or config), carried down the chain.
+        dataset=dataset_splits.metadata.get("dataset"),
         config=training_config,
         seed=training_config.seed,
     )
@@ -214,6 +215,9 @@ def lora_adapter(
     (staging / RESULT_FILE).write_text(json.dumps(result_data, indent=2))
     # The bill of materials travels inside the adapter folder: to MLflow, the bento and any copy of it.
     (staging / ADAPTER_SUBDIR / BOM_FILE).write_text(json.dumps(bom, indent=2, default=str))
+    (staging / ADAPTER_SUBDIR / MODEL_CARD_FILE).write_text(
+        model_card_from_bom(bom, title="llmft LoRA adapter")
+    )
     loss_png = log_loss_curve(run_id, result.loss_history, tracking_uri=mlflow.resolved_tracking_uri())
     mlflow.log_adapter(run_id, staging / ADAPTER_SUBDIR)
     mlflow.log_bill_of_materials(run_id, bom)
