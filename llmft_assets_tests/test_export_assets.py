@@ -19,7 +19,15 @@ from llmft_assets.storage.publish import fetch_artifact, latest_version, publish
 
 pytestmark = pytest.mark.slow
 
-EVAL = {"accuracy": 0.625, "finish_rate": 0.9}
+EVAL = {"accuracy": 0.625, "format_compliance": 0.5, "finished_rate": 0.875, "perplexity": 3.25}
+GATE = {
+    "passed": True,
+    "champion": None,
+    "reasons": ["promoted"],
+    "criteria": [
+        {"name": "accuracy_vs_base", "value": 0.25, "threshold": 0.05, "comparator": "<=", "verdict": "pass"}
+    ],
+}
 
 
 def _materialize(selection: Any, run_config: dict | None = None) -> dg.ExecuteInProcessResult:
@@ -53,12 +61,26 @@ def _publish_adapter(storage_root: Path, base_dir: Path, weights_sha: dict, work
     model.save_pretrained(str(folder / "adapter"))
     bom = {
         "base_model": {"model_id": "llmft/tiny-qwen2", "revision": "r1", "weights_sha256": weights_sha},
-        "dataset": {"version": "d1", "license": "CC-BY-NC-SA-4.0"},
+        "dataset": {"version": "d1", "license": "cc-by-nc-sa-4.0", "license_source": "per-source table"},
         "method": "lora",
         "seed": 1,
     }
     (folder / "adapter" / "bill_of_materials.json").write_text(json.dumps(bom))
     return publish_directory(open_storage(str(storage_root)), "assets/lora_adapter", folder).version
+
+
+def _publish_eval_report(storage_root: Path, adapter_version: str, work: Path) -> None:
+    folder = work / f"eval-{adapter_version}"
+    folder.mkdir()
+    base_metrics = {"accuracy": 0.375, "format_compliance": 0.25, "finished_rate": 0.5, "perplexity": 4.5}
+    report = {"models": {"base": base_metrics, "adapter": EVAL}, "gate": GATE}
+    (folder / "eval_report.json").write_text(json.dumps(report))
+    publish_directory(
+        open_storage(str(storage_root)),
+        "assets/eval_report",
+        folder,
+        metadata={"adapter_version": adapter_version},
+    )
 
 
 def _make_champion(adapter_version: str) -> str:
@@ -97,6 +119,8 @@ def test_merged_model_asset(llmft_home: Path, tmp_path: Path) -> None:
     assert f"champion {stale} was trained on other base weights" in _failure(_materialize([merged_model]))
 
     adapter_version = _publish_adapter(storage_root, base_dir, weights_sha, work)
+    _publish_eval_report(storage_root, adapter_version, work)
+    _publish_eval_report(storage_root, stale, work)  # another adapter's report: not the one on the card
     registered = _make_champion(adapter_version)
     result = _materialize([merged_model])
     assert result.success
@@ -120,8 +144,12 @@ def test_merged_model_asset(llmft_home: Path, tmp_path: Path) -> None:
     } <= names
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in names)
     card = (out / "README.md").read_text()
-    assert 'license: "cc-by-nc-sa-4.0"' in card and "| dataset licence | CC-BY-NC-SA-4.0 |" in card
-    assert "| accuracy | 0.625 |" in card and f"| MLflow model version | {registered} |" in card
+    assert card.startswith('---\nlicense: "cc-by-nc-sa-4.0"\nbase_model: "llmft/tiny-qwen2"\n')
+    assert "library_name: transformers" in card
+    assert "- licence: cc-by-nc-sa-4.0 (from per-source table)" in card
+    assert f"(MLflow llmft-adapter v{registered})" in card
+    assert "| Verified accuracy (math-verify) | 37.5% | 62.5% |" in card  # base -> adapter, this report
+    assert "Decision: **promoted**" in card and "| accuracy_vs_base | 0.25 | <= 0.05 | pass |" in card
     # No path of the build machine inside the exported files.
     for path in out.iterdir():
         if (

@@ -8,16 +8,7 @@ from typing import Any
 
 import pytest
 
-from llmft_assets.modeling.merge import merge_adapter, merged_model_card, saved_dtype
-
-BOM = {
-    "base_model": {"model_id": "Qwen/Qwen2.5-0.5B-Instruct", "revision": "abc123", "license": "Apache-2.0"},
-    "dataset": {"version": "d1", "license": "CC-BY-NC-SA-4.0"},
-    "method": "lora",
-    "seed": 3,
-    "code_version": "git:0000",
-    "training_config": {"lora_r": 4},
-}
+from llmft_assets.modeling.merge import merge_adapter, saved_dtype
 
 
 @pytest.fixture(scope="module")
@@ -152,29 +143,3 @@ def test_bad_inputs(tiny_fp32: Path, tmp_path: Path) -> None:
     (bad / "config.json").write_text(json.dumps({"dtype": "int8"}))
     with pytest.raises(ValueError, match="unsupported weight dtype 'int8'"):
         saved_dtype(bad)
-
-
-def test_model_card_records_licences_data_and_eval() -> None:
-    card = merged_model_card(
-        base_model_id="Qwen/Qwen2.5-0.5B-Instruct",
-        adapter_version="v42",
-        dtype="bfloat16",
-        bill_of_materials=BOM,
-        eval_metrics={"accuracy": 0.5, "finish_rate": 0.75},
-        registered_version="3",
-    )
-    assert card.startswith('---\nlicense: "cc-by-nc-sa-4.0"\nbase_model: "Qwen/Qwen2.5-0.5B-Instruct"\n')
-    for line in (
-        "| base model licence | Apache-2.0 |",
-        "| dataset licence | CC-BY-NC-SA-4.0 |",
-        "| dataset version | `d1` |",
-        "| accuracy | 0.5 |",
-        "| finish_rate | 0.75 |",
-        "| MLflow model version | 3 |",
-    ):
-        assert line in card
-    unknown = merged_model_card(
-        base_model_id="tiny", adapter_version="v1", dtype="float32", bill_of_materials={}, eval_metrics=None
-    )
-    assert 'license: "other"' in unknown and "| dataset licence | unknown |" in unknown
-    assert "No evaluation results were recorded" in unknown

@@ -46,6 +46,8 @@ class RawDatasetConfig(dg.Config):
     batch_size: int = 2048
     columns: dict[str, str] | None = None
     """Your column names mapped onto a known format's, e.g. {prompt: question, response: answer}."""
+    license: str | None = None
+    """The dataset's licence when the per-source table (llmft_assets/training/licenses.py) does not know it."""
 
 
 class CleanConfig(dg.Config):
@@ -66,6 +68,8 @@ class BaseModelConfig(dg.Config):
     revision: str | None = None
     pretrain_steps: int | None = None
     """tiny only: causal-LM pretraining steps on plain text (None = the builder's default)."""
+    license: str | None = None
+    """The model's licence when the per-model table (llmft_assets/training/licenses.py) does not know it."""
 
 
 class TokenizeConfig(dg.Config):
@@ -113,6 +117,18 @@ def _log_progress(context: dg.AssetExecutionContext, counts: StageCounts, last: 
             f"{counts.stage}: {counts.rows_in} rows read, {counts.rows_out} kept, "
             f"{counts.quarantined} quarantined, {counts.duplicates} duplicates"
         )
+
+
+DATASET_KEY = "dataset"  # artifact metadata: {source, config, license, license_source}, carried downstream
+
+
+def _license_fields(license_: Any) -> dict[str, str]:
+    return {"license": license_.license, "license_source": license_.source}
+
+
+def _carried(upstream: ArtifactHandle) -> dict[str, Any]:
+    """The dataset description of the upstream artifact, for this one's metadata (absent on old artifacts)."""
+    return {DATASET_KEY: upstream.metadata[DATASET_KEY]} if DATASET_KEY in upstream.metadata else {}
 
 
 def _stage_result(
@@ -165,8 +181,23 @@ def raw_dataset(
             _log_progress(context, counts, last)
     for warning in counts.warnings:
         context.log.warning(warning)
-    artifact, metadata = _stage_result(staging, counts, {"source": config.source, "config": config.config})
-    return dg.Output(artifact, metadata={**metadata, "source": config.source, "config": str(config.config)})
+    from llmft_assets.training.licenses import dataset_license
+
+    license_ = dataset_license(config.source, config.license)
+    # Which data this is and under what licence travels with every derived artifact, to the BOM.
+    dataset = {"source": config.source, "config": config.config, **_license_fields(license_)}
+    artifact, metadata = _stage_result(
+        staging, counts, {"source": config.source, "config": config.config, DATASET_KEY: dataset}
+    )
+    return dg.Output(
+        artifact,
+        metadata={
+            **metadata,
+            "source": config.source,
+            "config": str(config.config),
+            "license": license_.license,
+        },
+    )
 
 
 @dg.asset(group_name=DATA_GROUP, owners=OWNERS, kinds={"parquet"})
@@ -201,7 +232,9 @@ def cleaned_dataset(
             _log_progress(context, counts, last)
     dropped = always_null_columns(counts)
     formats = format_counts(counts)
-    artifact, metadata = _stage_result(staging, counts, {"dropped_null_columns": dropped, "formats": formats})
+    artifact, metadata = _stage_result(
+        staging, counts, {"dropped_null_columns": dropped, "formats": formats, **_carried(raw_dataset)}
+    )
     return dg.Output(
         artifact,
         metadata={
@@ -246,7 +279,7 @@ def validated_dataset(
             quarantine_out.write_rows(quarantine)
             _log_progress(context, counts, last)
     formats = format_counts(counts)
-    artifact, metadata = _stage_result(staging, counts, {"formats": formats})
+    artifact, metadata = _stage_result(staging, counts, {"formats": formats, **_carried(cleaned_dataset)})
     reject_rate = counts.quarantined / counts.rows_in if counts.rows_in else 0.0
     return dg.Output(
         artifact,
@@ -269,9 +302,12 @@ def base_model(
 
     staging = storage.staging_dir("base_model")
     context.log.info(f"materializing base model {config.model!r}")
+    from llmft_assets.training.licenses import base_model_license
+
     info = materialize_base_model(
         config.model, staging, revision=config.revision, pretrain_steps=config.pretrain_steps
     )
+    info.update(_license_fields(base_model_license(info.get("model_id"), config.license)))
     metadata: dict[str, Any] = {
         key: value
         for key, value in info.items()
@@ -324,6 +360,7 @@ def tokenized_dataset(
             "max_seq_len": config.max_seq_len,
             "total_tokens": total_tokens,
             "base_model_version": base_model.version,
+            **_carried(validated_dataset),
         },
     )
     return dg.Output(
@@ -402,6 +439,7 @@ def dataset_splits(
             "tokens": tokens,
             "salt": config.salt,
             "upstream": tokenized_dataset.version,
+            **_carried(tokenized_dataset),
         },
     )
     return dg.Output(

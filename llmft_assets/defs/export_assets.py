@@ -10,7 +10,7 @@ from pydantic import Field
 
 from llmft_assets.defs.data_assets import OWNERS
 from llmft_assets.defs.mlflow_resource import MlflowResource
-from llmft_assets.defs.storage_resources import ArtifactHandle, StagedArtifact, StorageResource
+from llmft_assets.defs.storage_resources import ArtifactHandle, StagedArtifact, StorageResource, asset_prefix
 from llmft_assets.defs.training_assets import BOM_FILE, _adapter_dir_of_version
 
 EXPORT_GROUP = "export"
@@ -23,6 +23,24 @@ class MergedModelConfig(dg.Config):
     max_shard_size: str = Field(default="5GB", description="safetensors shard size (save_pretrained)")
 
 
+def _champion_eval(storage: StorageResource, adapter_version: str, champion: Any) -> dict[str, Any]:
+    """``models`` and ``gate`` of the newest eval report in storage that scored ``adapter_version`` (the
+    one the gate promoted on); the adapter's metrics from its MLflow tags when storage has none."""
+    from llmft_assets.evaluation.report import REPORT_JSON
+    from llmft_assets.storage import fetch_artifact
+    from llmft_assets.storage.publish import list_versions, read_manifest
+
+    backend = storage.backend()
+    prefix = asset_prefix(dg.AssetKey("eval_report"))
+    scored = [read_manifest(backend, prefix, version) for version in list_versions(backend, prefix)]
+    scored = [artifact for artifact in scored if artifact.metadata.get("adapter_version") == adapter_version]
+    if not scored:
+        return {"models": {"adapter": json.loads(champion.tags.get("llmft.eval", "{}"))}, "gate": None}
+    newest = max(scored, key=lambda artifact: artifact.published_at)
+    _, path = fetch_artifact(backend, prefix, storage.cache_dir(), version=newest.version)
+    return json.loads((path / REPORT_JSON).read_text())
+
+
 @dg.asset(group_name=EXPORT_GROUP, owners=OWNERS, kinds={"pytorch", "safetensors"})
 def merged_model(
     context: dg.AssetExecutionContext,
@@ -33,7 +51,8 @@ def merged_model(
 ) -> dg.Output[StagedArtifact]:
     """The MLflow `champion` merged into the base in the base's dtype: safetensors shards, tokenizer with
     chat template, generation config and a model card (licences, data, eval results)."""
-    from llmft_assets.modeling.merge import merge_adapter, merged_model_card, saved_dtype
+    from llmft_assets.evaluation.model_card import model_card_from_bom
+    from llmft_assets.modeling.merge import merge_adapter, saved_dtype
 
     champion = mlflow.get_version_by_alias("champion")
     adapter_version = (champion.tags or {}).get("llmft.adapter_version") if champion else None
@@ -53,13 +72,14 @@ def merged_model(
         )
     base_id = str((bom.get("base_model") or {}).get("model_id", "unknown"))
     dtype = config.dtype or saved_dtype(base_model.path)
-    card = merged_model_card(
-        base_model_id=base_id,
-        adapter_version=adapter_version,
-        dtype=dtype,
-        bill_of_materials=bom,
-        eval_metrics=json.loads(champion.tags.get("llmft.eval", "null")),
-        registered_version=str(champion.version),
+    report = _champion_eval(storage, adapter_version, champion)
+    card = model_card_from_bom(
+        bom,
+        title=f"llmft chat model {adapter_version} (merged, {dtype})",
+        version=f"{adapter_version} (MLflow llmft-adapter v{champion.version})",
+        eval_metrics=report.get("models"),
+        gate=report.get("gate"),
+        library_name="transformers",
     )
     staging = storage.staging_dir("merged_model")
     context.log.info(f"merging champion v{champion.version} ({adapter_version}) into {base_id} as {dtype}")

@@ -2,7 +2,8 @@
 
 The folder is what other tools load: ``AutoModelForCausalLM.from_pretrained``, vLLM, llama.cpp's
 ``convert_hf_to_gguf.py``. It holds safetensors shards (with an index past ``max_shard_size``), the
-config, the generation config, the tokenizer with its chat template, and a model card (``README.md``).
+config, the generation config, the tokenizer with its chat template, and a model card (``README.md``,
+made by `llmft_assets.evaluation.model_card`).
 A bf16 / fp16 base stays bf16 / fp16: merging never widens the weights to fp32 (a 7B model would double
 in size). torch / transformers / peft are imported inside the functions (Dagster imports this module).
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -94,86 +94,3 @@ def merge_adapter(
         weight_files=sorted(path.name for path in out_dir.glob("*.safetensors")),
         num_parameters=sum(parameter.numel() for parameter in merged.parameters()),
     )
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def merged_model_card(
-    *,
-    base_model_id: str,
-    adapter_version: str,
-    dtype: str,
-    bill_of_materials: Mapping[str, Any],
-    eval_metrics: Mapping[str, Any] | None,
-    registered_version: str | None = None,
-) -> str:
-    """Markdown model card (Hugging Face front matter) of a merged model: base, licences, data, eval.
-
-    Licences come from the bill of materials (``dataset.license``, ``base_model.license``) and are
-    ``unknown`` where it records none: never guessed.
-    """
-    dataset = bill_of_materials.get("dataset") or {}
-    base_info = bill_of_materials.get("base_model") or {}
-    dataset_license = str(dataset.get("license") or "unknown")
-    base_license = str(base_info.get("license") or "unknown")
-    # The card's licence is the data's when it is known: a model trained on CC-BY-NC data inherits it.
-    card_license = dataset_license if dataset_license != "unknown" else base_license
-    front_matter = {
-        "license": card_license.lower() if card_license != "unknown" else "other",
-        "base_model": base_model_id,
-        "library_name": "transformers",
-        "pipeline_tag": "text-generation",
-        "tags": ["llmft", "lora", "merged"],
-    }
-    lines = ["---", *(f"{key}: {json.dumps(value)}" for key, value in front_matter.items()), "---", ""]
-    lines += [
-        f"# {base_model_id} + llmft adapter {adapter_version} (merged)",
-        "",
-        f"A LoRA adapter trained with llmft, merged into `{base_model_id}`; weights in `{dtype}`.",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| base model | `{base_model_id}` (revision `{base_info.get('revision') or 'unknown'}`) |",
-        f"| base model licence | {base_license} |",
-        f"| dataset version | `{dataset.get('version', 'unknown')}` |",
-        f"| dataset licence | {dataset_license} |",
-        f"| adapter artifact version | `{adapter_version}` |",
-        f"| MLflow model version | {registered_version or 'unknown'} |",
-        f"| method | {bill_of_materials.get('method', 'unknown')} |",
-        f"| seed | {bill_of_materials.get('seed', 'unknown')} |",
-        f"| code | `{bill_of_materials.get('code_version', 'unknown')}` |",
-        "",
-        "## Evaluation (held-out test rows, as gated)",
-        "",
-    ]
-    if eval_metrics:
-        lines += ["| metric | value |", "|---|---|"]
-        lines += [f"| {_cell(name)} | {_cell(value)} |" for name, value in sorted(eval_metrics.items())]
-    else:
-        lines.append("No evaluation results were recorded for this version.")
-    config = bill_of_materials.get("training_config")
-    if config:
-        lines += [
-            "",
-            "## Training config",
-            "",
-            "```json",
-            json.dumps(config, indent=2, sort_keys=True),
-            "```",
-        ]
-    lines += [
-        "",
-        "## Use",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder", dtype="auto")',
-        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
