@@ -122,6 +122,14 @@ def test_merged_model_asset(llmft_home: Path, tmp_path: Path) -> None:
     _publish_eval_report(storage_root, adapter_version, work)
     _publish_eval_report(storage_root, stale, work)  # another adapter's report: not the one on the card
     registered = _make_champion(adapter_version)
+    # A commercial deployment may not take a model trained on non-commercial data.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LLMFT_LICENSE_POLICY", "commercial")
+        refused = _failure(_materialize([merged_model]))
+    assert (
+        "licence policy: the dataset licence cc-by-nc-sa-4.0 (from per-source table) does not allow"
+        in refused
+    )
     result = _materialize([merged_model])
     assert result.success
     (event,) = result.get_asset_materialization_events()

@@ -53,6 +53,7 @@ def merged_model(
     chat template, generation config and a model card (licences, data, eval results)."""
     from llmft_assets.evaluation.model_card import model_card_from_bom
     from llmft_assets.modeling.merge import merge_adapter, saved_dtype
+    from llmft_assets.training.licenses import LicensePolicy, licenses_from_bom
 
     champion = mlflow.get_version_by_alias("champion")
     adapter_version = (champion.tags or {}).get("llmft.adapter_version") if champion else None
@@ -70,6 +71,10 @@ def merged_model(
             f"{base_model.version}; materialize base_model with the champion's base first",
             allow_retries=False,
         )
+    # An exported model is deployed elsewhere: the same licence policy as packaging (LLMFT_LICENSE_POLICY).
+    problems = LicensePolicy.from_env().problems(licenses_from_bom(bom))
+    if problems:
+        raise dg.Failure(description="licence policy: " + "; ".join(problems), allow_retries=False)
     base_id = str((bom.get("base_model") or {}).get("model_id", "unknown"))
     dtype = config.dtype or saved_dtype(base_model.path)
     report = _champion_eval(storage, adapter_version, champion)
