@@ -397,6 +397,9 @@ def test_mixed_format_folder_goes_from_raw_to_splits(llmft_home: Path, tmp_path:
     alpaca = [
         {"instruction": "Repeat the input.", "input": f"token {i}", "output": f"token {i}"} for i in range(8)
     ]
+    # The README's example lines (one per format, R1 included) as one more file of the folder.
+    (folder / "readme").mkdir(parents=True)
+    (folder / "readme" / "examples.jsonl").write_text(readme_block("Bring your data", "jsonl"))
     _write_jsonl(folder / "chat.jsonl", openai)
     _write_jsonl(folder / "nested" / "share.jsonl", sharegpt)
     # One file mixing formats, an exact duplicate and a row in no format.
@@ -425,13 +428,15 @@ def test_mixed_format_folder_goes_from_raw_to_splits(llmft_home: Path, tmp_path:
         metadata[materialization.asset_key.to_user_string()] = {
             key: getattr(value, "value", value) for key, value in materialization.metadata.items()
         }
-    assert metadata["raw_dataset"]["rows_out"] == 12 + 10 + 8 + 3
+    assert metadata["raw_dataset"]["rows_out"] == 12 + 10 + 8 + 3 + 7
     cleaned = metadata["cleaned_dataset"]
-    assert cleaned["rows_per_format"] == {"alpaca": 8, "openai": 12, "prompt_response": 1, "sharegpt": 10}
+    assert cleaned["rows_per_format"] == {
+        "alpaca": 9, "openai": 13, "prompt_response": 2, "r1_v0": 1, "r1_v1": 1, "sharegpt": 12,
+    }  # fmt: skip
     assert (cleaned["duplicates_dropped"], cleaned["quarantined"]) == (1, 1)
     assert metadata["validated_dataset"]["rows_per_format"] == cleaned["rows_per_format"]
     splits = metadata["dataset_splits"]
-    assert splits["train_rows"] + splits["validation_rows"] + splits["test_rows"] == 31
+    assert splits["train_rows"] + splits["validation_rows"] + splits["test_rows"] == 38
     root = llmft_home / "storage"
     backend = open_storage(str(root))
 
@@ -442,7 +447,7 @@ def test_mixed_format_folder_goes_from_raw_to_splits(llmft_home: Path, tmp_path:
     assert reason.startswith("unknown_schema: no known format matches; tried r1_v0") and "['text']" in reason
     train = table("dataset_splits", "train.parquet").to_pylist()
     tokenized = {row["id"]: row for row in table("tokenized_dataset", "data.parquet").to_pylist()}
-    assert len(tokenized) == 31
+    assert len(tokenized) == 38
     openai_row = next(row for row in tokenized.values() if row["source_format"] == "openai")
     assistant_turns = sum(message["role"] == "assistant" for message in openai_row["messages"])
     labels = openai_row["labels"]
@@ -452,7 +457,7 @@ def test_mixed_format_folder_goes_from_raw_to_splits(llmft_home: Path, tmp_path:
         if label != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX)
     )
     assert assistant_turns == runs == 2
-    assert {row["source_format"] for row in train} <= {"openai", "sharegpt", "alpaca", "prompt_response"}
+    assert {row["source_format"] for row in train} <= set(FORMAT_NAMES)
 
 
 def test_columns_config_maps_a_custom_file_through_the_assets(llmft_home: Path, tmp_path: Path) -> None:
