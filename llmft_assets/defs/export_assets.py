@@ -12,6 +12,7 @@ from llmft_assets.defs.data_assets import OWNERS
 from llmft_assets.defs.mlflow_resource import MlflowResource
 from llmft_assets.defs.storage_resources import ArtifactHandle, StagedArtifact, StorageResource, asset_prefix
 from llmft_assets.defs.training_assets import BOM_FILE, _adapter_dir_of_version
+from llmft_assets.modeling.merge import DEFAULT_MAX_SHARD_SIZE
 
 EXPORT_GROUP = "export"
 
@@ -20,7 +21,9 @@ class MergedModelConfig(dg.Config):
     dtype: str | None = Field(
         default=None, description="float32, bfloat16 or float16; default: the base model's own dtype"
     )
-    max_shard_size: str = Field(default="5GB", description="safetensors shard size (save_pretrained)")
+    max_shard_size: str = Field(
+        default=DEFAULT_MAX_SHARD_SIZE, description="safetensors shard size (save_pretrained)"
+    )
 
 
 def _champion_eval(storage: StorageResource, adapter_version: str, champion: Any) -> dict[str, Any]:
