@@ -10,12 +10,15 @@ import pytest
 
 from llmft_assets.modeling.merge import merge_adapter, saved_dtype
 
+pytestmark = pytest.mark.slow  # builds and loads models (about a minute on 2 cores)
+
 
 @pytest.fixture(scope="module")
 def tiny_fp32(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from llmft_assets.modeling.tiny_model import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("merge") / "base", pretrain_steps=0)
+    # use_cache=False: the build cache lives under LLMFT_HOME, which this module-scoped fixture leaves alone.
+    return build_tiny_model(tmp_path_factory.mktemp("merge") / "base", pretrain_steps=0, use_cache=False)
 
 
 def _base_in(dtype_name: str, tiny_fp32: Path, root: Path) -> Path:
