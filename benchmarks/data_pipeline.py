@@ -232,7 +232,7 @@ def run_naive(data_dir: Path, rows: int, tokenizer_dir: str, out_dir: Path, max_
     seen_ids: set[str] = set()
     empty = {
         "id": "", "messages": [{"role": "user", "content": ""}], "source": "", "source_dataset": "",
-        "schema_version": "", "reference_answer": None, "content_hash": "", "origin": "",
+        "schema_version": "", "source_format": "", "reference_answer": None, "content_hash": "", "origin": "",
     }  # fmt: skip
 
     def clean_one(row: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from llmft_assets.defs.data_assets import (
     validated_dataset,
 )
 from llmft_assets.defs.data_checks import DATA_CHECKS
+from llmft_assets.defs.export_assets import merged_model
 from llmft_assets.defs.jobs import data_job, release_job, train_job
 from llmft_assets.defs.mlflow_resource import MlflowResource
 from llmft_assets.defs.monitoring_assets import (
@@ -25,7 +26,7 @@ from llmft_assets.defs.monitoring_assets import (
     MONITORING_SCHEDULES,
     MONITORING_SENSORS,
 )
-from llmft_assets.defs.serving_assets import model_bento
+from llmft_assets.defs.serving_assets import license_policy, model_bento
 from llmft_assets.defs.storage_resources import ArtifactIOManager, StorageResource
 from llmft_assets.defs.training_assets import eval_gate, eval_report, lora_adapter
 from llmft_assets.defs.training_sensors import release_sensor, train_sensor
@@ -33,6 +34,7 @@ from llmft_assets.defs.training_sensors import release_sensor, train_sensor
 DATA_ASSETS = [raw_dataset, cleaned_dataset, validated_dataset, base_model, tokenized_dataset, dataset_splits]
 TRAINING_ASSETS = [lora_adapter, eval_report]
 SERVING_ASSETS = [model_bento]
+EXPORT_ASSETS = [merged_model]
 
 
 def build_resources() -> dict[str, object]:
@@ -47,8 +49,8 @@ def build_resources() -> dict[str, object]:
 
 
 defs = dg.Definitions(
-    assets=[*DATA_ASSETS, *TRAINING_ASSETS, *SERVING_ASSETS, *MONITORING_ASSETS],
-    asset_checks=[*DATA_CHECKS, eval_gate, *MONITORING_CHECKS],
+    assets=[*DATA_ASSETS, *TRAINING_ASSETS, *SERVING_ASSETS, *EXPORT_ASSETS, *MONITORING_ASSETS],
+    asset_checks=[*DATA_CHECKS, eval_gate, license_policy, *MONITORING_CHECKS],
     jobs=[data_job, train_job, release_job, *MONITORING_JOBS],
     sensors=[train_sensor, release_sensor, *MONITORING_SENSORS],
     schedules=MONITORING_SCHEDULES,

@@ -34,6 +34,7 @@ def conversation(turns: list[tuple[str, str]], row_id: str = "c") -> dict[str, A
         "source": "test",
         "source_dataset": "test",
         "schema_version": "v1",
+        "source_format": "r1_v1",
         "reference_answer": None,
         "content_hash": row_id,
         "origin": f"test#{row_id}",

@@ -1,12 +1,14 @@
-"""Cleaning: map both R1-Distill-SFT configs to the canonical conversation, normalize text, dedupe.
+"""Cleaning: map every supported source format to the canonical conversation, normalize text, dedupe.
 
-v0 rows (``problem``, ``reannotated_assistant_content``, ``solution``) become one user and one
-assistant turn, with the reference answer taken from the ``\\boxed{}`` of ``solution``. v1 rows carry
-``messages`` (or, failing that, ``reannotated_messages``) as a list of ``{role, content}``; their
-reference answer is the last ``\\boxed{}`` of the assistant turns. Text is NFC-normalized, stripped of
-control characters (tab and newline kept), with CRLF, trailing spaces and runs of blank lines
-normalized. Exact duplicates (same normalized roles and contents) are dropped across the whole stream
-through ``seen_hashes``. Rows that do not fit go to quarantine with a precise reason.
+`llmft_assets.data.formats` detects each row's format (R1-Distill-SFT v0/v1, OpenAI chat messages,
+ShareGPT, Alpaca, prompt/response) and yields its turns; the format is kept per row as
+``source_format``. R1 v0's reference answer is the ``\\boxed{}`` of ``solution``, R1 v1's the last
+``\\boxed{}`` of the assistant turns; other formats have one only when their final assistant turn holds a
+``\\boxed{}``. R1 rows must carry an id; rows of other formats without one get an id derived from their
+content. Text is NFC-normalized, stripped of control characters (tab and newline kept), with CRLF,
+trailing spaces and runs of blank lines normalized. Exact duplicates (same normalized roles and
+contents) are dropped across the whole stream through ``seen_hashes``. Rows that do not fit go to
+quarantine with a precise reason (an unknown layout names every format tried).
 """
 
 from __future__ import annotations
@@ -19,16 +21,22 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from llmft_assets.data.answers import extract_boxed_answer
-from llmft_assets.data.schema import (
-    DEFAULT_SOURCE_DATASET,
-    ROLES,
-    StageCounts,
-    quarantine_row,
+from llmft_assets.data.formats import (
+    FORMAT_COUNT_PREFIX,
+    R1_FORMATS,
+    R1_V0,
+    R1_V1,
+    RowRejected,
+    detect_format,
+    optional_string,
+    type_name,
 )
+from llmft_assets.data.schema import DEFAULT_SOURCE_DATASET, StageCounts, quarantine_row
 
 STAGE = "cleaned"
-V0_REQUIRED = ("problem", "reannotated_assistant_content")
-V1_MESSAGE_COLUMNS = ("messages", "reannotated_messages")
+# Ids derived from the content (formats without an id column): stable, so re-reading moves no row.
+DERIVED_ID_PREFIX = "sha256-"
+DERIVED_ID_HEX = 20
 NON_NULL_PREFIX = "non_null."
 UNKNOWN_SOURCE = "unknown"
 
@@ -36,10 +44,6 @@ UNKNOWN_SOURCE = "unknown"
 _CONTROL_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _TRAILING_SPACE = re.compile(r"[ \t]+(?=\n)")
 _BLANK_LINE_RUNS = re.compile(r"\n{4,}")  # more than two blank lines in a row
-
-
-class RowRejected(Exception):
-    """A row cannot become a conversation; the message is the quarantine reason."""
 
 
 def normalize_text(text: str) -> str:
@@ -64,34 +68,6 @@ def content_hash(messages: Iterable[dict[str, str]]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def detect_schema_version(row: Mapping[str, Any]) -> str:
-    """'v1' for a row with a messages column, 'v0' for a problem/answer row; RowRejected otherwise."""
-    if any(column in row for column in V1_MESSAGE_COLUMNS):
-        return "v1"
-    if "problem" in row:
-        return "v0"
-    columns = sorted(key for key in row if key != "origin")
-    raise RowRejected(
-        "unknown_schema: expected v0 columns (problem, reannotated_assistant_content) or v1 columns "
-        f"(messages or reannotated_messages), got columns {columns}"
-    )
-
-
-def _type_name(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _require_string(row: Mapping[str, Any], column: str) -> str:
-    if column not in row:
-        raise RowRejected(f"missing_column: {column}")
-    value = row[column]
-    if value is None:
-        raise RowRejected(f"missing_value: {column} is null")
-    if not isinstance(value, str):
-        raise RowRejected(f"wrong_type: {column} is {_type_name(value)}, expected string")
-    return value
-
-
 def _row_id(row: Mapping[str, Any]) -> str:
     if "id" not in row or row["id"] is None:
         raise RowRejected("missing_column: id")
@@ -99,47 +75,16 @@ def _row_id(row: Mapping[str, Any]) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str):
-        raise RowRejected(f"wrong_type: id is {_type_name(value)}, expected string")
+        raise RowRejected(f"wrong_type: id is {type_name(value)}, expected string")
     value = value.strip()
     if not value:
         raise RowRejected("empty_id: id is an empty string")
     return value
 
 
-def _optional_string(row: Mapping[str, Any], column: str) -> str | None:
-    value = row.get(column)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise RowRejected(f"wrong_type: {column} is {_type_name(value)}, expected string or null")
-    return value
-
-
-def _canonical_messages(value: Any, column: str) -> list[dict[str, str]]:
-    if not isinstance(value, list | tuple):
-        raise RowRejected(
-            f"wrong_type: {column} is {_type_name(value)}, expected a list of {{role, content}}"
-        )
-    if not value:
-        raise RowRejected(f"empty_messages: {column} is an empty list")
-    messages = []
-    for index, message in enumerate(value):
-        where = f"{column}[{index}]"
-        if not isinstance(message, Mapping):
-            raise RowRejected(
-                f"wrong_type: {where} is {_type_name(message)}, expected an object with role and content"
-            )
-        role = message.get("role")
-        if not isinstance(role, str):
-            raise RowRejected(f"wrong_type: {where}.role is {_type_name(role)}, expected string")
-        role_name = role.strip().lower()
-        if role_name not in ROLES:
-            raise RowRejected(f"unknown_role: {where}.role is {role!r}, expected one of {', '.join(ROLES)}")
-        content = message.get("content")
-        if not isinstance(content, str):
-            raise RowRejected(f"wrong_type: {where}.content is {_type_name(content)}, expected string")
-        messages.append({"role": role_name, "content": normalize_text(content)})
-    return messages
+def _final_assistant_answer(messages: list[dict[str, str]]) -> str | None:
+    final = messages[-1] if messages and messages[-1]["role"] == "assistant" else None
+    return extract_boxed_answer(final["content"]) if final else None
 
 
 def _last_assistant_answer(messages: list[dict[str, str]]) -> str | None:
@@ -157,38 +102,40 @@ def to_conversation(
     source_dataset: str = DEFAULT_SOURCE_DATASET,
     prefer_reannotated: bool = False,
 ) -> dict[str, Any]:
-    """One raw row (either config) as a conversation in CONVERSATION_SCHEMA; RowRejected if it can't be."""
+    """One raw row (any format of `formats.FORMATS`) in CONVERSATION_SCHEMA; RowRejected if it can't be."""
     if not isinstance(row, Mapping):
-        raise RowRejected(f"wrong_type: row is {_type_name(row)}, expected an object")
-    schema_version = detect_schema_version(row)
-    row_id = _row_id(row)
-    if schema_version == "v0":
-        problem = _require_string(row, "problem")
-        answer = _require_string(row, "reannotated_assistant_content")
-        messages = [
-            {"role": "user", "content": normalize_text(problem)},
-            {"role": "assistant", "content": normalize_text(answer)},
-        ]
-        solution = _optional_string(row, "solution")
+        raise RowRejected(f"wrong_type: row is {type_name(row)}, expected an object")
+    source_format = detect_format(row)
+    is_r1 = source_format.name in R1_FORMATS
+    # R1-Distill-SFT rows always carry an id; other formats often do not (ids then come from the content).
+    row_id = _row_id(row) if is_r1 or row.get("id") is not None else None
+    extracted = source_format.extract(row, prefer_reannotated)
+    messages = [
+        {"role": message["role"], "content": normalize_text(message["content"])}
+        for message in extracted.messages
+    ]
+    if extracted.source_format == R1_V0:
+        solution = extracted.solution
         reference_answer = extract_boxed_answer(normalize_text(solution)) if solution else None
-    else:
-        columns = V1_MESSAGE_COLUMNS[::-1] if prefer_reannotated else V1_MESSAGE_COLUMNS
-        column = next((name for name in columns if row.get(name) is not None), None)
-        if column is None:
-            raise RowRejected("missing_value: both messages and reannotated_messages are null or absent")
-        messages = _canonical_messages(row[column], column)
+    elif extracted.source_format == R1_V1:
         reference_answer = _last_assistant_answer(messages)
-    source = _optional_string(row, "source") or UNKNOWN_SOURCE
-    row_source_dataset = _optional_string(row, "source_dataset") or source_dataset
+    else:
+        # Ordinary chat data: only a \boxed{} in the final answer counts as a checkable answer.
+        reference_answer = _final_assistant_answer(messages)
+    digest = content_hash(messages)
+    source = optional_string(row, "source") or UNKNOWN_SOURCE
+    default_dataset = source_dataset if is_r1 else UNKNOWN_SOURCE
+    row_source_dataset = optional_string(row, "source_dataset") or default_dataset
     origin = row.get("origin")
     return {
-        "id": row_id,
+        "id": row_id if row_id is not None else f"{DERIVED_ID_PREFIX}{digest[:DERIVED_ID_HEX]}",
         "messages": messages,
         "source": source,
         "source_dataset": row_source_dataset,
-        "schema_version": schema_version,
+        "schema_version": {R1_V0: "v0", R1_V1: "v1"}.get(extracted.source_format, extracted.source_format),
+        "source_format": extracted.source_format,
         "reference_answer": reference_answer,
-        "content_hash": content_hash(messages),
+        "content_hash": digest,
         "origin": origin if isinstance(origin, str) else "unknown",
     }
 
@@ -213,7 +160,8 @@ def clean_rows(
     """Clean one batch: (conversations in CONVERSATION_SCHEMA, quarantine rows).
 
     ``seen_hashes`` persists across batches so duplicates are dropped stream-wide; ``counts`` gains
-    rows_in/rows_out/quarantined/duplicates and per-column non-null tallies.
+    rows_in/rows_out/quarantined/duplicates, per-column non-null tallies and kept rows per format
+    (``format.<name>``, see `format_counts`).
     """
     cleaned: list[dict[str, Any]] = []
     quarantine: list[dict[str, Any]] = []
@@ -240,5 +188,6 @@ def clean_rows(
             continue
         seen_hashes.add(conversation["content_hash"])
         counts.rows_out += 1
+        counts.extra[FORMAT_COUNT_PREFIX + conversation["source_format"]] += 1
         cleaned.append(conversation)
     return cleaned, quarantine

@@ -24,11 +24,12 @@ import gzip
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from llmft_assets.data.formats import RowRejected, apply_column_mapping, check_column_mapping
 from llmft_assets.data.schema import StageCounts, quarantine_row
 
 STAGE = "raw"
@@ -385,18 +386,35 @@ def iter_raw_batches(
     batch_size: int = 2048,
     s3_client: Any = None,
     counts: StageCounts | None = None,
+    columns: Mapping[str, str] | None = None,
 ) -> Iterator[RawBatch]:
     """Stream ``source`` as RawBatches of at most ``batch_size`` records (parsed + quarantined).
 
     ``max_rows`` caps the records read (parsed or not). ``counts`` (stage ``raw``) is updated as rows
     are read: ``rows_in`` records, ``rows_out`` parsed, ``quarantined`` unparseable; warnings name empty
-    files. Raises ValueError for bad arguments and DataSourceError for a source that cannot be read.
+    files. ``columns`` renames the user's columns onto a known format's (`formats.apply_column_mapping`);
+    a row without a mapped column is quarantined. Raises ValueError for bad arguments and
+    DataSourceError for a source that cannot be read.
     """
     _check_arguments(config, max_rows, batch_size)
+    check_column_mapping(columns)
     counts = counts if counts is not None else StageCounts(stage=STAGE)
     # Resolve eagerly so that a missing path fails at the call, not at the first next().
     records = _iter_records(source, config, batch_size, s3_client, counts)
+    if columns:
+        records = _map_columns(records, columns)
     return _batched(records, max_rows=max_rows, batch_size=batch_size, counts=counts)
+
+
+def _map_columns(records: Iterator[_Record], columns: Mapping[str, str]) -> Iterator[_Record]:
+    for origin, row, bad in records:
+        if row is None:
+            yield (origin, row, bad)
+            continue
+        try:
+            yield (origin, apply_column_mapping(row, columns), None)
+        except RowRejected as rejection:
+            yield _bad(origin, str(rejection), row)
 
 
 def _batched(

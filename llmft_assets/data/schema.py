@@ -31,6 +31,8 @@ CONVERSATION_SCHEMA = pa.schema(
         pa.field("source", pa.string(), nullable=False),
         pa.field("source_dataset", pa.string(), nullable=False),
         pa.field("schema_version", pa.string(), nullable=False),
+        # Nullable so that tables written before the column existed still read; cleaning always sets it.
+        pa.field("source_format", pa.string(), nullable=True),
         pa.field("reference_answer", pa.string(), nullable=True),
         pa.field("content_hash", pa.string(), nullable=False),
         pa.field("origin", pa.string(), nullable=False),

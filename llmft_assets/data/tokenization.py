@@ -249,7 +249,13 @@ def _list_column(arrays: list[np.ndarray]) -> pa.Array:
 def _conversation_columns(rows: Sequence[dict[str, Any]] | pa.Table) -> list[pa.Array | pa.ChunkedArray]:
     if isinstance(rows, pa.Table):
         # Arrow input (e.g. a Parquet row group): the columns pass through without a round trip to Python.
-        return [rows.column(field.name).cast(field.type) for field in CONVERSATION_SCHEMA]
+        # A nullable column missing from an older table (e.g. source_format) comes back as nulls.
+        return [
+            rows.column(field.name).cast(field.type)
+            if field.name in rows.column_names or not field.nullable
+            else pa.nulls(rows.num_rows, field.type)
+            for field in CONVERSATION_SCHEMA
+        ]
     return [pa.array([row.get(field.name) for row in rows], type=field.type) for field in CONVERSATION_SCHEMA]
 
 

@@ -5,10 +5,13 @@ Rules (all are checked; a rejected row's reason lists every rule it broke, the f
 - ``role_order``: an optional system turn, then user/assistant alternating, ending with assistant;
 - ``empty_turn``: no turn is empty or whitespace only;
 - ``unbalanced_think``: every assistant ``<think>`` is closed by ``</think>`` (in order, no nesting);
+  for R1-Distill-SFT rows every assistant turn, for other formats (``source_format``) the assistant
+  turns that open with ``<think>`` (a chat answer may mention the tag in prose);
 - ``too_short`` / ``too_long``: total characters of the conversation within the limits;
 - ``too_many_turns``: at most ``limits.max_turns`` turns;
 - ``missing_answer``: when the source has a reference answer, the final assistant turn holds a
-  non-empty ``\\boxed{}``;
+  non-empty ``\\boxed{}`` (cleaning gives non-R1 formats a reference answer only from that turn, so
+  ordinary chat data without one is never rejected by this rule);
 - ``duplicate_id``: an id already accepted earlier in the stream (``seen_ids``).
 """
 
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmft_assets.data.answers import extract_boxed_answer
+from llmft_assets.data.formats import FORMAT_COUNT_PREFIX, R1_FORMATS
 from llmft_assets.data.schema import StageCounts, quarantine_row
 
 STAGE = "validated"
@@ -128,8 +132,13 @@ def conversation_problems(row: dict[str, Any], limits: ValidationLimits) -> list
     elif total_chars > limits.max_chars:
         problems.append(f"too_long: {total_chars} characters, maximum {limits.max_chars}")
     if limits.require_balanced_think:
+        # R1 rows (or rows of unknown format) are reasoning traces: every assistant turn is checked. In
+        # ordinary chat data "<think>" may just be mentioned; only a turn that opens with one is a trace.
+        reasoning_format = row.get("source_format") in (None, *R1_FORMATS)
         for index, message in enumerate(messages):
-            if message["role"] == "assistant":
+            if message["role"] == "assistant" and (
+                reasoning_format or message["content"].lstrip().startswith(THINK_OPEN)
+            ):
                 problem = think_balance_problem(message["content"])
                 if problem:
                     problems.append(f"unbalanced_think: turn {index}: {problem}")
@@ -178,5 +187,6 @@ def validate_rows(
             continue
         seen_ids.add(row_id)
         counts.rows_out += 1
+        counts.extra[FORMAT_COUNT_PREFIX + str(row.get("source_format") or "unknown")] += 1
         valid.append(row)
     return valid, quarantine

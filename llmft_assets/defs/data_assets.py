@@ -44,6 +44,10 @@ class RawDatasetConfig(dg.Config):
     """R1-Distill-SFT config: v0, v1, or all (bundled sample only)."""
     max_rows: int | None = None
     batch_size: int = 2048
+    columns: dict[str, str] | None = None
+    """Your column names mapped onto a known format's, e.g. {prompt: question, response: answer}."""
+    license: str | None = None
+    """The dataset's licence when the per-source table (llmft_assets/training/licenses.py) does not know it."""
 
 
 class CleanConfig(dg.Config):
@@ -64,6 +68,8 @@ class BaseModelConfig(dg.Config):
     revision: str | None = None
     pretrain_steps: int | None = None
     """tiny only: causal-LM pretraining steps on plain text (None = the builder's default)."""
+    license: str | None = None
+    """The model's licence when the per-model table (llmft_assets/training/licenses.py) does not know it."""
 
 
 class TokenizeConfig(dg.Config):
@@ -113,6 +119,18 @@ def _log_progress(context: dg.AssetExecutionContext, counts: StageCounts, last: 
         )
 
 
+DATASET_KEY = "dataset"  # artifact metadata: {source, config, license, license_source}, carried downstream
+
+
+def _license_fields(license_: Any) -> dict[str, str]:
+    return {"license": license_.license, "license_source": license_.source}
+
+
+def _carried(upstream: ArtifactHandle) -> dict[str, Any]:
+    """The dataset description of the upstream artifact, for this one's metadata (absent on old artifacts)."""
+    return {DATASET_KEY: upstream.metadata[DATASET_KEY]} if DATASET_KEY in upstream.metadata else {}
+
+
 def _stage_result(
     staging: Path, counts: StageCounts, extra: dict[str, Any] | None = None
 ) -> tuple[StagedArtifact, dict[str, Any]]:
@@ -140,6 +158,7 @@ def raw_dataset(
             batch_size=config.batch_size,
             s3_client=s3_client,
             counts=counts,
+            columns=config.columns,
         )
     except (DataSourceError, ValueError) as exc:
         # One clear line for the person at the UI: which source, what is wrong. No retry can fix it.
@@ -162,8 +181,23 @@ def raw_dataset(
             _log_progress(context, counts, last)
     for warning in counts.warnings:
         context.log.warning(warning)
-    artifact, metadata = _stage_result(staging, counts, {"source": config.source, "config": config.config})
-    return dg.Output(artifact, metadata={**metadata, "source": config.source, "config": str(config.config)})
+    from llmft_assets.training.licenses import dataset_license
+
+    license_ = dataset_license(config.source, config.license)
+    # Which data this is and under what licence travels with every derived artifact, to the BOM.
+    dataset = {"source": config.source, "config": config.config, **_license_fields(license_)}
+    artifact, metadata = _stage_result(
+        staging, counts, {"source": config.source, "config": config.config, DATASET_KEY: dataset}
+    )
+    return dg.Output(
+        artifact,
+        metadata={
+            **metadata,
+            "source": config.source,
+            "config": str(config.config),
+            "license": license_.license,
+        },
+    )
 
 
 @dg.asset(group_name=DATA_GROUP, owners=OWNERS, kinds={"parquet"})
@@ -176,6 +210,7 @@ def cleaned_dataset(
     """One canonical conversation schema for both configs: NFC, whitespace and control characters
     normalized, always-null columns dropped, exact duplicates removed by content hash."""
     from llmft_assets.data.cleaning import always_null_columns, clean_rows
+    from llmft_assets.data.formats import format_counts
 
     staging = storage.staging_dir("cleaned_dataset")
     counts = StageCounts(stage="cleaned")
@@ -196,11 +231,15 @@ def cleaned_dataset(
             preview.extend(cleaned[: 5 - len(preview)])
             _log_progress(context, counts, last)
     dropped = always_null_columns(counts)
-    artifact, metadata = _stage_result(staging, counts, {"dropped_null_columns": dropped})
+    formats = format_counts(counts)
+    artifact, metadata = _stage_result(
+        staging, counts, {"dropped_null_columns": dropped, "formats": formats, **_carried(raw_dataset)}
+    )
     return dg.Output(
         artifact,
         metadata={
             **metadata,
+            "rows_per_format": dg.MetadataValue.json(formats),
             "dropped_always_null_columns": dg.MetadataValue.json(dropped),
             "preview": _preview(preview),
             "upstream_version": raw_dataset.version,
@@ -217,6 +256,7 @@ def validated_dataset(
 ) -> dg.Output[StagedArtifact]:
     """Conversations that pass the rules (role order, non-empty turns, balanced <think>, length bounds,
     answer present, unique ids); every rejected row is in quarantine.parquet with its reason."""
+    from llmft_assets.data.formats import format_counts
     from llmft_assets.data.validation import ValidationLimits, validate_rows
 
     limits = ValidationLimits(
@@ -238,11 +278,17 @@ def validated_dataset(
             rows_out.write_rows(valid)
             quarantine_out.write_rows(quarantine)
             _log_progress(context, counts, last)
-    artifact, metadata = _stage_result(staging, counts)
+    formats = format_counts(counts)
+    artifact, metadata = _stage_result(staging, counts, {"formats": formats, **_carried(cleaned_dataset)})
     reject_rate = counts.quarantined / counts.rows_in if counts.rows_in else 0.0
     return dg.Output(
         artifact,
-        metadata={**metadata, "reject_rate": reject_rate, "upstream_version": cleaned_dataset.version},
+        metadata={
+            **metadata,
+            "rows_per_format": dg.MetadataValue.json(formats),
+            "reject_rate": reject_rate,
+            "upstream_version": cleaned_dataset.version,
+        },
     )
 
 
@@ -256,9 +302,12 @@ def base_model(
 
     staging = storage.staging_dir("base_model")
     context.log.info(f"materializing base model {config.model!r}")
+    from llmft_assets.training.licenses import base_model_license
+
     info = materialize_base_model(
         config.model, staging, revision=config.revision, pretrain_steps=config.pretrain_steps
     )
+    info.update(_license_fields(base_model_license(info.get("model_id"), config.license)))
     metadata: dict[str, Any] = {
         key: value
         for key, value in info.items()
@@ -311,6 +360,7 @@ def tokenized_dataset(
             "max_seq_len": config.max_seq_len,
             "total_tokens": total_tokens,
             "base_model_version": base_model.version,
+            **_carried(validated_dataset),
         },
     )
     return dg.Output(
@@ -389,6 +439,7 @@ def dataset_splits(
             "tokens": tokens,
             "salt": config.salt,
             "upstream": tokenized_dataset.version,
+            **_carried(tokenized_dataset),
         },
     )
     return dg.Output(

@@ -21,6 +21,7 @@ from typing import Any
 LAYOUT_FILE = "llmft_model.json"
 DEFAULT_MODEL_NAME = "llmft-chat"
 BILL_OF_MATERIALS_FILE = "bill_of_materials.json"
+MODEL_CARD_FILE = "README.md"
 # BentoML labels are strings; long ones (a whole bill of materials) stay readable up to this size.
 MAX_LABEL_CHARS = 4096
 
@@ -83,19 +84,10 @@ def _copy_pretrained_dir(source: Path, target: Path) -> None:
 
 
 def _merge_adapter_into(model_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from llmft_assets.modeling.merge import merge_adapter
 
-    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(str(out_dir), safe_serialization=True)
-    # The adapter directory may carry the tokenizer it was trained with (chat template included).
-    tokenizer_source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else model_dir
-    AutoTokenizer.from_pretrained(str(tokenizer_source)).save_pretrained(str(out_dir))
-    generation_config = model_dir / "generation_config.json"
-    if generation_config.is_file():
-        shutil.copy2(generation_config, out_dir / "generation_config.json")
+    # The same merge as the merged_model export: the base's dtype (bf16 stays bf16), safetensors only.
+    merge_adapter(model_dir, adapter_dir, out_dir)
 
 
 def save_model_to_bentoml(
@@ -106,13 +98,15 @@ def save_model_to_bentoml(
     labels: Mapping[str, Any],
     merge: bool = True,
     metadata: Mapping[str, Any] | None = None,
+    model_card: str | None = None,
 ) -> str:
     """Put the model into the BentoML model store and return its tag ("name:version").
 
     `labels` should carry model_version (the adapter artifact version or MLflow version, used as
     the request log's model_version), mlflow_run_id, storage_uri, license and bill_of_materials;
     non-string values are stored as JSON strings. With an adapter, `merge=True` stores the merged
-    model; `merge=False` stores base/ + adapter/ (vLLM serves the adapter as a LoRA).
+    model; `merge=False` stores base/ + adapter/ (vLLM serves the adapter as a LoRA). `model_card`
+    (Markdown) becomes the model's README.md.
     """
     import bentoml
 
@@ -143,6 +137,8 @@ def save_model_to_bentoml(
             (target / BILL_OF_MATERIALS_FILE).write_text(
                 json.dumps(bill_obj, indent=2, sort_keys=True, default=str)
             )
+        if model_card is not None:
+            (target / MODEL_CARD_FILE).write_text(model_card, encoding="utf-8")
         (target / LAYOUT_FILE).write_text(
             json.dumps({"layout": layout, "labels": string_labels}, indent=2, sort_keys=True)
         )
@@ -166,12 +162,14 @@ def build_bento(
     build_ctx: str | Path | None = None,
     labels: Mapping[str, Any] | None = None,
     version: str | None = None,
+    model_card: str | None = None,
 ) -> str:
     """Build the bento described by `<bentos_dir>/bentofile.yaml` around `model_tag`; return its tag.
 
     The build context defaults to the repository root (the parent of bentos/) so that the service
     and the llmft_assets.serving package it imports are both packed. The model tag travels as the
-    bento argument `model_tag`, so the built bento serves exactly that model.
+    bento argument `model_tag`, so the built bento serves exactly that model. `model_card` (Markdown)
+    replaces the bento's README.md (BentoML writes the bentofile's one-line description there).
     """
     import bentoml
 
@@ -190,4 +188,6 @@ def build_bento(
         version=version,
         args={"model_tag": str(stored.tag)},
     )
+    if model_card is not None:
+        (Path(bento.path) / MODEL_CARD_FILE).write_text(model_card, encoding="utf-8")
     return str(bento.tag)
