@@ -191,7 +191,9 @@ def test_model_bento_packages_the_champion_with_lineage_labels(
     assert labels["model_version"] == out["meta"]["model_version"]
     assert labels["license"] == "apache-2.0" and labels["base_model_license"] == "apache-2.0"
     assert labels["license_source"] == "per-source table (sample)"
-    assert labels["mlflow_run_id"] and labels["storage_uri"] == f"assets/lora_adapter/{labels['model_version']}"
+    assert (
+        labels["mlflow_run_id"] and labels["storage_uri"] == f"assets/lora_adapter/{labels['model_version']}"
+    )
     assert "base_model" in labels["bill_of_materials"]
     assert out["meta"]["bento_tag"] in out["bentos"]
     exported = list((Path(workspace["LLMFT_HOME"]) / "storage" / "assets" / "model_bento").rglob("*.bento"))
