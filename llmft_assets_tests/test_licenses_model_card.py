@@ -162,7 +162,7 @@ def test_model_card_has_ids_licences_config_eval_and_gate(tmp_path) -> None:
     assert "| Verified accuracy (math-verify) | 10.0% | 60.0% |" in card
     assert "| Stopped at the end token | 10.0% | 95.0% |" in card
     assert "Decision: **promoted**" in card
-    assert "| accuracy_significance | 0.03125 | < 0.05 | pass |" in card
+    assert "| accuracy_significance | 0.03125 | <= 0.05 | pass |" in card
     assert "| champion_accuracy | n/a | - | skipped |" in card
     assert str(tmp_path) not in card
     pending = render_model_card(

@@ -254,7 +254,7 @@ def test_licence_policy_champion_packaging_and_broken_adapter_refused(workspace:
     )  # neither the tiny base nor the broken adapter answers
     assert reasons[0] == f"accuracy_gain: 0 <= 0 (adapter 0 - base 0 on {paired} paired rows) -> fail"
     assert reasons[1] == (
-        f"accuracy_significance: 1 >= 0.05 (exact McNemar, one-sided: adapter alone right on 0, "
+        f"accuracy_significance: 1 > 0.05 (exact McNemar, one-sided: adapter alone right on 0, "
         f"base alone right on 0 of {paired} rows) -> fail"
     )
     assert reasons[4] == (
