@@ -207,23 +207,27 @@ def _compare(
     )  # fmt: skip
 
 
+def _no_paired_test(reason: str, thresholds: GateThresholds) -> list[Criterion]:
+    return [
+        Criterion("accuracy_gain", None, thresholds.min_accuracy_gain, ">", FAIL, f"accuracy_gain: {reason}"),
+        Criterion("accuracy_significance", None, thresholds.alpha, "<=", FAIL, f"accuracy_significance: {reason}"),
+    ]  # fmt: skip
+
+
 def _accuracy_criteria(
     candidate: Mapping[str, Any], base: Mapping[str, Any], thresholds: GateThresholds
 ) -> list[Criterion]:
     ours, theirs = candidate.get(CORRECT_BY_ROW), base.get(CORRECT_BY_ROW)
     if not isinstance(ours, Mapping) or not isinstance(theirs, Mapping):
-        reason = "no per-row correctness for the adapter and the base model: a paired test is impossible"
-        return [
-            Criterion("accuracy_gain", None, thresholds.min_accuracy_gain, ">", FAIL, f"accuracy_gain: {reason}"),
-            Criterion("accuracy_significance", None, thresholds.alpha, "<=", FAIL, f"accuracy_significance: {reason}"),
-        ]  # fmt: skip
+        return _no_paired_test(
+            "no per-row correctness for the adapter and the base model: a paired test is impossible",
+            thresholds,
+        )
     counts = paired_counts(ours, theirs)
     if counts.rows == 0:
-        reason = "no row has a checkable answer for both the adapter and the base model"
-        return [
-            Criterion("accuracy_gain", None, thresholds.min_accuracy_gain, ">", FAIL, f"accuracy_gain: {reason}"),
-            Criterion("accuracy_significance", None, thresholds.alpha, "<=", FAIL, f"accuracy_significance: {reason}"),
-        ]  # fmt: skip
+        return _no_paired_test(
+            "no row has a checkable answer for both the adapter and the base model", thresholds
+        )
     adapter_acc = (counts.both + counts.only_candidate) / counts.rows
     base_acc = (counts.both + counts.only_reference) / counts.rows
     gain = _compare(
