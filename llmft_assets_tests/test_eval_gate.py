@@ -340,3 +340,17 @@ def test_p_value_equal_to_alpha_passes_and_wide_open_thresholds_admit_a_no_gain_
         "finish_rate",
     ]
     assert decide_gate(nothing_learned, base, None, thresholds=smoke).passed
+
+
+def test_a_champion_without_recorded_metrics_fails_the_champion_criteria() -> None:
+    decision = decide_gate(GOOD, BASE, {}, champion_name="llmft-adapter v3")
+    assert decision.failed == [
+        "champion_accuracy",
+        "champion_format_compliance",
+        "champion_finish_rate",
+        "champion_perplexity",
+    ]
+    assert decision.reasons[5] == (
+        "champion_accuracy: the value it is compared with is missing or not a number "
+        "(champion's accuracy None - tolerance 0.02)"
+    )
