@@ -106,15 +106,16 @@ _CODE_VERSION = "tiny-model-1"
 
 
 def default_tokenizer_texts() -> list[str]:
-    """Text the default tokenizer is trained on: sample-generator rows (fixed seed), both schemas."""
+    """Text the default tokenizer is trained on: sample-generator rows of both families (fixed seed), both schemas."""
     from llmft_assets.data.sample_gen import generate_rows
 
     texts: list[str] = []
-    for schema in ("v0", "v1"):
-        for row in generate_rows(600, schema=schema, seed=TOKENIZER_TEXTS_SEED):
-            texts.append(row["problem"] if schema == "v0" else row["messages"][0]["content"])
-            texts.append(row["reannotated_assistant_content"])
-            texts.append(row["solution"] if schema == "v0" else row["messages"][1]["content"])
+    for family, count in (("word", 600), ("arithmetic", 300)):
+        for schema in ("v0", "v1"):
+            for row in generate_rows(count, schema=schema, seed=TOKENIZER_TEXTS_SEED, family=family):
+                texts.append(row["problem"] if schema == "v0" else row["messages"][0]["content"])
+                texts.append(row["reannotated_assistant_content"])
+                texts.append(row["solution"] if schema == "v0" else row["messages"][1]["content"])
     return texts
 
 
