@@ -25,7 +25,7 @@ from llmft_assets.defs.monitoring_assets import (
     MONITORING_SCHEDULES,
     MONITORING_SENSORS,
 )
-from llmft_assets.defs.serving_assets import model_bento
+from llmft_assets.defs.serving_assets import license_policy, model_bento
 from llmft_assets.defs.storage_resources import ArtifactIOManager, StorageResource
 from llmft_assets.defs.training_assets import eval_gate, eval_report, lora_adapter
 from llmft_assets.defs.training_sensors import release_sensor, train_sensor
@@ -48,7 +48,7 @@ def build_resources() -> dict[str, object]:
 
 defs = dg.Definitions(
     assets=[*DATA_ASSETS, *TRAINING_ASSETS, *SERVING_ASSETS, *MONITORING_ASSETS],
-    asset_checks=[*DATA_CHECKS, eval_gate, *MONITORING_CHECKS],
+    asset_checks=[*DATA_CHECKS, eval_gate, license_policy, *MONITORING_CHECKS],
     jobs=[data_job, train_job, release_job, *MONITORING_JOBS],
     sensors=[train_sensor, release_sensor, *MONITORING_SENSORS],
     schedules=MONITORING_SCHEDULES,

@@ -12,6 +12,7 @@ ENV_MLFLOW_URI = "MLFLOW_TRACKING_URI"
 ENV_API_KEY = "LLMFT_API_KEY"
 ENV_API_KEY_FILE = "LLMFT_API_KEY_FILE"
 ENV_ALERT_WEBHOOK = "LLMFT_ALERT_WEBHOOK_URL"
+ENV_LICENSE_POLICY = "LLMFT_LICENSE_POLICY"  # "commercial" or allowed licences "apache-2.0,mit" (unset: any)
 
 
 def llmft_home() -> Path:

@@ -217,9 +217,24 @@ def test_evaluate_scores_base_adapter_and_champion_on_the_same_rows(
     assert len(report.samples) == 2
     assert report.samples[0].reference_answer == test_rows[0]["reference_answer"]
 
+    # Every row's verdicts are kept (the gate's paired test); the identity champion matches the base.
+    assert [row.id for row in report.rows] == [row["id"] for row in test_rows]
+    assert all(row.correct[CHAMPION] == row.correct[BASE] for row in report.rows)
+    assert all(row.finished[CHAMPION] == row.finished[BASE] for row in report.rows)
+    assert sum(row.correct[ADAPTER] is True for row in report.rows) == adapter.num_correct
+    assert sum(row.finished[BASE] for row in report.rows) / len(report.rows) == base.finished_rate
+    assert report.settings["answer_check"] == "math-verify"
+
     headline = report.headline()
     assert headline["perplexity_delta"] == pytest.approx(adapter.perplexity - base.perplexity)
     assert headline["champion_accuracy"] == champion.accuracy
+    from llmft_assets.evaluation.gate import decide_gate_for_report
+
+    decision = decide_gate_for_report(report)
+    # An untrained tiny model answers nothing right and never stops within 12 tokens: refused.
+    assert not decision.passed
+    assert {"accuracy_gain", "accuracy_significance", "finish_rate"} <= set(decision.failed)
+    report.gate = decision.as_dict()
     json_path, html_path = report.write(tmp_path / "report")
     assert EvalReport.from_json(json_path.read_text()) == report
     assert "llmft-adapter v2" in html_path.read_text()

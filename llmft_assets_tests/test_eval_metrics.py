@@ -7,37 +7,31 @@ import math
 
 import pytest
 
+from llmft_assets.evaluation.answer_check import Verdict
 from llmft_assets.evaluation.metrics import (
     Generation,
     answer_accuracy,
-    answer_is_correct,
+    finish_rate,
     format_compliance,
     format_problem,
     response_length,
 )
-from llmft_assets.evaluation.report import EvalReport, ModelMetrics, SampleComparison, row_problem
+from llmft_assets.evaluation.report import EvalReport, ModelMetrics, RowOutcome, SampleComparison, row_problem
 
 GOOD = "<think>\n3 + 4 = 7\n</think>\n\nThe answer is \\(\\boxed{7}\\)."
 
 
-def test_answer_is_correct_uses_last_box_and_normalisation() -> None:
-    assert answer_is_correct(GOOD, "7")
-    assert answer_is_correct("first \\boxed{3}, finally \\boxed{\\dfrac{1}{2}}", "\\frac{1}{2}")
-    assert answer_is_correct("\\boxed{0.50}", ".5")
-    assert answer_is_correct("\\boxed{x = 5}", "5")
-    assert answer_is_correct("\\boxed{8}", "7") is False
-    assert answer_is_correct("The answer is 7.", "7") is False  # no box: wrong, not skipped
-    assert answer_is_correct("\\boxed{7}", None) is None  # no reference: not checkable
-    assert answer_is_correct("\\boxed{7}", "  ") is None
-
-
 def test_answer_accuracy_counts_only_checkable_rows() -> None:
-    result = answer_accuracy(["\\boxed{1}", "\\boxed{2}", "\\boxed{3}", "no answer"], ["1", "5", None, "4"])
+    verdicts = [
+        Verdict(True, "1", "equal"),
+        Verdict(False, "2", "not equal"),
+        Verdict(None, "3", "no reference answer"),
+        Verdict(False, None, "no boxed answer"),
+    ]
+    result = answer_accuracy(verdicts)
     assert (result.num_correct, result.num_checkable, result.num_rows) == (1, 3, 4)
     assert result.accuracy == pytest.approx(1 / 3)
-    assert math.isnan(answer_accuracy(["\\boxed{1}"], [None]).accuracy)
-    with pytest.raises(ValueError, match="2 generations but 1 references"):
-        answer_accuracy(["a", "b"], ["a"])
+    assert math.isnan(answer_accuracy([Verdict(None, "1", "no reference answer")]).accuracy)
 
 
 @pytest.mark.parametrize(
@@ -71,7 +65,8 @@ def test_format_compliance_and_lengths() -> None:
     lengths = response_length(generations)
     assert lengths.mean_tokens == pytest.approx((20 + 64 + 4 + 8) / 4)
     assert lengths.mean_chars == pytest.approx(sum(len(g.text) for g in generations) / 4)
-    assert lengths.finished_rate == pytest.approx(0.75)
+    assert lengths.finished_rate == pytest.approx(0.75) == finish_rate(generations)
+    assert math.isnan(finish_rate([]))
     assert math.isnan(format_compliance([]))
     assert math.isnan(response_length([]).mean_tokens)
 
@@ -122,6 +117,14 @@ def _report() -> EvalReport:
             )
         ],
         skipped=[{"id": "row-9", "reason": "no user turn to answer"}],
+        rows=[
+            RowOutcome(
+                id="row-1",
+                correct={"base": False, "adapter": True},
+                format_ok={"base": False, "adapter": True},
+                finished={"base": True, "adapter": True},
+            )
+        ],
         created_at="2025-01-01T00:00:00+00:00",
         eval_seconds=1.5,
     )
@@ -129,11 +132,15 @@ def _report() -> EvalReport:
 
 def test_report_headline_json_round_trip() -> None:
     report = _report()
+    report.gate = {"passed": True, "reasons": ["ok"]}
     headline = report.headline()
     assert headline["adapter_accuracy"] == 0.75
     assert headline["accuracy_delta"] == pytest.approx(0.5)
     assert headline["perplexity_delta"] == pytest.approx(-8.0)
     assert headline["num_skipped"] == 1
+    assert headline["adapter_finished_rate"] == 0.75 and headline["finished_rate_delta"] == 0.0
+    assert report.correct_by_row("adapter") == {"row-1": True}
+    assert report.correct_by_row("champion") is None
     parsed = json.loads(report.to_json())
     assert parsed["models"]["base"]["perplexity"] == 20.0
     assert EvalReport.from_json(report.to_json()) == report
@@ -147,17 +154,39 @@ def test_report_json_refuses_nan() -> None:
         report.to_json()
 
 
+def test_report_is_not_written_without_a_gate_decision(tmp_path) -> None:
+    with pytest.raises(ValueError, match="no gate decision"):
+        _report().write(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_report_html_is_standalone_and_escaped(tmp_path) -> None:
+    from llmft_assets.evaluation.gate import decide_gate_for_report
+
     report = _report()
-    report.gate = {"passed": False, "reasons": ["base: <accuracy> did not beat"]}
+    decision = decide_gate_for_report(report)
+    report.gate = decision.as_dict()
     page = report.to_html()
     assert page.startswith("<!DOCTYPE html>")
     assert "<script>" not in page and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; 2?" in page
     assert "&lt;/pre&gt;&lt;b&gt;bold&lt;/b&gt;" in page
     assert "tiny &lt;base&gt;" in page
-    assert "&lt;accuracy&gt; did not beat" in page and "FAILED" in page
+    # The decision and one row per criterion: its value, threshold, verdict and reason.
+    assert "REFUSE" in page and "PROMOTE" not in page
+    assert decision.failed == ["accuracy_significance", "format_compliance", "finish_rate"]
+    assert (
+        '<tr><td>finish_rate</td><td class="num">0.75</td><td class="num">&gt;= 0.8</td><td class="fail">fail</td>'
+        in page
+    )
+    assert (
+        '<tr><td>perplexity</td><td class="num">12</td><td class="num">&lt;= 20</td><td class="pass">pass</td>'
+        in page
+    )
+    assert '<td class="meta">skipped</td><td>champion_accuracy: no champion yet -&gt; skipped</td>' in page
     assert "75.0%" in page and "+50.0%" in page  # adapter accuracy and its delta over the base
     assert "row-9" in page and "http" not in page  # nothing fetched from outside
     json_path, html_path = report.write(tmp_path / "out")
-    assert json.loads(json_path.read_text())["adapter"] == "adapter v1"
+    written = json.loads(json_path.read_text())
+    assert written["adapter"] == "adapter v1" and written["gate"]["passed"] is False
+    assert written["rows"][0]["correct"] == {"base": False, "adapter": True}
     assert html_path.read_text() == page

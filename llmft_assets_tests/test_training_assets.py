@@ -88,7 +88,9 @@ def test_train_evaluate_gate_and_registry(workspace: dict[str, str]) -> None:
             "eval_report": {"config": {"max_rows": 6, "max_new_tokens": 24}},
         },
     )
-    assert result.success, [e.event_specific_data.error.message for e in result.get_step_failure_events()]
+    # The only failure is the blocking gate refusing the adapter (asserted in detail below).
+    failures = [e.event_specific_data.error.message for e in result.get_step_failure_events()]
+    assert len(failures) == 1 and "eval_gate" in failures[0], failures
     adapter = _metadata(result, "lora_adapter")
     assert adapter["global_step"] == 8
     assert adapter["tokens_per_second"] > 0 and adapter["train_tokens"] > 0
@@ -118,11 +120,29 @@ def test_train_evaluate_gate_and_registry(workspace: dict[str, str]) -> None:
     assert report["num_rows"] > 0
     assert "adapter_perplexity" in report and "base_perplexity" in report
     version = adapter["registered_version"]
-    gate = checks["eval_gate"]
-    if gate.passed:
-        assert client.get_model_version_by_alias("llmft-adapter", "champion").version == version
-    else:
-        assert client.get_model_version_by_alias("llmft-adapter", "candidate").version == version
+    # Eight steps on an untrained tiny model answer nothing right: the gate refuses, nothing is promoted.
+    written = json.loads((Path(str(report["uri"])) / "eval_report.json").read_text())
+    gate = written["gate"]
+    assert gate is not None and gate["passed"] is False
+    failed = [c["name"] for c in gate["criteria"] if c["verdict"] == "fail"]
+    assert {"accuracy_gain", "accuracy_significance"} <= set(failed)
+    assert [c["verdict"] for c in gate["criteria"][-4:]] == ["skipped"] * 4  # no champion yet
+    assert report["gate_passed"] is False and report["accuracy_gain_verdict"] == "fail"
+    assert report["accuracy_significance_threshold"] == 0.05
+    check = checks["eval_gate"]
+    assert not check.passed
+    check_metadata = {k: getattr(v, "value", v) for k, v in check.metadata.items()}
+    assert check_metadata["promoted"] is False and check_metadata["previous_champion"] == "none"
+    assert check_metadata["finish_rate_threshold"] == 0.8
+    assert check_metadata["finish_rate_value"] == report["adapter_finished_rate"]
+    assert check_metadata["accuracy_gain_verdict"] == "fail"
+    tags = client.get_model_version("llmft-adapter", version).tags
+    assert tags["llmft.gate.passed"] == "false"
+    assert tags["llmft.gate.accuracy_gain"].startswith("fail: ")
+    assert tags["llmft.gate.champion_accuracy"] == "skipped: n/a"
+    assert client.get_model_version_by_alias("llmft-adapter", "candidate").version == version
+    with pytest.raises(Exception, match="champion"):
+        client.get_model_version_by_alias("llmft-adapter", "champion")
 
 
 BENTO_RUN = """

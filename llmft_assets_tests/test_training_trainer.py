@@ -174,11 +174,19 @@ def test_bill_of_materials(tmp_path: Path) -> None:
             "chat_template_sha256": "f00",
         },
         dataset_version="v-123",
+        dataset={"source": "ServiceNow-AI/R1-Distill-SFT", "config": "v1", "license": "cc-by-nc-sa-4.0",
+                 "license_source": "per-source table (ServiceNow-AI/R1-Distill-SFT)"},
         config=config,
         seed=7,
-    )
+    )  # fmt: skip
     assert bom["base_model"]["revision"] == "abc123"
-    assert bom["dataset"] == {"version": "v-123", "license": "CC-BY-NC-SA-4.0"}
+    assert bom["dataset"] == {
+        "version": "v-123",
+        "source": "ServiceNow-AI/R1-Distill-SFT",
+        "config": "v1",
+        "license": "cc-by-nc-sa-4.0",
+        "license_source": "per-source table (ServiceNow-AI/R1-Distill-SFT)",
+    }
     assert bom["training_config"]["lora_r"] == 8 and bom["method"] == "lora" and bom["seed"] == 7
     assert bom["libraries"]["torch"] and bom["libraries"]["transformers"] and bom["libraries"]["peft"]
     assert bom["code_version"].startswith(("git:", "llmft=="))
@@ -186,8 +194,15 @@ def test_bill_of_materials(tmp_path: Path) -> None:
     assert BOM_FILENAME == "bill_of_materials.json"
     assert detect_code_version(tmp_path).startswith("llmft==")  # not a git checkout
     explicit = bill_of_materials(
-        base_model_info={"id": "m"}, dataset_version="v", config=config, seed=1, code_version="git:deadbeef"
+        base_model_info={"id": "m"},
+        dataset_version="v",
+        dataset=None,
+        config=config,
+        seed=1,
+        code_version="git:deadbeef",
     )
     assert explicit["code_version"] == "git:deadbeef"
+    # Nothing recorded: unknown, never a guessed licence.
+    assert explicit["dataset"]["license"] == "unknown" and explicit["base_model"]["license"] == "unknown"
     with pytest.raises(ValueError, match="dataset_version"):
-        bill_of_materials(base_model_info={"id": "m"}, dataset_version="", config=config, seed=1)
+        bill_of_materials(base_model_info={"id": "m"}, dataset_version="", dataset=None, config=config, seed=1)

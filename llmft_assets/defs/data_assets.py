@@ -44,6 +44,8 @@ class RawDatasetConfig(dg.Config):
     """R1-Distill-SFT config: v0, v1, or all (bundled sample only)."""
     max_rows: int | None = None
     batch_size: int = 2048
+    license: str | None = None
+    """The dataset's licence when the per-source table (llmft_assets/training/licenses.py) does not know it."""
 
 
 class CleanConfig(dg.Config):
@@ -64,6 +66,8 @@ class BaseModelConfig(dg.Config):
     revision: str | None = None
     pretrain_steps: int | None = None
     """tiny only: causal-LM pretraining steps on plain text (None = the builder's default)."""
+    license: str | None = None
+    """The model's licence when the per-model table (llmft_assets/training/licenses.py) does not know it."""
 
 
 class TokenizeConfig(dg.Config):
@@ -111,6 +115,18 @@ def _log_progress(context: dg.AssetExecutionContext, counts: StageCounts, last: 
             f"{counts.stage}: {counts.rows_in} rows read, {counts.rows_out} kept, "
             f"{counts.quarantined} quarantined, {counts.duplicates} duplicates"
         )
+
+
+DATASET_KEY = "dataset"  # artifact metadata: {source, config, license, license_source}, carried downstream
+
+
+def _license_fields(license_: Any) -> dict[str, str]:
+    return {"license": license_.license, "license_source": license_.source}
+
+
+def _carried(upstream: ArtifactHandle) -> dict[str, Any]:
+    """The dataset description of the upstream artifact, for this one's metadata (absent on old artifacts)."""
+    return {DATASET_KEY: upstream.metadata[DATASET_KEY]} if DATASET_KEY in upstream.metadata else {}
 
 
 def _stage_result(
@@ -162,8 +178,23 @@ def raw_dataset(
             _log_progress(context, counts, last)
     for warning in counts.warnings:
         context.log.warning(warning)
-    artifact, metadata = _stage_result(staging, counts, {"source": config.source, "config": config.config})
-    return dg.Output(artifact, metadata={**metadata, "source": config.source, "config": str(config.config)})
+    from llmft_assets.training.licenses import dataset_license
+
+    license_ = dataset_license(config.source, config.license)
+    # Which data this is and under what licence travels with every derived artifact, to the BOM.
+    dataset = {"source": config.source, "config": config.config, **_license_fields(license_)}
+    artifact, metadata = _stage_result(
+        staging, counts, {"source": config.source, "config": config.config, DATASET_KEY: dataset}
+    )
+    return dg.Output(
+        artifact,
+        metadata={
+            **metadata,
+            "source": config.source,
+            "config": str(config.config),
+            "license": license_.license,
+        },
+    )
 
 
 @dg.asset(group_name=DATA_GROUP, owners=OWNERS, kinds={"parquet"})
@@ -196,7 +227,9 @@ def cleaned_dataset(
             preview.extend(cleaned[: 5 - len(preview)])
             _log_progress(context, counts, last)
     dropped = always_null_columns(counts)
-    artifact, metadata = _stage_result(staging, counts, {"dropped_null_columns": dropped})
+    artifact, metadata = _stage_result(
+        staging, counts, {"dropped_null_columns": dropped, **_carried(raw_dataset)}
+    )
     return dg.Output(
         artifact,
         metadata={
@@ -238,7 +271,7 @@ def validated_dataset(
             rows_out.write_rows(valid)
             quarantine_out.write_rows(quarantine)
             _log_progress(context, counts, last)
-    artifact, metadata = _stage_result(staging, counts)
+    artifact, metadata = _stage_result(staging, counts, _carried(cleaned_dataset))
     reject_rate = counts.quarantined / counts.rows_in if counts.rows_in else 0.0
     return dg.Output(
         artifact,
@@ -256,9 +289,12 @@ def base_model(
 
     staging = storage.staging_dir("base_model")
     context.log.info(f"materializing base model {config.model!r}")
+    from llmft_assets.training.licenses import base_model_license
+
     info = materialize_base_model(
         config.model, staging, revision=config.revision, pretrain_steps=config.pretrain_steps
     )
+    info.update(_license_fields(base_model_license(info.get("model_id"), config.license)))
     metadata: dict[str, Any] = {
         key: value
         for key, value in info.items()
@@ -311,6 +347,7 @@ def tokenized_dataset(
             "max_seq_len": config.max_seq_len,
             "total_tokens": total_tokens,
             "base_model_version": base_model.version,
+            **_carried(validated_dataset),
         },
     )
     return dg.Output(
@@ -389,6 +426,7 @@ def dataset_splits(
             "tokens": tokens,
             "salt": config.salt,
             "upstream": tokenized_dataset.version,
+            **_carried(tokenized_dataset),
         },
     )
     return dg.Output(

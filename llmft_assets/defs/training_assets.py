@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from pydantic import Field
+from pydantic import BaseModel, Field, create_model
 
 from llmft_assets.defs.data_assets import OWNERS, split_file
 from llmft_assets.defs.k8s_tags import gpu_op_tags
 from llmft_assets.defs.mlflow_resource import MlflowResource
 from llmft_assets.defs.storage_resources import ArtifactHandle, StagedArtifact, StorageResource, asset_prefix
+from llmft_assets.evaluation.answer_check import DEFAULT_TIMEOUT_S as DEFAULT_ANSWER_TIMEOUT_S
+from llmft_assets.evaluation.gate import Criterion, GateThresholds, criteria_table
 from llmft_assets.evaluation.generate import DEFAULT_MAX_NEW_TOKENS
 
 TRAINING_GROUP = "training"
@@ -29,7 +31,6 @@ ADAPTER_SUBDIR = "adapter"
 BOM_FILE = "bill_of_materials.json"
 RESULT_FILE = "train_result.json"
 LOSS_PNG = "loss_curve.png"
-DATASET_LICENSE = os.environ.get("LLMFT_DATASET_LICENSE", "CC-BY-NC-SA-4.0")
 
 
 class LoraAdapterConfig(dg.Config):
@@ -144,6 +145,7 @@ def lora_adapter(
 ) -> dg.Output[StagedArtifact]:
     """A LoRA (or QLoRA) adapter fine-tuned on the train split with assistant-only loss; checkpoints go to
     storage every `save_steps`, and a retried or re-launched run resumes from the latest one."""
+    from llmft_assets.evaluation.model_card import MODEL_CARD_FILE, model_card_from_bom
     from llmft_assets.training.bom import bill_of_materials
     from llmft_assets.training.storage_checkpoints import StorageCheckpointStore
     from llmft_assets.training.tracking import log_loss_curve
@@ -157,7 +159,8 @@ def lora_adapter(
     bom = bill_of_materials(
         base_model_info={**base_info, "artifact_version": base_model.version, "artifact_uri": base_model.uri},
         dataset_version=dataset_splits.version,
-        dataset_license=DATASET_LICENSE,
+        # Source and licence as raw_dataset recorded them (per-source table or config), carried down the chain.
+        dataset=dataset_splits.metadata.get("dataset"),
         config=training_config,
         seed=training_config.seed,
     )
@@ -213,6 +216,9 @@ def lora_adapter(
     (staging / RESULT_FILE).write_text(json.dumps(result_data, indent=2))
     # The bill of materials travels inside the adapter folder: to MLflow, the bento and any copy of it.
     (staging / ADAPTER_SUBDIR / BOM_FILE).write_text(json.dumps(bom, indent=2, default=str))
+    (staging / ADAPTER_SUBDIR / MODEL_CARD_FILE).write_text(
+        model_card_from_bom(bom, title="llmft LoRA adapter")
+    )
     loss_png = log_loss_curve(run_id, result.loss_history, tracking_uri=mlflow.resolved_tracking_uri())
     mlflow.log_adapter(run_id, staging / ADAPTER_SUBDIR)
     mlflow.log_bill_of_materials(run_id, bom)
@@ -269,6 +275,18 @@ def lora_adapter(
     return dg.Output(artifact, metadata=metadata)
 
 
+def _derived_config(name: str, model: type[BaseModel], doc: str) -> type[dg.Config]:
+    """A Dagster config class with exactly the fields (types, defaults, bounds) of a pydantic model."""
+    fields: dict[str, Any] = {key: (info.annotation, info) for key, info in model.model_fields.items()}
+    return create_model(name, __base__=dg.Config, __doc__=doc, **fields)
+
+
+# The gate's thresholds have one home, GateThresholds; this run config is derived from it.
+GateConfig = _derived_config(
+    "GateConfig", GateThresholds, "Thresholds of the promotion gate (GateThresholds)."
+)
+
+
 class EvalReportConfig(dg.Config):
     max_rows: int = Field(default=64, description="test rows scored (generation is the slow part)")
     max_new_tokens: int = Field(
@@ -278,6 +296,10 @@ class EvalReportConfig(dg.Config):
     compare_champion: bool = Field(
         default=True, description="also score the current champion on the same rows"
     )
+    answer_timeout_s: float = Field(
+        default=DEFAULT_ANSWER_TIMEOUT_S, gt=0, description="deadline of one answer's math-verify check"
+    )
+    gate: GateConfig = Field(default_factory=GateConfig, description="the promotion gate's thresholds")  # type: ignore[valid-type]
 
 
 def _adapter_dir_of_version(storage: StorageResource, version: str) -> Path:
@@ -287,6 +309,49 @@ def _adapter_dir_of_version(storage: StorageResource, version: str) -> Path:
         storage.backend(), asset_prefix(dg.AssetKey("lora_adapter")), storage.cache_dir(), version=version
     )
     return path / ADAPTER_SUBDIR
+
+
+def _gate_tags(gate: dict[str, Any]) -> dict[str, str]:
+    """MLflow version tags: the decision and, per criterion, "verdict: value comparator threshold"."""
+    tags = {
+        "llmft.gate.passed": str(bool(gate["passed"])).lower(),
+        "llmft.gate.champion": str(gate["champion"]),
+    }
+    for criterion in gate["criteria"]:
+        value, threshold = criterion["value"], criterion["threshold"]
+        shown = "n/a" if value is None else f"{value:.4g}"
+        limit = "" if threshold is None else f" (needs {criterion['comparator']} {threshold:.4g})"
+        tags[f"llmft.gate.{criterion['name']}"] = f"{criterion['verdict']}: {shown}{limit}"
+    return tags
+
+
+def _gate_markdown(gate: dict[str, Any]) -> str:
+    lines = [
+        f"**{'PROMOTE' if gate['passed'] else 'REFUSE'}** (champion: {gate['champion'] or 'none'})",
+        "",
+        "| criterion | value | threshold | verdict |",
+        "|---|---|---|---|",
+    ]
+    for row in criteria_table([Criterion(**criterion) for criterion in gate["criteria"]]):
+        value = "-" if row["value"] is None else f"{row['value']:.4g}"
+        lines.append(f"| {row['criterion']} | {value} | {row['threshold'] or '-'} | {row['verdict']} |")
+    return "\n".join(lines)
+
+
+def _gate_metadata(gate: dict[str, Any]) -> dict[str, Any]:
+    """Flat metadata: the decision and each criterion's value, threshold and verdict (+ a table)."""
+    metadata: dict[str, Any] = {
+        "gate_passed": bool(gate["passed"]),
+        "gate": dg.MetadataValue.md(_gate_markdown(gate)),
+    }
+    for criterion in gate["criteria"]:
+        name = criterion["name"]
+        metadata[f"{name}_value"] = criterion["value"] if criterion["value"] is not None else float("nan")
+        metadata[f"{name}_threshold"] = (
+            criterion["threshold"] if criterion["threshold"] is not None else float("nan")
+        )
+        metadata[f"{name}_verdict"] = criterion["verdict"]
+    return metadata
 
 
 @dg.asset(group_name=EVALUATION_GROUP, owners=OWNERS, kinds={"mlflow", "html"})
@@ -299,8 +364,9 @@ def eval_report(
     storage: StorageResource,
     mlflow: MlflowResource,
 ) -> dg.Output[StagedArtifact]:
-    """Base model vs adapter (vs the champion) on the test split: perplexity on assistant tokens, boxed-answer
-    accuracy, format compliance and response length, as JSON + HTML."""
+    """Base model vs adapter (vs the champion) on the same test rows: verified accuracy, format compliance,
+    finish rate, perplexity and response length, and the gate's decision on every criterion (JSON + HTML)."""
+    from llmft_assets.evaluation.gate import decide_gate_for_report
     from llmft_assets.evaluation.report import evaluate
     from llmft_assets.storage.tables import iter_parquet_rows
 
@@ -309,13 +375,12 @@ def eval_report(
         raise dg.Failure(description="the test split is empty: nothing to evaluate", allow_retries=False)
     champion = mlflow.get_version_by_alias("champion")
     champion_dir = None
-    champion_name = None
+    champion_name = f"llmft-adapter v{champion.version}" if champion is not None else None
     adapter_version = lora_adapter.version
     if config.compare_champion and champion is not None:
         champion_artifact = (champion.tags or {}).get("llmft.adapter_version")
         if champion_artifact and champion_artifact != adapter_version:
             champion_dir = _adapter_dir_of_version(storage, champion_artifact)
-            champion_name = f"champion v{champion.version}"
     context.log.info(f"evaluating on {len(rows)} test rows (champion: {champion_name or 'none'})")
     report = evaluate(
         base_model.path,
@@ -323,11 +388,23 @@ def eval_report(
         rows,
         max_new_tokens=config.max_new_tokens,
         batch_size=config.batch_size,
+        answer_timeout_s=config.answer_timeout_s,
         champion_adapter_dir=champion_dir,
         base_model_name=str(base_model.metadata.get("model_info", {}).get("model_id", "base")),
         adapter_name=f"adapter {adapter_version}",
+        champion_name=champion_name if champion_dir is not None else None,
+    )
+    # The champion not scored on these rows (same adapter, or compare_champion off): its registry metrics.
+    registry_metrics = None
+    if champion is not None and champion_dir is None and "llmft.eval" in (champion.tags or {}):
+        registry_metrics = json.loads(champion.tags["llmft.eval"])
+    decision = decide_gate_for_report(
+        report,
+        thresholds=GateThresholds(**config.gate.model_dump()),
+        champion=registry_metrics,
         champion_name=champion_name,
     )
+    report.gate = {**decision.as_dict(), "champion_version": str(champion.version) if champion else None}
     staging = storage.staging_dir("eval_report")
     report.write(staging)
     headline = report.headline()
@@ -344,14 +421,17 @@ def eval_report(
             {
                 "llmft.adapter_version": adapter_version,
                 "llmft.eval": json.dumps(report.metrics_for("adapter")),
+                **_gate_tags(report.gate),
             },
         )
+    context.log.info(f"gate: {'PROMOTE' if decision.passed else 'REFUSE'}; " + "; ".join(decision.reasons))
     metadata: dict[str, Any] = {
         key: (value if value is not None else float("nan")) for key, value in headline.items()
     }
     metadata["adapter_version"] = adapter_version
     metadata["registered_version"] = str(version)
     metadata["report_preview"] = dg.MetadataValue.md(_report_markdown(report))
+    metadata.update(_gate_metadata(report.gate))
     return dg.Output(
         StagedArtifact(
             staging,
@@ -359,6 +439,7 @@ def eval_report(
                 "headline": headline,
                 "adapter_version": adapter_version,
                 "registered_version": version,
+                "gate_passed": decision.passed,
             },
         ),
         metadata=metadata,
@@ -366,7 +447,7 @@ def eval_report(
 
 
 def _report_markdown(report: Any) -> str:
-    metrics = ["accuracy", "format_compliance", "perplexity", "mean_response_tokens"]
+    metrics = ["accuracy", "format_compliance", "finished_rate", "perplexity", "mean_response_tokens"]
     lines = ["| model | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for name in report.models:
         scores = report.metrics_for(name)
@@ -375,39 +456,42 @@ def _report_markdown(report: Any) -> str:
     return "\n".join(lines)
 
 
-GATE_TOLERANCE = float(os.environ.get("LLMFT_GATE_TOLERANCE", "0.02"))
-
-
 @dg.asset_check(
     asset=eval_report,
     blocking=True,
     description=(
-        "Promotion gate: the adapter beats the base model and does not fall behind the champion by more "
-        f"than LLMFT_GATE_TOLERANCE (default {GATE_TOLERANCE}); on pass the version becomes `champion`."
+        "Promotion gate (decided in eval_report on every criterion: verified accuracy with an exact McNemar "
+        "test against the base model, format compliance, finish rate, perplexity, no regression against the "
+        "champion); on pass the version becomes `champion`."
     ),
 )
 def eval_gate(eval_report: ArtifactHandle, mlflow: MlflowResource) -> dg.AssetCheckResult:
-    from llmft_assets.evaluation.gate import decide_gate_for_report
-    from llmft_assets.evaluation.report import EvalReport
+    from llmft_assets.evaluation.report import REPORT_JSON, EvalReport
 
-    report = EvalReport.from_json((eval_report.path / "eval_report.json").read_text())
+    report = EvalReport.from_json((eval_report.path / REPORT_JSON).read_text())
+    gate = report.gate or {"passed": False, "criteria": [], "reasons": ["the report has no gate decision"]}
     champion_version = mlflow.get_version_by_alias("champion")
-    champion_metrics = None
-    if champion_version is not None and "llmft.eval" in (champion_version.tags or {}):
-        champion_metrics = json.loads(champion_version.tags["llmft.eval"])
-    decision = decide_gate_for_report(report, tolerance=GATE_TOLERANCE, champion=champion_metrics)
+    current = str(champion_version.version) if champion_version else None
+    passed = bool(gate["passed"])
+    reasons = list(gate["reasons"])
+    if passed and current != gate.get("champion_version"):
+        # Another version became champion after this report was made: its comparison is stale.
+        passed = False
+        reasons.append(
+            f"champion changed from {gate.get('champion_version')} to {current} since the evaluation; re-evaluate"
+        )
     candidate = eval_report.metadata.get("registered_version")
     promoted = False
-    if decision.passed and candidate:
+    if passed and candidate:
         mlflow.set_alias("champion", candidate)
         promoted = True
     return dg.AssetCheckResult(
-        passed=decision.passed,
+        passed=passed,
         metadata={
-            "reasons": dg.MetadataValue.md("\n".join(f"- {reason}" for reason in decision.reasons)),
+            **_gate_metadata(gate),
+            "reasons": dg.MetadataValue.md("\n".join(f"- {reason}" for reason in reasons)),
             "candidate_version": str(candidate),
-            "previous_champion": str(champion_version.version) if champion_version else "none",
+            "previous_champion": current or "none",
             "promoted": promoted,
-            "tolerance": GATE_TOLERANCE,
         },
     )

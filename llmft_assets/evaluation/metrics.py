@@ -1,7 +1,7 @@
-"""Answer accuracy, format compliance and response length of generated answers (pure Python).
+"""Answer accuracy, format compliance, finish rate and response length of generated answers (pure Python).
 
-Answer extraction and normalisation are the data pipeline's (``llmft_assets.data.answers``), so the
-eval scores answers exactly the way the reference answers were extracted from the dataset.
+Whether an answer is right is decided by :mod:`llmft_assets.evaluation.answer_check` (math-verify, with
+the data pipeline's own ``\\boxed{}`` extraction); this module aggregates those verdicts.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from llmft_assets.data.answers import extract_boxed_answer, normalize_answer
 from llmft_assets.data.validation import THINK_CLOSE, THINK_OPEN, think_balance_problem
+from llmft_assets.evaluation.answer_check import Verdict
 
 
 @dataclass(frozen=True)
@@ -24,20 +24,6 @@ class Generation:
     finished: bool
 
 
-def answer_is_correct(generated: str, reference: str | None) -> bool | None:
-    """Whether the last ``\\boxed{}`` of ``generated`` equals ``reference`` after normalisation.
-
-    None when the row has no checkable reference (it is left out of accuracy, not counted wrong);
-    False when the generation has no boxed answer.
-    """
-    if reference is None or not normalize_answer(reference):
-        return None
-    predicted = extract_boxed_answer(generated)
-    if predicted is None:
-        return False
-    return normalize_answer(predicted) == normalize_answer(reference)
-
-
 @dataclass(frozen=True)
 class AccuracyResult:
     accuracy: float  # correct / checkable; NaN when no row is checkable
@@ -46,20 +32,18 @@ class AccuracyResult:
     num_rows: int
 
 
-def answer_accuracy(generated: Sequence[str], references: Sequence[str | None]) -> AccuracyResult:
-    """Exact-match accuracy of boxed answers over the rows that have a reference answer."""
-    if len(generated) != len(references):
-        raise ValueError(f"{len(generated)} generations but {len(references)} references")
-    verdicts = [
-        answer_is_correct(text, reference) for text, reference in zip(generated, references, strict=True)
-    ]
-    checked = [verdict for verdict in verdicts if verdict is not None]
+def answer_accuracy(verdicts: Sequence[Verdict]) -> AccuracyResult:
+    """Verified accuracy over the rows that have a reference answer (``Verdict.correct`` not None).
+
+    The verdicts come from :mod:`llmft_assets.evaluation.answer_check` (math-verify equivalence).
+    """
+    checked = [verdict.correct for verdict in verdicts if verdict.correct is not None]
     num_correct = sum(checked)
     return AccuracyResult(
         accuracy=num_correct / len(checked) if checked else math.nan,
         num_correct=num_correct,
         num_checkable=len(checked),
-        num_rows=len(generated),
+        num_rows=len(verdicts),
     )
 
 
@@ -79,6 +63,13 @@ def format_problem(generation: Generation) -> str | None:
     if not generation.text.rsplit(THINK_CLOSE, 1)[-1].strip():
         return f"nothing after {THINK_CLOSE}"
     return None
+
+
+def finish_rate(generations: Sequence[Generation]) -> float:
+    """Fraction of generations that stopped at the end token rather than at max_new_tokens (NaN if none)."""
+    if not generations:
+        return math.nan
+    return sum(generation.finished for generation in generations) / len(generations)
 
 
 def format_compliance(generations: Sequence[Generation]) -> float:
@@ -106,5 +97,5 @@ def response_length(generations: Sequence[Generation]) -> LengthStats:
     return LengthStats(
         mean_tokens=sum(generation.num_tokens for generation in generations) / count,
         mean_chars=sum(len(generation.text) for generation in generations) / count,
-        finished_rate=sum(generation.finished for generation in generations) / count,
+        finished_rate=finish_rate(generations),
     )

@@ -1,7 +1,8 @@
 """The eval report: base model vs LoRA adapter (and optionally the current champion) on the test split.
 
-For every model: perplexity on the assistant tokens, boxed-answer accuracy, format compliance and mean
-response length, plus a few sample generations side by side. The report is written as JSON (the
+For every model: perplexity on the assistant tokens, verified accuracy of the boxed answer (math-verify,
+see ``answer_check``), format compliance, finish rate (stopped at the end token) and mean response length,
+plus every row's verdicts (for the gate's paired test) and a few sample generations side by side. The report is written as JSON (the
 machine-readable record the gate and the registry read) and a standalone HTML page (for people).
 All models are scored on the same rows in one process: the base model is loaded once, evaluated, then
 wrapped with the adapter(s), so the comparison is like for like.
@@ -21,13 +22,15 @@ from typing import Any
 
 from llmft_assets.data.schema import IGNORE_INDEX
 from llmft_assets.evaluation import metrics
+from llmft_assets.evaluation.answer_check import DEFAULT_TIMEOUT_S, AnswerChecker, Verdict
 
 BASE = "base"
 ADAPTER = "adapter"
 CHAMPION = "champion"
 REPORT_JSON = "eval_report.json"
 REPORT_HTML = "eval_report.html"
-_HEADLINE_METRICS = ("accuracy", "perplexity", "format_compliance", "mean_response_tokens")
+_HEADLINE_METRICS = ("accuracy", "perplexity", "format_compliance", "finished_rate", "mean_response_tokens")
+_DELTA_METRICS = ("accuracy", "perplexity", "format_compliance", "finished_rate")
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,16 @@ class SampleComparison:
     correct: dict[str, bool | None]
 
 
+@dataclass(frozen=True)
+class RowOutcome:
+    """One test row's verdict per model: answer correct (None: no reference), format ok, stopped at the end."""
+
+    id: str
+    correct: dict[str, bool | None]
+    format_ok: dict[str, bool]
+    finished: dict[str, bool]
+
+
 @dataclass
 class EvalReport:
     base_model: str
@@ -70,11 +83,18 @@ class EvalReport:
     skipped: list[dict[str, str]] = field(default_factory=list)
     created_at: str = ""
     eval_seconds: float = 0.0
-    gate: dict[str, Any] | None = None  # filled by the caller with GateDecision.as_dict()
+    rows: list[RowOutcome] = field(default_factory=list)
+    gate: dict[str, Any] | None = None  # GateDecision.as_dict(); set before the report is written
 
     def metrics_for(self, model: str) -> dict[str, Any]:
         """One model's metrics as a plain dict (what :func:`llmft_assets.evaluation.gate.decide_gate` takes)."""
         return self.models[model].as_dict()
+
+    def correct_by_row(self, model: str) -> dict[str, bool | None] | None:
+        """{row id: verdict} of one model (the gate's paired test); None when the report has no rows."""
+        if not self.rows or any(model not in row.correct for row in self.rows):
+            return None
+        return {row.id: row.correct[model] for row in self.rows}
 
     def headline(self) -> dict[str, float | int | None]:
         """Flat headline numbers for asset metadata and MLflow: ``adapter_accuracy``, ``accuracy_delta``..."""
@@ -83,7 +103,7 @@ class EvalReport:
             for metric in _HEADLINE_METRICS:
                 numbers[f"{model}_{metric}"] = getattr(scores, metric)
         base, adapter = self.models[BASE], self.models[ADAPTER]
-        for metric in ("accuracy", "perplexity"):
+        for metric in _DELTA_METRICS:
             ours, theirs = getattr(adapter, metric), getattr(base, metric)
             numbers[f"{metric}_delta"] = None if ours is None or theirs is None else ours - theirs
         return numbers
@@ -96,13 +116,19 @@ class EvalReport:
         data = json.loads(text)
         data["models"] = {name: ModelMetrics(**scores) for name, scores in data["models"].items()}
         data["samples"] = [SampleComparison(**sample) for sample in data["samples"]]
+        data["rows"] = [RowOutcome(**row) for row in data.get("rows", [])]
         return cls(**data)
 
     def to_html(self) -> str:
         return render_html(self)
 
     def write(self, out_dir: Path) -> tuple[Path, Path]:
-        """Write ``eval_report.json`` and ``eval_report.html`` into ``out_dir``; return both paths."""
+        """Write ``eval_report.json`` and ``eval_report.html`` into ``out_dir``; return both paths.
+
+        The gate's decision is part of the record: a report without one is refused.
+        """
+        if not self.gate:
+            raise ValueError("the report has no gate decision; set report.gate before writing it")
         out_dir.mkdir(parents=True, exist_ok=True)
         json_path, html_path = out_dir / REPORT_JSON, out_dir / REPORT_HTML
         json_path.write_text(self.to_json() + "\n", encoding="utf-8")
@@ -147,9 +173,9 @@ def _last_user_text(messages: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _score(
-    generations: Sequence[metrics.Generation], references: Sequence[str | None], perplexity: float
+    generations: Sequence[metrics.Generation], verdicts: Sequence[Verdict], perplexity: float
 ) -> ModelMetrics:
-    accuracy = metrics.answer_accuracy([generation.text for generation in generations], references)
+    accuracy = metrics.answer_accuracy(verdicts)
     lengths = metrics.response_length(generations)
     return ModelMetrics(
         perplexity=_finite_or_none(perplexity),
@@ -173,6 +199,7 @@ def evaluate(
     perplexity_batch_size: int = 4,
     seed: int = 0,
     num_samples: int = 5,
+    answer_timeout_s: float = DEFAULT_TIMEOUT_S,
     champion_adapter_dir: Path | None = None,
     base_model_name: str | None = None,
     adapter_name: str | None = None,
@@ -184,7 +211,9 @@ def evaluate(
     ``batch_size`` is how many rows are decoded together (continuous batching).
     ``rows`` are tokenized-schema rows: ``messages`` (the reference assistant turn last),
     ``reference_answer``, ``input_ids``, ``labels``. Rows that cannot be evaluated are listed in
-    ``report.skipped`` with the reason; ValueError when none is left.
+    ``report.skipped`` with the reason; ValueError when none is left. Answers are checked with
+    math-verify, each within ``answer_timeout_s`` (a slower one counts as wrong). ``report.gate`` is
+    left for the caller to decide (:func:`llmft_assets.evaluation.gate.decide_gate_for_report`).
     """
     from llmft_assets.evaluation import generate
 
@@ -207,30 +236,45 @@ def evaluate(
     tokenizer = generate.load_tokenizer(Path(model_dir))
     pad_id = int(tokenizer.pad_token_id)
 
-    def score_current(model: Any) -> tuple[list[metrics.Generation], ModelMetrics]:
-        generations = generate.generate_continuous(
-            model,
-            Path(model_dir),
-            conversations,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            seed=seed,
-        )
-        perplexity = generate.assistant_token_perplexity(
-            model, usable, batch_size=perplexity_batch_size, pad_token_id=pad_id
-        )
-        return generations, _score(generations, references, perplexity)
-
-    model = generate.load_base_model(Path(model_dir))
     outputs: dict[str, list[metrics.Generation]] = {}
+    verdicts: dict[str, list[Verdict]] = {}
     scores: dict[str, ModelMetrics] = {}
-    # The base model is scored before any adapter is injected into it.
-    outputs[BASE], scores[BASE] = score_current(model)
-    model = generate.attach_adapter(model, Path(adapter_dir), adapter_name=ADAPTER)
-    outputs[ADAPTER], scores[ADAPTER] = score_current(model)
-    if champion_adapter_dir is not None:
-        model = generate.attach_adapter(model, Path(champion_adapter_dir), adapter_name=CHAMPION)
-        outputs[CHAMPION], scores[CHAMPION] = score_current(model)
+    with AnswerChecker(timeout_s=answer_timeout_s) as checker:
+
+        def score_current(name: str, model: Any) -> None:
+            outputs[name] = generate.generate_continuous(
+                model,
+                Path(model_dir),
+                conversations,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                seed=seed,
+            )
+            perplexity = generate.assistant_token_perplexity(
+                model, usable, batch_size=perplexity_batch_size, pad_token_id=pad_id
+            )
+            verdicts[name] = checker.check_many([g.text for g in outputs[name]], references)
+            scores[name] = _score(outputs[name], verdicts[name], perplexity)
+
+        model = generate.load_base_model(Path(model_dir))
+        # The base model is scored before any adapter is injected into it.
+        score_current(BASE, model)
+        model = generate.attach_adapter(model, Path(adapter_dir), adapter_name=ADAPTER)
+        score_current(ADAPTER, model)
+        if champion_adapter_dir is not None:
+            model = generate.attach_adapter(model, Path(champion_adapter_dir), adapter_name=CHAMPION)
+            score_current(CHAMPION, model)
+
+    row_ids = [str(row.get("id", index)) for index, row in enumerate(usable)]
+    row_outcomes = [
+        RowOutcome(
+            id=row_id,
+            correct={name: verdicts[name][index].correct for name in outputs},
+            format_ok={name: metrics.format_problem(outputs[name][index]) is None for name in outputs},
+            finished={name: outputs[name][index].finished for name in outputs},
+        )
+        for index, row_id in enumerate(row_ids)
+    ]
 
     samples = [
         SampleComparison(
@@ -238,10 +282,7 @@ def evaluate(
             prompt=_last_user_text(row["messages"]),
             reference_answer=row.get("reference_answer"),
             outputs={name: generations[index].text for name, generations in outputs.items()},
-            correct={
-                name: metrics.answer_is_correct(generations[index].text, row.get("reference_answer"))
-                for name, generations in outputs.items()
-            },
+            correct={name: verdicts[name][index].correct for name in outputs},
         )
         for index, row in enumerate(usable[: max(0, num_samples)])
     ]
@@ -256,9 +297,12 @@ def evaluate(
             "perplexity_batch_size": perplexity_batch_size,
             "seed": seed,
             "decoding": "greedy, continuous batching",
+            "answer_check": "math-verify",
+            "answer_timeout_s": answer_timeout_s,
         },
         models=scores,
         samples=samples,
+        rows=row_outcomes,
         skipped=skipped,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         eval_seconds=round(time.monotonic() - started, 3),
@@ -271,7 +315,7 @@ def evaluate(
 
 _METRIC_ROWS: tuple[tuple[str, str, str], ...] = (
     # (field, label, format) ; percentages for rates
-    ("accuracy", "Answer accuracy (boxed, exact match)", "pct"),
+    ("accuracy", "Verified answer accuracy (last boxed answer, math-verify)", "pct"),
     ("num_correct", "Correct answers", "int"),
     ("num_checkable", "Rows with a reference answer", "int"),
     ("perplexity", "Perplexity on assistant tokens (lower is better)", "float"),
@@ -314,6 +358,36 @@ def _verdict(correct: bool | None) -> str:
     return '<span class="pass">correct</span>' if correct else '<span class="fail">wrong</span>'
 
 
+def _gate_html(gate: Mapping[str, Any]) -> list[str]:
+    """The decision, then one table row per criterion: value, threshold, verdict and the reason."""
+    esc = html.escape
+    passed = bool(gate.get("passed"))
+    verdict = '<span class="pass">PROMOTE</span>' if passed else '<span class="fail">REFUSE</span>'
+    parts = [f"<h2>Gate: {verdict}</h2>"]
+    if gate.get("champion"):
+        parts.append(f"<p>Compared with the champion {esc(str(gate['champion']))}.</p>")
+    criteria = gate.get("criteria") or []
+    if criteria:
+        parts.append(
+            "<table><tr><th>Criterion</th><th>Value</th><th>Threshold</th><th>Verdict</th><th>Why</th></tr>"
+        )
+        for criterion in criteria:
+            value = criterion.get("value")
+            threshold = criterion.get("threshold")
+            status = str(criterion.get("verdict"))
+            css = {"pass": "pass", "fail": "fail"}.get(status, "meta")
+            parts.append(
+                f"<tr><td>{esc(str(criterion.get('name')))}</td>"
+                f'<td class="num">{_format(value, "float")}</td>'
+                f'<td class="num">{esc(str(criterion.get("comparator") or ""))} {_format(threshold, "float")}</td>'
+                f'<td class="{css}">{esc(status)}</td><td>{esc(str(criterion.get("reason")))}</td></tr>'
+            )
+        parts.append("</table>")
+    else:
+        parts.append("<ul>" + "".join(f"<li>{esc(str(r))}</li>" for r in gate.get("reasons", [])) + "</ul>")
+    return parts
+
+
 def render_html(report: EvalReport) -> str:
     """A standalone HTML page (inline CSS, no scripts); every piece of model or data text is escaped."""
     esc = html.escape
@@ -338,10 +412,7 @@ def render_html(report: EvalReport) -> str:
         "</table>",
     ]
     if report.gate is not None:
-        passed = bool(report.gate.get("passed"))
-        verdict = '<span class="pass">PASSED</span>' if passed else '<span class="fail">FAILED</span>'
-        reasons = "".join(f"<li>{esc(str(reason))}</li>" for reason in report.gate.get("reasons", []))
-        parts.append(f"<h2>Gate: {verdict}</h2><ul>{reasons}</ul>")
+        parts += _gate_html(report.gate)
 
     parts.append("<h2>Metrics</h2><table><tr><th>Metric</th>")
     parts += [f"<th>{esc(name)}</th>" for name in names]

@@ -21,6 +21,7 @@ from typing import Any
 LAYOUT_FILE = "llmft_model.json"
 DEFAULT_MODEL_NAME = "llmft-chat"
 BILL_OF_MATERIALS_FILE = "bill_of_materials.json"
+MODEL_CARD_FILE = "README.md"
 # BentoML labels are strings; long ones (a whole bill of materials) stay readable up to this size.
 MAX_LABEL_CHARS = 4096
 
@@ -106,13 +107,15 @@ def save_model_to_bentoml(
     labels: Mapping[str, Any],
     merge: bool = True,
     metadata: Mapping[str, Any] | None = None,
+    model_card: str | None = None,
 ) -> str:
     """Put the model into the BentoML model store and return its tag ("name:version").
 
     `labels` should carry model_version (the adapter artifact version or MLflow version, used as
     the request log's model_version), mlflow_run_id, storage_uri, license and bill_of_materials;
     non-string values are stored as JSON strings. With an adapter, `merge=True` stores the merged
-    model; `merge=False` stores base/ + adapter/ (vLLM serves the adapter as a LoRA).
+    model; `merge=False` stores base/ + adapter/ (vLLM serves the adapter as a LoRA). `model_card`
+    (Markdown) becomes the model's README.md.
     """
     import bentoml
 
@@ -143,6 +146,8 @@ def save_model_to_bentoml(
             (target / BILL_OF_MATERIALS_FILE).write_text(
                 json.dumps(bill_obj, indent=2, sort_keys=True, default=str)
             )
+        if model_card is not None:
+            (target / MODEL_CARD_FILE).write_text(model_card, encoding="utf-8")
         (target / LAYOUT_FILE).write_text(
             json.dumps({"layout": layout, "labels": string_labels}, indent=2, sort_keys=True)
         )
@@ -166,12 +171,14 @@ def build_bento(
     build_ctx: str | Path | None = None,
     labels: Mapping[str, Any] | None = None,
     version: str | None = None,
+    model_card: str | None = None,
 ) -> str:
     """Build the bento described by `<bentos_dir>/bentofile.yaml` around `model_tag`; return its tag.
 
     The build context defaults to the repository root (the parent of bentos/) so that the service
     and the llmft_assets.serving package it imports are both packed. The model tag travels as the
-    bento argument `model_tag`, so the built bento serves exactly that model.
+    bento argument `model_tag`, so the built bento serves exactly that model. `model_card` (Markdown)
+    replaces the bento's README.md (BentoML writes the bentofile's one-line description there).
     """
     import bentoml
 
@@ -190,4 +197,6 @@ def build_bento(
         version=version,
         args={"model_tag": str(stored.tag)},
     )
+    if model_card is not None:
+        (Path(bento.path) / MODEL_CARD_FILE).write_text(model_card, encoding="utf-8")
     return str(bento.tag)

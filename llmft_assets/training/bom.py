@@ -9,10 +9,11 @@ import platform
 import subprocess
 from datetime import UTC, datetime
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from llmft_assets.training.config import TrainingConfig
+from llmft_assets.training.licenses import UNKNOWN
 
 BOM_FILENAME = "bill_of_materials.json"
 BOM_SCHEMA_VERSION = "1"
@@ -48,29 +49,72 @@ def detect_code_version(repo_dir: Path | None = None) -> str:
     return f"git:{commit}{'-dirty' if status else ''}"
 
 
+def portable_uri(uri: str) -> str:
+    """A storage URI without the build machine's paths: ``s3://`` URIs as they are, a local storage path
+    as its part from ``assets/`` or ``checkpoints/`` on (what is the same on every machine)."""
+    if "://" in uri and not uri.startswith("file://"):
+        return uri
+    parts = PurePosixPath(uri.removeprefix("file://")).parts
+    for marker in ("assets", "checkpoints"):
+        if marker in parts:
+            return "/".join(parts[parts.index(marker) :])
+    return PurePosixPath(uri).name
+
+
+def portable_model_id(model_id: str) -> str:
+    """A hub id as it is; a local directory as ``local:<folder name>`` (its absolute path stays home)."""
+    if model_id.startswith(("/", "~", ".")) or "\\" in model_id:
+        return f"local:{PurePosixPath(model_id).name}"
+    return model_id
+
+
+def _portable_base_info(info: dict[str, Any]) -> dict[str, Any]:
+    portable = {key: value for key, value in info.items() if key != "path"}
+    if isinstance(portable.get("model_id"), str):
+        portable["model_id"] = portable_model_id(portable["model_id"])
+    if isinstance(portable.get("artifact_uri"), str):
+        portable["artifact_uri"] = portable_uri(portable["artifact_uri"])
+    return portable
+
+
 def bill_of_materials(
     *,
     base_model_info: dict[str, Any],
     dataset_version: str,
-    dataset_license: str = "CC-BY-NC-SA-4.0",
+    dataset: dict[str, Any] | None,
     config: TrainingConfig,
     seed: int,
     code_version: str | None = None,
 ) -> dict[str, Any]:
-    """The adapter's bill of materials (JSON-able).
+    """The adapter's bill of materials (JSON-able, with no absolute path of the build machine).
 
-    `base_model_info` is what the caller knows of the base model: id, revision, tokenizer and
-    chat-template hashes (kept verbatim). `code_version` defaults to the git commit or package version.
+    `base_model_info` is what the caller knows of the base model: id, revision, licence, tokenizer and
+    chat-template hashes. `dataset` is what the data chain recorded of the source: source, config,
+    licence and where the licence came from; None (an artifact made before that was recorded) gives
+    licence ``unknown``, never a guessed one. `code_version` defaults to the git commit or package version.
     """
     if not dataset_version:
         raise ValueError("dataset_version must name the exact dataset artifact version")
     if not isinstance(base_model_info, dict) or not base_model_info:
         raise ValueError("base_model_info must be a non-empty dict (at least the base model id)")
+    base = _portable_base_info(base_model_info)
+    base.setdefault("license", UNKNOWN)
+    base.setdefault("license_source", "not recorded with the base model")
+    recorded = dict(dataset or {})
+    source = recorded.get("source")
+    if isinstance(source, str) and source.startswith(("/", "~", ".", "file://")):
+        recorded["source"] = f"local:{PurePosixPath(source).name}"
     return {
         "schema_version": BOM_SCHEMA_VERSION,
         "created_at": datetime.now(UTC).isoformat(),
-        "base_model": dict(base_model_info),
-        "dataset": {"version": dataset_version, "license": dataset_license},
+        "base_model": base,
+        "dataset": {
+            "version": dataset_version,
+            "source": recorded.get("source", UNKNOWN),
+            "config": recorded.get("config"),
+            "license": recorded.get("license") or UNKNOWN,
+            "license_source": recorded.get("license_source") or "not recorded with the dataset",
+        },
         "training_config": config.model_dump(mode="json"),
         "method": "qlora" if config.qlora else "lora",
         "seed": int(seed),
