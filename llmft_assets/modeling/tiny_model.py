@@ -100,6 +100,7 @@ DEFAULT_PRETRAIN_STEPS = 300
 TOKENIZER_TEXTS_SEED = 7  # differs from the bundled sample's seeds: the sample is "unseen" data
 PRETRAIN_TEXTS_SEED = 11
 _PRETRAIN_ROWS = 1600
+_PRETRAIN_FACT_SHEETS = 140
 _PRETRAIN_BLOCK = 128
 _PRETRAIN_BATCH = 8
 _CODE_VERSION = "tiny-model-1"
@@ -119,11 +120,29 @@ def default_tokenizer_texts() -> list[str]:
     return texts
 
 
+def addition_fact_sheets(count: int, seed: int) -> list[str]:
+    """``count`` shuffled tables of one-digit addition facts (``7 + 8 = 15``, and with a carry,
+    ``4 + 3 + 1 = 8``): what a base model knows before fine-tuning. No two-digit problem of the bundled
+    sample appears here; the column-by-column procedure and the answer format are left to the adapter."""
+    import random
+
+    facts = [f"{a} + {b} = {a + b}" for a in range(10) for b in range(10)]
+    facts += [f"{a} + {b} + 1 = {a + b + 1}" for a in range(10) for b in range(10)]
+    rng = random.Random(seed)
+    sheets = []
+    for _ in range(count):
+        rng.shuffle(facts)
+        sheets.append("Addition facts:\n" + "\n".join(facts))
+    return sheets
+
+
 def default_pretrain_texts(n_rows: int = _PRETRAIN_ROWS) -> list[str]:
-    """Plain prose (problem, reasoning, answer; no chat markup) from a seed the bundled sample does not use."""
+    """Plain prose (problem, reasoning, answer; no chat markup) from a seed the bundled sample does not use,
+    plus addition-fact tables (about a fifth of the tokens)."""
     from llmft_assets.data.sample_gen import generate_rows, plain_texts
 
-    return plain_texts(generate_rows(n_rows, schema="v0", seed=PRETRAIN_TEXTS_SEED))
+    texts = plain_texts(generate_rows(n_rows, schema="v0", seed=PRETRAIN_TEXTS_SEED))
+    return texts + addition_fact_sheets(_PRETRAIN_FACT_SHEETS, PRETRAIN_TEXTS_SEED)
 
 
 def train_qwen2_bpe(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenizer:
