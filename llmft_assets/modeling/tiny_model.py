@@ -122,8 +122,8 @@ def default_tokenizer_texts() -> list[str]:
 
 def addition_fact_sheets(count: int, seed: int) -> list[str]:
     """``count`` shuffled tables of one-digit addition facts (``7 + 8 = 15``, and with a carry,
-    ``4 + 3 + 1 = 8``): what a base model knows before fine-tuning. No two-digit problem of the bundled
-    sample appears here; the column-by-column procedure and the answer format are left to the adapter."""
+    ``4 + 3 + 1 = 8``): what a base model knows before fine-tuning. The sheets hold no two-digit sum; the
+    column-by-column procedure of the bundled sample and its answer format are left to the adapter."""
     import random
 
     facts = [f"{a} + {b} = {a + b}" for a in range(10) for b in range(10)]
