@@ -59,6 +59,7 @@ benchmarks: install
 	$(PY) benchmarks/data_pipeline.py --quick
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/drift.py
+	$(PY) benchmarks/eval_generation.py
 
 constraints: install
 	$(PY) -m pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' > constraints.txt

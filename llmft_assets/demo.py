@@ -7,6 +7,7 @@ official openai client -> drift_job. Runs go through the Dagster instance under 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import secrets
@@ -20,15 +21,31 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_TRAIN_STEPS = 300
+DEMO_LEARNING_RATE = 2e-3
 
 # Small enough for a 2-core CPU machine in a few minutes; every key is a normal run-config field.
 DEMO_RUN_CONFIG: dict[str, dict[str, Any]] = {
-    # ~240k training tokens: minutes on a 2-core CPU; the loss has left the plateau the base model starts on.
+    # The bundled sample's rows are about 160 tokens: about 13 rows a step, two epochs over the ~2,160
+    # training rows. A LoRA on the tiny model needs a higher learning rate than on a 7B model.
     "train_job": {
-        "ops": {"lora_adapter": {"config": {"max_steps": 240, "max_seq_len": 1024, "save_steps": 80}}}
+        "ops": {
+            "lora_adapter": {
+                "config": {
+                    "max_steps": DEMO_TRAIN_STEPS,
+                    "learning_rate": DEMO_LEARNING_RATE,
+                    "max_seq_len": 256,
+                    "max_tokens_per_batch": 2048,
+                    "save_steps": 100,
+                }
+            }
+        }
     },
-    # R1-style answers run to several hundred tokens: give generation room to reach the boxed answer.
-    "release_job": {"ops": {"eval_report": {"config": {"max_rows": 32, "max_new_tokens": 1024}}}},
+    # The demo's answers are about 60 tokens: a 256-token budget leaves room and keeps a base model that
+    # never stops from dominating the eval's time (the default budget is sized for real R1 traces).
+    "release_job": {
+        "ops": {"eval_report": {"config": {"max_rows": 64, "max_new_tokens": 256, "batch_size": 32}}}
+    },
 }
 
 OFF_TOPIC_PROMPTS = [
@@ -55,8 +72,14 @@ def _run_job(defs: Any, instance: Any, job_name: str) -> dict[str, dict]:
         print(f"  check {evaluation.check_name} on {evaluation.asset_key.to_user_string()} did not pass")
     if not result.success:
         failures = [event.event_specific_data.error.message for event in result.get_step_failure_events()]
-        raise SystemExit(f"{job_name} failed (run {result.run_id}):\n" + "\n".join(failures))
-    print(f"  {job_name}: ok in {time.monotonic() - started:.0f}s (run {result.run_id[:8]})")
+        if not failed_checks:
+            raise SystemExit(f"{job_name} failed (run {result.run_id}):\n" + "\n".join(failures))
+        # A blocking check (the promotion gate) stopped the job: a decision, not a crash; the summary shows it.
+        print(f"  {job_name}: stopped by a blocking check; nothing downstream of it was made")
+    print(
+        f"  {job_name}: {'ok' if result.success else 'done'} in {time.monotonic() - started:.0f}s (run {result.run_id[:8]}, "
+        f"load average {_load_average()})"
+    )
     materialized = {}
     for event in result.get_asset_materialization_events():
         materialization = event.event_specific_data.materialization
@@ -64,6 +87,44 @@ def _run_job(defs: Any, instance: Any, job_name: str) -> dict[str, dict]:
             key: getattr(value, "value", value) for key, value in materialization.metadata.items()
         }
     return materialized
+
+
+def _load_average() -> str:
+    """The 1-minute load average: the machine may be shared, so phase times are read against it."""
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "n/a"
+
+
+# (label, metric, style): every criterion the gate looks at, base -> adapter.
+_SUMMARY_METRICS = (
+    ("verified accuracy", "accuracy", "pct"),
+    ("format compliance", "format_compliance", "pct"),
+    ("finish rate (stopped at the end token)", "finished_rate", "pct"),
+    ("perplexity (assistant tokens)", "perplexity", "float"),
+    ("mean response length (tokens)", "mean_response_tokens", "float"),
+)
+
+
+def _shown(value: Any, style: str) -> str:
+    if not isinstance(value, int | float) or value != value:  # None or NaN
+        return "n/a"
+    return f"{100 * value:.1f}%" if style == "pct" else f"{value:.1f}"
+
+
+def eval_summary_lines(report: dict[str, Any]) -> list[str]:
+    """Base -> adapter for every criterion, then the gate's decision and its reasons (from eval_report.json)."""
+    models = report["models"]
+    lines = [f"  eval on {report['num_rows']} held-out test rows (base -> adapter):"]
+    for label, metric, style in _SUMMARY_METRICS:
+        before, after = models["base"].get(metric), models["adapter"].get(metric)
+        lines.append(f"    {label:<40} {_shown(before, style):>8} -> {_shown(after, style)}")
+    gate = report.get("gate") or {}
+    decision = "PROMOTED to champion" if gate.get("passed") else "REFUSED (not promoted)"
+    lines.append(f"  gate: {decision}")
+    lines += [f"    - {reason}" for reason in gate.get("reasons", ["no gate decision in the report"])]
+    return lines
 
 
 def _wait_ready(url: str, process: subprocess.Popen, timeout: float = 180) -> None:
@@ -172,7 +233,11 @@ def main() -> int:
     Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
     instance = dg.DagsterInstance.get()
     storage_root = settings.storage_root()
-    print(f"llmft demo: storage {storage_root}, Dagster home {os.environ['DAGSTER_HOME']}")
+    demo_started = time.monotonic()
+    print(
+        f"llmft demo: storage {storage_root}, Dagster home {os.environ['DAGSTER_HOME']}, "
+        f"{os.cpu_count()} CPUs, load average {_load_average()}"
+    )
     made: dict[str, dict] = {}
     for job_name in ("data_job", "train_job", "release_job"):
         made.update(_run_job(defs, instance, job_name))
@@ -182,8 +247,11 @@ def main() -> int:
         log_path = home / "logs" / "demo-serve.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         print(f"  serving {made['model_bento']['model_tag']} and sending {len(prompts)} requests ...")
+        serve_started = time.monotonic()
         traffic = serve_and_ask(str(made["model_bento"]["model_tag"]), prompts, storage_root, log_path)
-        print(f"  traffic: {traffic}")
+        print(
+            f"  traffic: {traffic} in {time.monotonic() - serve_started:.0f}s (load average {_load_average()})"
+        )
     if "drift_job" in {job.name for job in defs.resolve_all_job_defs()}:
         made.update(_run_job(defs, instance, "drift_job"))
 
@@ -202,15 +270,15 @@ def main() -> int:
             f"{adapter['tokens_per_second']:.0f} tokens/s, MLflow run {adapter['mlflow_run_id']}"
         )
     if "eval_report" in made:
-        report = made["eval_report"]
-        print(
-            f"  eval: accuracy base {report.get('base_accuracy')} -> adapter {report.get('adapter_accuracy')}, "
-            f"perplexity {report.get('base_perplexity'):.1f} -> {report.get('adapter_perplexity'):.1f}; "
-            f"report {report['uri']}/eval_report.html"
-        )
+        report_uri = str(made["eval_report"]["uri"])
+        report_json = Path(report_uri) / "eval_report.json"
+        if report_json.is_file():
+            print("\n".join(eval_summary_lines(json.loads(report_json.read_text()))))
+        print(f"  eval report: {report_uri}/eval_report.html")
     if "drift_report" in made:
         drift = made["drift_report"]
         print(f"  drift: {drift.get('status')} (share {drift.get('drift_share')}); report {drift['uri']}")
+    print(f"  demo wall time: {time.monotonic() - demo_started:.0f}s (load average {_load_average()})")
     print()
     print("Open it:")
     print("  make ui     -> http://127.0.0.1:3001 (asset lineage, metadata, run logs)")

@@ -126,6 +126,39 @@ def test_batched_left_padded_greedy_equals_one_at_a_time(
     assert tokenizer.padding_side == padding_side_before  # left padding is scoped to generation
 
 
+@pytest.mark.parametrize("with_adapter", [False, True])
+def test_continuous_batching_equals_one_at_a_time_greedy(
+    tiny_model_dir: Path,
+    adapters: dict[str, Path],
+    test_rows: list[dict[str, Any]],
+    with_adapter: bool,
+) -> None:
+    """The eval's continuous batching gives exactly the tokens of plain one-row `generate`, also when rows
+    join and leave the batch at different steps (uneven budgets, fewer slots than rows) and with an
+    unmerged LoRA adapter."""
+    model = generate.load_base_model(tiny_model_dir)
+    if with_adapter:
+        model = generate.attach_adapter(model, adapters["random"])
+    tokenizer = generate.load_tokenizer(tiny_model_dir)
+    conversations = [row["messages"] for row in test_rows]
+    budgets = [3, MAX_NEW_TOKENS, 7, MAX_NEW_TOKENS - 2]
+    ours = generate.generate_continuous(
+        model, tiny_model_dir, conversations, max_new_tokens=budgets, batch_size=2, seed=0
+    )
+    reference = [
+        generate.generate_with_model(
+            model, tokenizer, [conversation], max_new_tokens=budget, batch_size=1, seed=0
+        )[0]
+        for conversation, budget in zip(conversations, budgets, strict=True)
+    ]
+    assert ours == reference
+    assert [generation.num_tokens for generation in ours] == budgets  # the untrained model never stops
+    with pytest.raises(ValueError, match="budgets for"):
+        generate.generate_continuous(
+            model, tiny_model_dir, conversations, max_new_tokens=[4], batch_size=2, seed=0
+        )
+
+
 def test_generation_is_cut_at_the_end_token(base_model_and_tokenizer: tuple[Any, Any]) -> None:
     model, tokenizer = base_model_and_tokenizer
     stop_ids = generate.end_token_ids(tokenizer, model)

@@ -13,6 +13,7 @@ from llmft_assets.data.sample_gen import (
     SAMPLE_ROWS,
     V0_COLUMNS,
     V1_COLUMNS,
+    arithmetic_schema_of,
     bundled_sample_path,
     generate_rows,
     plain_texts,
@@ -140,15 +141,71 @@ def test_plain_texts_carry_no_chat_markup() -> None:
         assert "<|im_start|>" not in text
 
 
+_ADDITION = re.compile(r"^(?:What is|Compute|Add|Find the sum of) (\d+)(?: \+ | and )(\d+)[?.]$")
+_ARITHMETIC_LINE = re.compile(r"^(Ones|Tens): (\d) \+ (\d)(?: \+ (1))? = (\d+)")
+
+
+def _check_arithmetic_row(problem: str, content: str) -> tuple[int, int]:
+    """The row is an addition whose every trace line and boxed answer are right; returns its addends."""
+    match = _ADDITION.match(problem)
+    assert match, problem
+    a, b = int(match.group(1)), int(match.group(2))
+    assert 10 <= a <= 99 and 10 <= b <= 99
+    assert _last_boxed(content) == a + b
+    think, sep, answer = content.partition("\n</think>\n\n")
+    assert sep and think.startswith("<think>\n") and "<think>" not in answer
+    lines = [_ARITHMETIC_LINE.match(line) for line in think.splitlines()]
+    ones, tens = (next(m for m in lines if m and m.group(1) == column) for column in ("Ones", "Tens"))
+    assert (int(ones.group(2)), int(ones.group(3))) == (a % 10, b % 10)
+    assert ones.group(4) is None and int(ones.group(5)) == a % 10 + b % 10
+    carry = int(a % 10 + b % 10 >= 10)
+    assert (int(tens.group(2)), int(tens.group(3))) == (a // 10, b // 10)
+    assert bool(tens.group(4)) == bool(carry)  # "+ 1" exactly when the ones carried
+    assert int(tens.group(5)) == a // 10 + b // 10 + carry
+    assert f"So {a} + {b} = {a + b}." in think
+    return a, b
+
+
+@pytest.mark.parametrize("schema", ["v0", "v1"])
+def test_arithmetic_family_is_correct_short_and_never_repeats_a_problem(schema: str) -> None:
+    rows = generate_rows(1200, schema=schema, seed=12, family="arithmetic")
+    assert rows == generate_rows(1200, schema=schema, seed=12, family="arithmetic")
+    pairs = set()
+    for row in rows:
+        problem, content = _user_and_assistant(row)
+        a, b = _check_arithmetic_row(problem, content)
+        assert len(content) < 300  # short traces: the tiny model learns them in minutes
+        assert arithmetic_schema_of(a, b) == schema  # v0 and v1 hold disjoint halves of the problems
+        pairs.add((min(a, b), max(a, b)))
+        short_solution = row["solution"] if schema == "v0" else row["messages"][1]["content"]
+        assert _last_boxed(short_solution) == a + b
+    assert len(pairs) == len(rows)
+    # Both shapes of the trace occur: with and without a carry into the tens.
+    assert {"carry 1" in row["reannotated_assistant_content"] for row in rows} == {True, False}
+    with pytest.raises(ValueError, match="distinct problems per schema"):
+        generate_rows(2000, schema=schema, seed=12, family="arithmetic")
+    with pytest.raises(ValueError, match="unknown family"):
+        generate_rows(1, schema=schema, seed=12, family="geometry")  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(("schema", "columns"), [("v0", V0_COLUMNS), ("v1", V1_COLUMNS)])
 def test_bundled_sample_files(schema: str, columns: tuple[str, ...]) -> None:
     table = pq.read_table(bundled_sample_path(schema))
     assert table.num_rows == SAMPLE_ROWS
     assert tuple(table.column_names) == columns
     assert table.column("id").to_pylist() == list(dict.fromkeys(table.column("id").to_pylist()))
-    lengths = sorted(len(text) for text in table.column("reannotated_assistant_content").to_pylist())
-    # R1-like spread: a few hundred characters up to several thousand.
-    assert lengths[0] < 600 and lengths[len(lengths) // 2] > 900 and lengths[-1] > 6000
+    # The easy arithmetic family: every answer right, short traces.
+    for row in table.to_pylist():
+        _check_arithmetic_row(*_user_and_assistant(row))
+
+
+def test_bundled_files_never_share_a_problem() -> None:
+    pairs = []
+    for schema in ("v0", "v1"):
+        for row in pq.read_table(bundled_sample_path(schema)).to_pylist():
+            a, b = _check_arithmetic_row(*_user_and_assistant(row))
+            pairs.append((min(a, b), max(a, b)))
+    assert len(set(pairs)) == len(pairs) == 2 * SAMPLE_ROWS
 
 
 def test_bundled_files_are_small_and_distinct() -> None:

@@ -221,3 +221,21 @@ def test_hub_spec_offline_gives_a_clear_error(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match=r"Qwen/Qwen2\.5-7B-Instruct.*hub"):
         materialize_base_model("Qwen/Qwen2.5-7B-Instruct", tmp_path / "out", revision="main")
+
+
+def test_addition_fact_sheets_are_correct_complete_and_seeded() -> None:
+    import re
+
+    from llmft_assets.modeling.tiny_model import addition_fact_sheets
+
+    sheets = addition_fact_sheets(3, seed=4)
+    assert sheets == addition_fact_sheets(3, seed=4) and sheets != addition_fact_sheets(3, seed=5)
+    for sheet in sheets:
+        title, *lines = sheet.splitlines()
+        assert title == "Addition facts:" and len(set(lines)) == len(lines) == 200
+        for line in lines:
+            match = re.fullmatch(r"(\d) \+ (\d)( \+ 1)? = (\d+)", line)
+            assert match, line
+            a, b, carry, total = match.groups()
+            assert int(a) + int(b) + (1 if carry else 0) == int(total)
+    assert sheets[0] != sheets[1]  # shuffled anew for every sheet

@@ -465,8 +465,9 @@ def _reasoning_passes(rng: random.Random) -> int:
     return rng.randint(14, 40)
 
 
-def _row_id(schema: str, seed: int, index: int) -> str:
-    digest = hashlib.sha256(f"{schema}:{seed}:{index}".encode()).hexdigest()[:20]
+def _row_id(schema: str, seed: int, index: int, family: str = "word") -> str:
+    key = f"{schema}:{seed}:{index}" if family == "word" else f"{family}:{schema}:{seed}:{index}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
     return f"{schema}_{digest}"
 
 
@@ -475,33 +476,139 @@ def generate_problem(rng: random.Random) -> Problem:
     return PROBLEM_TEMPLATES[kind](rng)
 
 
-def generate_rows(n: int, *, schema: SchemaVersion, seed: int) -> list[dict[str, Any]]:
-    """``n`` rows in R1-Distill-SFT's ``schema`` ("v0" or "v1") columns, a pure function of the arguments."""
+# --------------------------------------------------------------------------------------------------
+# The easy arithmetic family (the bundled sample): short, verifiable, learnable by the tiny model
+# --------------------------------------------------------------------------------------------------
+
+ARITHMETIC_ADDENDS = (10, 99)  # two-digit addends: each step is a one-digit fact plus a carry
+_ARITHMETIC_QUESTIONS = (
+    "What is {a} + {b}?",
+    "Compute {a} + {b}.",
+    "Add {a} and {b}.",
+    "Find the sum of {a} and {b}.",
+)
+_ARITHMETIC_OPENERS = (
+    "I need {a} + {b}. I add column by column.",
+    "Let me add {a} and {b} one column at a time.",
+    "Adding {a} + {b}, ones first, then tens.",
+)
+
+
+def arithmetic_schema_of(a: int, b: int) -> SchemaVersion:
+    """Which schema's rows may hold the problem a + b: the pair space is split in two by a hash, so the
+    v0 and v1 files never share a problem (whatever their seeds)."""
+    low, high = sorted((a, b))
+    return "v0" if hashlib.sha256(f"{low}+{high}".encode()).digest()[0] % 2 == 0 else "v1"
+
+
+def arithmetic_problem(
+    rng: random.Random, schema: SchemaVersion, used: set[tuple[int, int]]
+) -> tuple[int, int]:
+    """Two two-digit addends not in ``used`` (as an unordered pair), from ``schema``'s half of the pairs.
+
+    No problem repeats within a file or across the two files, so rows split by id are also disjoint by
+    problem: a test row is never a training row in other words.
+    """
+    low, high = ARITHMETIC_ADDENDS
+    capacity = (high - low + 1) * (high - low + 2) // 2 // 2  # about half the unordered pairs
+    if len(used) >= capacity * 9 // 10:
+        raise ValueError(f"the arithmetic family has about {capacity} distinct problems per schema")
+    while True:
+        a, b = rng.randint(low, high), rng.randint(low, high)
+        key = (min(a, b), max(a, b))
+        if key not in used and arithmetic_schema_of(a, b) == schema:
+            used.add(key)
+            return a, b
+
+
+def render_arithmetic_think(a: int, b: int, rng: random.Random) -> str:
+    """A short column-addition trace: every line is a one-digit fact, so a small model can learn it."""
+    ones = a % 10 + b % 10
+    carry = ones // 10
+    tens = a // 10 + b // 10 + carry
+    lines = [rng.choice(_ARITHMETIC_OPENERS).format(a=a, b=b)]
+    if carry:
+        lines.append(f"Ones: {a % 10} + {b % 10} = {ones}, write {ones % 10} and carry 1.")
+        lines.append(f"Tens: {a // 10} + {b // 10} + 1 = {tens}.")
+    else:
+        lines.append(f"Ones: {a % 10} + {b % 10} = {ones}.")
+        lines.append(f"Tens: {a // 10} + {b // 10} = {tens}.")
+    lines.append(f"So {a} + {b} = {a + b}.")
+    return "\n".join(lines)
+
+
+def _arithmetic_example(
+    rng: random.Random, schema: SchemaVersion, used: set[tuple[int, int]]
+) -> tuple[str, str, str]:
+    """(problem, R1-shaped assistant text, short solution) of one easy addition."""
+    a, b = arithmetic_problem(rng, schema, used)
+    question = rng.choice(_ARITHMETIC_QUESTIONS).format(a=a, b=b)
+    content = (
+        f"<think>\n{render_arithmetic_think(a, b, rng)}\n</think>\n\n"
+        f"{a} + {b} = {a + b}, so the answer is \\(\\boxed{{{a + b}}}\\)."
+    )
+    solution = f"${a} + {b} = {a + b}$. The answer is $\\boxed{{{a + b}}}$."
+    return question, content, solution
+
+
+def _word_example(
+    rng: random.Random, schema: SchemaVersion, used: set[tuple[int, int]]
+) -> tuple[str, str, str]:
+    """(problem, R1-shaped assistant text, short solution) of one multi-step word problem (problems may
+    repeat: ``schema`` and ``used`` are the arithmetic family's)."""
+    problem = generate_problem(rng)
+    content = render_assistant_content(problem, rng, _reasoning_passes(rng))
+    return problem.text, content, render_short_solution(problem)
+
+
+Family = Literal["word", "arithmetic"]
+FAMILIES: dict[str, Callable[[random.Random, SchemaVersion, set[tuple[int, int]]], tuple[str, str, str]]] = {
+    "word": _word_example,
+    "arithmetic": _arithmetic_example,
+}
+# The bundled sample is the easy family: the tiny model learns it in the demo's few minutes of training,
+# so the eval shows a real difference (the word problems stay for long, R1-like traces in tests).
+SAMPLE_FAMILY: Family = "arithmetic"
+
+
+def generate_rows(
+    n: int, *, schema: SchemaVersion, seed: int, family: Family = "word"
+) -> list[dict[str, Any]]:
+    """``n`` rows in R1-Distill-SFT's ``schema`` ("v0" or "v1") columns, a pure function of the arguments.
+
+    ``family``: "word" (multi-step word problems, R1's long and uneven traces) or "arithmetic" (two-digit
+    additions with a short column-by-column trace; each problem at most once per file, at most about
+    2000 rows per schema, and v0 and v1 never share a problem).
+    """
     if schema not in SCHEMA_COLUMNS:
         raise ValueError(f"unknown schema {schema!r}; expected 'v0' or 'v1'")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    # The schema is part of the stream so that v0 and v1 with the same seed hold different problems.
-    rng = random.Random(f"{schema}:{seed}")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {sorted(FAMILIES)}")
+    example = FAMILIES[family]
+    # The schema is part of the stream so that v0 and v1 with the same seed hold different problems; the
+    # word family keeps its historical stream (no family prefix) so its rows stay byte-identical.
+    rng = random.Random(f"{schema}:{seed}" if family == "word" else f"{family}:{schema}:{seed}")
     rows: list[dict[str, Any]] = []
+    used: set[tuple[int, int]] = set()
     for index in range(n):
-        problem = generate_problem(rng)
-        content = render_assistant_content(problem, rng, _reasoning_passes(rng))
-        row_id = _row_id(schema, seed, index)
+        problem_text, content, solution = example(rng, schema, used)
+        row_id = _row_id(schema, seed, index, family)
         if schema == "v0":
             rows.append(
                 {
                     "id": row_id,
                     "reannotated_assistant_content": content,
-                    "problem": problem.text,
+                    "problem": problem_text,
                     "source": rng.choice(_V0_SOURCES),
-                    "solution": render_short_solution(problem),
+                    "solution": solution,
                     "verified": None,
                     "quality_metrics": None,
                 }
             )
         else:
-            user = {"role": "user", "content": problem.text}
+            user = {"role": "user", "content": problem_text}
             rows.append(
                 {
                     "id": row_id,
@@ -509,7 +616,7 @@ def generate_rows(n: int, *, schema: SchemaVersion, seed: int) -> list[dict[str,
                     "source": rng.choice(_V1_SOURCES),
                     "reannotated_messages": [user, {"role": "assistant", "content": content}],
                     # `messages` is the source dataset's original conversation, before R1 re-annotation.
-                    "messages": [user, {"role": "assistant", "content": render_short_solution(problem)}],
+                    "messages": [user, {"role": "assistant", "content": solution}],
                     "source_dataset": rng.choice(_V1_SOURCE_DATASETS),
                     "verified": None,
                     "quality_metrics": None,

@@ -22,6 +22,7 @@ from llmft_assets.defs.mlflow_resource import MlflowResource
 from llmft_assets.defs.storage_resources import ArtifactHandle, StagedArtifact, StorageResource, asset_prefix
 from llmft_assets.evaluation.answer_check import DEFAULT_TIMEOUT_S as DEFAULT_ANSWER_TIMEOUT_S
 from llmft_assets.evaluation.gate import Criterion, GateThresholds, criteria_table
+from llmft_assets.evaluation.generate import DEFAULT_MAX_NEW_TOKENS
 
 TRAINING_GROUP = "training"
 EVALUATION_GROUP = "evaluation"
@@ -288,8 +289,10 @@ GateConfig = _derived_config(
 
 class EvalReportConfig(dg.Config):
     max_rows: int = Field(default=64, description="test rows scored (generation is the slow part)")
-    max_new_tokens: int = 384
-    batch_size: int = 16
+    max_new_tokens: int = Field(
+        default=DEFAULT_MAX_NEW_TOKENS, description="generation budget per answer (reasoning traces are long)"
+    )
+    batch_size: int = Field(default=16, description="rows decoded together (continuous batching)")
     compare_champion: bool = Field(
         default=True, description="also score the current champion on the same rows"
     )

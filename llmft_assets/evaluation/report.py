@@ -194,8 +194,8 @@ def evaluate(
     adapter_dir: Path,
     rows: Sequence[Mapping[str, Any]],
     *,
-    max_new_tokens: int = 256,
-    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    batch_size: int = 16,
     perplexity_batch_size: int = 4,
     seed: int = 0,
     num_samples: int = 5,
@@ -207,6 +207,8 @@ def evaluate(
 ) -> EvalReport:
     """Score the base model, the adapter (and the champion adapter, when given) on the test ``rows``.
 
+    ``max_new_tokens`` defaults to the eval's generation budget (``generate.DEFAULT_MAX_NEW_TOKENS``);
+    ``batch_size`` is how many rows are decoded together (continuous batching).
     ``rows`` are tokenized-schema rows: ``messages`` (the reference assistant turn last),
     ``reference_answer``, ``input_ids``, ``labels``. Rows that cannot be evaluated are listed in
     ``report.skipped`` with the reason; ValueError when none is left. Answers are checked with
@@ -216,6 +218,8 @@ def evaluate(
     from llmft_assets.evaluation import generate
 
     started = time.monotonic()
+    if max_new_tokens is None:
+        max_new_tokens = generate.DEFAULT_MAX_NEW_TOKENS
     usable: list[Mapping[str, Any]] = []
     skipped: list[dict[str, str]] = []
     for index, row in enumerate(rows):
@@ -238,9 +242,9 @@ def evaluate(
     with AnswerChecker(timeout_s=answer_timeout_s) as checker:
 
         def score_current(name: str, model: Any) -> None:
-            outputs[name] = generate.generate_with_model(
+            outputs[name] = generate.generate_continuous(
                 model,
-                tokenizer,
+                Path(model_dir),
                 conversations,
                 max_new_tokens=max_new_tokens,
                 batch_size=batch_size,
@@ -292,7 +296,7 @@ def evaluate(
             "batch_size": batch_size,
             "perplexity_batch_size": perplexity_batch_size,
             "seed": seed,
-            "decoding": "greedy",
+            "decoding": "greedy, continuous batching",
             "answer_check": "math-verify",
             "answer_timeout_s": answer_timeout_s,
         },

@@ -100,29 +100,49 @@ DEFAULT_PRETRAIN_STEPS = 300
 TOKENIZER_TEXTS_SEED = 7  # differs from the bundled sample's seeds: the sample is "unseen" data
 PRETRAIN_TEXTS_SEED = 11
 _PRETRAIN_ROWS = 1600
+_PRETRAIN_FACT_SHEETS = 140
 _PRETRAIN_BLOCK = 128
 _PRETRAIN_BATCH = 8
 _CODE_VERSION = "tiny-model-1"
 
 
 def default_tokenizer_texts() -> list[str]:
-    """Text the default tokenizer is trained on: sample-generator rows (fixed seed), both schemas."""
+    """Text the default tokenizer is trained on: sample-generator rows of both families (fixed seed), both schemas."""
     from llmft_assets.data.sample_gen import generate_rows
 
     texts: list[str] = []
-    for schema in ("v0", "v1"):
-        for row in generate_rows(600, schema=schema, seed=TOKENIZER_TEXTS_SEED):
-            texts.append(row["problem"] if schema == "v0" else row["messages"][0]["content"])
-            texts.append(row["reannotated_assistant_content"])
-            texts.append(row["solution"] if schema == "v0" else row["messages"][1]["content"])
+    for family, count in (("word", 600), ("arithmetic", 300)):
+        for schema in ("v0", "v1"):
+            for row in generate_rows(count, schema=schema, seed=TOKENIZER_TEXTS_SEED, family=family):
+                texts.append(row["problem"] if schema == "v0" else row["messages"][0]["content"])
+                texts.append(row["reannotated_assistant_content"])
+                texts.append(row["solution"] if schema == "v0" else row["messages"][1]["content"])
     return texts
 
 
+def addition_fact_sheets(count: int, seed: int) -> list[str]:
+    """``count`` shuffled tables of one-digit addition facts (``7 + 8 = 15``, and with a carry,
+    ``4 + 3 + 1 = 8``): what a base model knows before fine-tuning. The sheets hold no two-digit sum; the
+    column-by-column procedure of the bundled sample and its answer format are left to the adapter."""
+    import random
+
+    facts = [f"{a} + {b} = {a + b}" for a in range(10) for b in range(10)]
+    facts += [f"{a} + {b} + 1 = {a + b + 1}" for a in range(10) for b in range(10)]
+    rng = random.Random(seed)
+    sheets = []
+    for _ in range(count):
+        rng.shuffle(facts)
+        sheets.append("Addition facts:\n" + "\n".join(facts))
+    return sheets
+
+
 def default_pretrain_texts(n_rows: int = _PRETRAIN_ROWS) -> list[str]:
-    """Plain prose (problem, reasoning, answer; no chat markup) from a seed the bundled sample does not use."""
+    """Plain prose (problem, reasoning, answer; no chat markup) from a seed the bundled sample does not use,
+    plus addition-fact tables (about a fifth of the tokens)."""
     from llmft_assets.data.sample_gen import generate_rows, plain_texts
 
-    return plain_texts(generate_rows(n_rows, schema="v0", seed=PRETRAIN_TEXTS_SEED))
+    texts = plain_texts(generate_rows(n_rows, schema="v0", seed=PRETRAIN_TEXTS_SEED))
+    return texts + addition_fact_sheets(_PRETRAIN_FACT_SHEETS, PRETRAIN_TEXTS_SEED)
 
 
 def train_qwen2_bpe(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> Tokenizer:

@@ -236,7 +236,10 @@ class TransformersEngine:
         device: str | None = None,
         max_prefill_tokens: int = 8192,
         torch_threads: int | None = None,
+        model: Any = None,
     ) -> None:
+        """``model``: an already loaded model to run instead of loading ``model_dir``'s (the evaluation
+        scores a base model and its unmerged adapters this way); ``model_dir`` still gives the tokenizer."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -246,7 +249,8 @@ class TransformersEngine:
         # The loop thread decodes with its own instance: a Rust tokenizer shared with the request
         # threads (which encode prompts) can fail with "Already borrowed" under concurrency.
         self._decode_tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
         if adapter_dir is not None:
             from peft import PeftModel
 
