@@ -163,6 +163,44 @@ def _score(
     )
 
 
+def _vllm_generations(
+    requested: str | None,
+    model_dir: Path,
+    adapters: dict[str, Path],
+    conversations: Sequence[Sequence[Mapping[str, str]]],
+    tokenizer: Any,
+    max_new_tokens: int,
+    seed: int,
+) -> tuple[str, dict[str, list[metrics.Generation]]]:
+    """The selection hook: ("vllm", answers of every model) or ("transformers", {}) to generate in place."""
+    from llmft_assets.evaluation import vllm_generate
+
+    backend = vllm_generate.select_generation_backend(requested)
+    if backend != "vllm" or (requested in (None, "auto") and not vllm_generate.vllm_can_serve(adapters)):
+        return "transformers", {}
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    from llmft_assets.evaluation import generate
+
+    try:  # the same end tokens as the transformers path (tokenizer eos + the generation config's)
+        model_stub = SimpleNamespace(generation_config=GenerationConfig.from_pretrained(str(model_dir)))
+    except OSError:
+        model_stub = None
+    answers = vllm_generate.generate_all_with_vllm(
+        Path(model_dir),
+        adapters,
+        conversations,
+        base_name=BASE,
+        tokenizer=tokenizer,
+        stop_ids=generate.end_token_ids(tokenizer, model_stub),
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+    )
+    return "vllm", answers
+
+
 def evaluate(
     model_dir: Path,
     adapter_dir: Path,
@@ -177,12 +215,15 @@ def evaluate(
     base_model_name: str | None = None,
     adapter_name: str | None = None,
     champion_name: str | None = None,
+    generation_backend: str | None = None,
 ) -> EvalReport:
     """Score the base model, the adapter (and the champion adapter, when given) on the test ``rows``.
 
     ``rows`` are tokenized-schema rows: ``messages`` (the reference assistant turn last),
     ``reference_answer``, ``input_ids``, ``labels``. Rows that cannot be evaluated are listed in
-    ``report.skipped`` with the reason; ValueError when none is left.
+    ``report.skipped`` with the reason; ValueError when none is left. ``generation_backend`` ("auto",
+    "vllm", "transformers"; default LLMFT_EVAL_BACKEND or auto) picks where the answers are generated
+    (see ``vllm_generate``); perplexity and scoring are the same code either way.
     """
     from llmft_assets.evaluation import generate
 
@@ -203,8 +244,15 @@ def evaluate(
     tokenizer = generate.load_tokenizer(Path(model_dir))
     pad_id = int(tokenizer.pad_token_id)
 
-    def score_current(model: Any) -> tuple[list[metrics.Generation], ModelMetrics]:
-        generations = generate.generate_with_model(
+    adapters = {ADAPTER: Path(adapter_dir)}
+    if champion_adapter_dir is not None:
+        adapters[CHAMPION] = Path(champion_adapter_dir)
+    backend, pregenerated = _vllm_generations(
+        generation_backend, model_dir, adapters, conversations, tokenizer, max_new_tokens, seed
+    )
+
+    def score_current(model: Any, name: str) -> tuple[list[metrics.Generation], ModelMetrics]:
+        generations = pregenerated.get(name) or generate.generate_with_model(
             model, tokenizer, conversations, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed
         )
         perplexity = generate.assistant_token_perplexity(
@@ -216,12 +264,12 @@ def evaluate(
     outputs: dict[str, list[metrics.Generation]] = {}
     scores: dict[str, ModelMetrics] = {}
     # The base model is scored before any adapter is injected into it.
-    outputs[BASE], scores[BASE] = score_current(model)
+    outputs[BASE], scores[BASE] = score_current(model, BASE)
     model = generate.attach_adapter(model, Path(adapter_dir), adapter_name=ADAPTER)
-    outputs[ADAPTER], scores[ADAPTER] = score_current(model)
+    outputs[ADAPTER], scores[ADAPTER] = score_current(model, ADAPTER)
     if champion_adapter_dir is not None:
         model = generate.attach_adapter(model, Path(champion_adapter_dir), adapter_name=CHAMPION)
-        outputs[CHAMPION], scores[CHAMPION] = score_current(model)
+        outputs[CHAMPION], scores[CHAMPION] = score_current(model, CHAMPION)
 
     samples = [
         SampleComparison(
@@ -247,6 +295,7 @@ def evaluate(
             "perplexity_batch_size": perplexity_batch_size,
             "seed": seed,
             "decoding": "greedy",
+            "generation_backend": backend,
         },
         models=scores,
         samples=samples,
