@@ -45,7 +45,7 @@ TRAIN_RUNS = {
     "gpu": [
         {"model_size": "0.5b", "rows": 256, "max_len": 2048, "median_len": 400, "batch_size": 8,
          "max_tokens_per_batch": 8192, "paths": "ours,baseline,trl", "extra": []},
-        {"model_size": "7b", "rows": 96, "max_len": 2048, "median_len": 400, "batch_size": 4,
+        {"model_size": "7b", "rows": 64, "max_len": 2048, "median_len": 400, "batch_size": 4,
          "max_tokens_per_batch": 4096, "paths": "ours,baseline,trl,qlora", "extra": ["--gradient-checkpointing"]},
     ],
     "dry": [
@@ -61,6 +61,9 @@ EVAL = {
     "gpu": {"rows": 64, "new_tokens": 256, "batch_size": 16},
     "dry": {"rows": 4, "new_tokens": 8, "batch_size": 4},
 }
+# Sizes above are estimates (never run on a GPU yet): each section records its wall time, and a section that
+# would start after this many seconds is skipped with a JSON line instead of overrunning the 9 minutes.
+BUDGET_S = {"gpu": 480.0, "dry": 600.0}
 GOALS = {"train_speedup_vs_hf_7b": 2.0, "lora_mfu_7b": 0.40, "serve_vllm_speedup": 10.0}
 
 
@@ -89,10 +92,38 @@ def _python_env() -> dict[str, str]:
 # ---- train ----------------------------------------------------------------------------------------
 
 
-def run_train(mode: str, workdir: Path) -> dict[str, Any]:
+def _over_budget(mode: str, started: float, section: str, what: str) -> bool:
+    elapsed = time.perf_counter() - started
+    if elapsed < BUDGET_S[mode]:
+        return False
+    emit(
+        {
+            "section": section,
+            "what": what,
+            "skipped": f"time budget: {elapsed:.0f} s of {BUDGET_S[mode]:.0f} s used",
+        }
+    )
+    return True
+
+
+def _free_gpu_cache() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_train(mode: str, workdir: Path, started: float) -> dict[str, Any]:
     summaries: dict[str, Any] = {}
     for run in TRAIN_RUNS[mode]:
         size = run["model_size"]
+        if _over_budget(mode, started, "train", size):
+            summaries[size] = {"skipped": "time budget"}
+            continue
+        run_started = time.perf_counter()
         command = [
             sys.executable, str(REPO_ROOT / "benchmarks" / "train_throughput.py"),
             "--model-size", size, "--rows", str(run["rows"]), "--max-len", str(run["max_len"]),
@@ -110,7 +141,7 @@ def run_train(mode: str, workdir: Path) -> dict[str, Any]:
             emit({"section": "train", "model_size": size, "error": completed.stderr[-2000:]})
             summaries[size] = {"error": f"exit {completed.returncode}"}
             continue
-        summaries[size] = lines[-1]
+        summaries[size] = {**lines[-1], "wall_s": time.perf_counter() - run_started}
     return summaries
 
 
@@ -227,6 +258,7 @@ def _run_vllm_worker(
 def run_serve(mode: str, model_dir: Path) -> dict[str, Any]:
     spec = SERVE[mode]
     hf = hf_serve(model_dir, spec)
+    _free_gpu_cache()
     emit({"section": "serve", "concurrency": spec["requests"], **hf})
     python, why = _vllm_python(mode)
     if python is None:
@@ -329,6 +361,7 @@ def run_eval(mode: str, model_dir: Path, workdir: Path) -> dict[str, Any]:
     spec = EVAL[mode]
     eval_dir, adapter_dir = prepare_eval_model(model_dir, workdir)
     hf = hf_eval(eval_dir, adapter_dir, spec)
+    _free_gpu_cache()
     emit({"section": "eval", **hf})
     python, why = _vllm_python(mode)
     if python is None:
@@ -384,16 +417,21 @@ def main(argv: list[str] | None = None) -> int:
         workdir.mkdir(parents=True, exist_ok=True)
         small = "tiny" if mode == "dry" else "0.5b"
         if "train" in sections:
-            summary["train"] = run_train(mode, workdir)
+            summary["train"] = run_train(mode, workdir, started)
         model_dir = workdir / f"train-{small}" / "model"
         if ("serve" in sections or "eval" in sections) and not (model_dir / "config.json").exists():
             from benchmarks.train_throughput import build_model_dir
 
             build_model_dir(model_dir, small, seed=0)
-        if "serve" in sections:
-            summary["serve"] = run_serve(mode, model_dir)
-        if "eval" in sections:
-            summary["eval"] = run_eval(mode, model_dir, workdir)
+        if "serve" in sections and not _over_budget(mode, started, "serve", "all"):
+            section_started = time.perf_counter()
+            summary["serve"] = {**run_serve(mode, model_dir), "wall_s": time.perf_counter() - section_started}
+        if "eval" in sections and not _over_budget(mode, started, "eval", "all"):
+            section_started = time.perf_counter()
+            summary["eval"] = {
+                **run_eval(mode, model_dir, workdir),
+                "wall_s": time.perf_counter() - section_started,
+            }
     summary = {
         "benchmark": "gpu_suite",
         "mode": mode,

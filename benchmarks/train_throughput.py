@@ -126,6 +126,9 @@ def build_model_dir(out: Path, model_size: str, seed: int) -> Path:
         model = Qwen2ForCausalLM(config).to(dtype)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
+    del model  # the workers need the GPU: give this process's cached blocks back
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return out
 
 
@@ -348,6 +351,7 @@ def run_baseline(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             use_cpu=device_type == "cpu",
             dataloader_pin_memory=device_type == "cuda",
             gradient_checkpointing=args.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
         ),
         train_dataset=Rows(),
         data_collator=DataCollatorForSeq2Seq(pad_tokenizer, label_pad_token_id=-100, padding="longest"),
@@ -425,6 +429,7 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             seed=args.seed,
             bf16=bf16,
             gradient_checkpointing=args.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
             save_strategy="no",
             logging_steps=1_000_000,
             report_to="none",

@@ -201,3 +201,60 @@ def test_fsdp_sharded_adapter_is_saved_whole(tiny_model_dir: Path, tmp_path: Pat
         assert any(fragments.get(n) is None or fragments[n].shape != t.shape for n, t in expected.items())
     else:
         assert (tmp_path / "naive_error-rank0.txt").exists()
+
+
+def test_save_adapter_gathers_only_under_fsdp(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Which save path each distributed type takes (the FSDP path itself runs in the test above)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from llmft_assets.training import trainer as trainer_module
+
+    calls: list[tuple[str, Any]] = []
+
+    class Model:
+        def save_pretrained(self, path: str) -> None:
+            calls.append(("save_pretrained", path))
+
+    monkeypatch.setattr(
+        trainer_module, "save_fsdp_adapter", lambda model, state, path: calls.append(("fsdp", state))
+    )
+
+    def gather(model: Any, offload_to_cpu: bool) -> dict[str, bool]:
+        calls.append(("gather", offload_to_cpu))  # the collective: every rank takes part
+        return {"offload": offload_to_cpu}
+
+    monkeypatch.setattr(trainer_module, "fsdp_full_state_dict", gather)
+
+    def fake_trainer(kind: DistributedType, fsdp2: bool = False) -> Any:
+        accelerator = SimpleNamespace(
+            distributed_type=kind,
+            is_fsdp2=fsdp2,
+            unwrap_model=lambda model: model,
+            get_state_dict=lambda model: {"fsdp2": True},
+        )
+        return SimpleNamespace(accelerator=accelerator, model=Model())
+
+    trainer_module.save_adapter(
+        fake_trainer(DistributedType.FSDP), tmp_path, is_main=True, device_type="cuda"
+    )
+    trainer_module.save_adapter(
+        fake_trainer(DistributedType.FSDP), tmp_path, is_main=False, device_type="cpu"
+    )
+    trainer_module.save_adapter(
+        fake_trainer(DistributedType.FSDP, True), tmp_path, is_main=True, device_type="cuda"
+    )
+    trainer_module.save_adapter(
+        fake_trainer(DistributedType.MULTI_GPU), tmp_path, is_main=True, device_type="cpu"
+    )
+    trainer_module.save_adapter(
+        fake_trainer(DistributedType.MULTI_GPU), tmp_path, is_main=False, device_type="cpu"
+    )
+    assert calls == [
+        ("gather", True),  # GPU shards are gathered into host memory ...
+        ("fsdp", {"offload": True}),  # ... and rank 0 writes
+        ("gather", False),  # rank 1 (CPU shards) gathers too and writes nothing
+        ("fsdp", {"fsdp2": True}),  # FSDP2 through accelerate's gather
+        ("save_pretrained", str(tmp_path)),  # DDP: the whole model on rank 0, no gather; rank 1 nothing
+    ]
