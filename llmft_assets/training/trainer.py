@@ -179,10 +179,11 @@ def save_adapter(trainer: Any, adapter_dir: Path, *, is_main: bool, device_type:
     accelerator = trainer.accelerator
     unwrapped = accelerator.unwrap_model(trainer.model)
     if accelerator.distributed_type == "FSDP":
+        wrapped = getattr(trainer, "model_wrapped", None) or trainer.model  # the root FSDP module
         if accelerator.is_fsdp2:
-            state_dict = accelerator.get_state_dict(trainer.model)
+            state_dict = accelerator.get_state_dict(wrapped)
         else:
-            state_dict = fsdp_full_state_dict(trainer.model, offload_to_cpu=device_type == "cuda")
+            state_dict = fsdp_full_state_dict(wrapped, offload_to_cpu=device_type == "cuda")
         if is_main:
             save_fsdp_adapter(unwrapped, state_dict, adapter_dir)
         return
