@@ -11,7 +11,7 @@ export DAGSTER_HOME ?= $(LLMFT_HOME)/dagster_home
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export BENTOML_HOME ?= $(LLMFT_HOME)/bentoml
 
-.PHONY: install demo test test-fast lint format ui check-defs serve benchmarks clean constraints
+.PHONY: install demo test test-fast lint format ui check-defs serve benchmarks gpu-suite clean constraints
 
 install: $(VENV)/.installed
 
@@ -60,6 +60,10 @@ benchmarks: install
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/drift.py
 	$(PY) benchmarks/eval_generation.py
+
+# On a CUDA machine (vLLM parts: LLMFT_VLLM_PYTHON or .venv-serve with bentos/requirements-gpu.txt).
+gpu-suite: install
+	PYTHON=$(PY) benchmarks/gpu_suite.sh
 
 constraints: install
 	$(PY) -m pip freeze --exclude-editable | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' > constraints.txt

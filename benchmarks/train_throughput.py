@@ -1,14 +1,16 @@
-"""Training throughput: our path (padding-free token-budget batches) vs plain HF Trainer + PEFT.
+"""Training throughput: our path (padding-free token-budget batches) vs plain HF Trainer + PEFT
+(pad-to-longest) vs TRL `SFTTrainer` with padding-free batches (the peer a user would pick).
 
-Both paths train the same randomly initialised Qwen2 model, with the same LoRA config, seed and rows
+All paths train the same randomly initialised Qwen2 model, with the same LoRA config, seed and rows
 (R1-like log-normal lengths), for one epoch, each in its own worker process of this process tree (so
 peak memory is per path). Prints one JSON line per run and, last, a summary JSON object with a
-top-level `speedup` = ours / baseline real (non-pad) tokens per second.
+top-level `speedup` = ours / HF baseline real (non-pad) tokens per second and `speedup_vs_trl`.
 
     python benchmarks/train_throughput.py                      # tiny model, CPU
     python benchmarks/train_throughput.py --model-size 0.5b    # Qwen2.5-0.5B shape (on CUDA: MFU too)
+    python benchmarks/train_throughput.py --model-size 7b --paths ours,qlora   # QLoRA peak memory
 
-Loss check: both final models are scored on the same rows (per-token mean loss over assistant tokens);
+Loss check: the final models are scored on the same rows (per-token mean loss over assistant tokens);
 after one epoch over the same tokens they must agree within `--loss-tolerance` (relative).
 """
 
@@ -48,7 +50,18 @@ MODEL_SHAPES: dict[str, dict[str, int]] = {
         "num_attention_heads": 14,
         "num_key_value_heads": 2,
     },
+    "7b": {
+        "vocab_size": 152064,
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+    },
 }
+# the 0.5B shape ties its embeddings, the 7B shape does not (as the real models)
+TIED_EMBEDDINGS = {"tiny": True, "0.5b": True, "7b": False}
+PATHS = ("ours", "baseline", "trl", "qlora")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,7 +92,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--loss-tolerance", type=float, default=0.02)
     parser.add_argument("--eval-rows", type=int, default=32)
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--worker", choices=["ours", "baseline"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--paths",
+        default="ours,baseline,trl",
+        help="comma-separated: ours, baseline (HF Trainer + PEFT, pad-to-longest), trl (SFTTrainer "
+        "padding-free), qlora (ours with 4-bit NF4 base weights)",
+    )
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="all paths (large shapes)")
+    parser.add_argument("--worker", choices=PATHS, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -95,14 +115,20 @@ def build_model_dir(out: Path, model_size: str, seed: int) -> Path:
         **shape,
         max_position_embeddings=32768,
         rope_theta=1_000_000.0,
-        tie_word_embeddings=True,
+        tie_word_embeddings=TIED_EMBEDDINGS[model_size],
         pad_token_id=0,
         use_cache=False,
     )
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
+    # bf16 on disk for the large shapes (a 7B fp32 checkpoint would be 30 GB); every path loads the same
+    dtype = torch.float32 if model_size == "tiny" else torch.bfloat16
+    with torch.device("cuda" if torch.cuda.is_available() and model_size != "tiny" else "cpu"):
+        model = Qwen2ForCausalLM(config).to(dtype)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
+    del model  # the workers need the GPU: give this process's cached blocks back
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return out
 
 
@@ -167,6 +193,12 @@ def per_token_loss(model: Any, split: Any, rows: int) -> float:
     return total / max(count, 1)
 
 
+def _eval_dtype(device_type: str) -> Any:
+    import torch
+
+    return torch.bfloat16 if device_type == "cuda" else torch.float32
+
+
 def _lora_flops_per_token(model: Any, num_trainable: int, lengths: list[int]) -> float:
     """4 N_frozen + 6 N_lora + 12 L d T_eff, T_eff = token-weighted mean sequence length."""
     config = model.config
@@ -189,7 +221,7 @@ def _mfu(tokens_per_s: float, flops_per_token: float) -> tuple[float | None, str
     return (tokens_per_s * flops_per_token / peak if peak else None), name
 
 
-def run_ours(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+def run_ours(args: argparse.Namespace, workdir: Path, qlora: bool = False) -> dict[str, Any]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -211,6 +243,8 @@ def run_ours(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         seed=args.seed,
         save_steps=1_000_000,
         logging_steps=1_000_000,
+        qlora=qlora,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     out = Path(tempfile.mkdtemp(prefix="ours-", dir=workdir))
     result = train_lora(
@@ -224,13 +258,14 @@ def run_ours(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     device_type = result.device
     peak = _peak_memory_mb(device_type)
     split = TokenizedSplit(workdir / "train.parquet", args.max_len)
-    base = AutoModelForCausalLM.from_pretrained(workdir / "model")
+    base = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=_eval_dtype(device_type))
     model = PeftModel.from_pretrained(base, result.adapter_dir).to(device_type)
     flops = _lora_flops_per_token(model, result.num_trainable_params, split.lengths.tolist())
     mfu, gpu = _mfu(result.tokens_per_second, flops)
     return {
-        "path": "ours",
-        "collation": "padding-free token-budget batches (DataCollatorWithFlattening)",
+        "path": "qlora" if qlora else "ours",
+        "collation": "padding-free token-budget batches (DataCollatorWithFlattening)"
+        + (", 4-bit NF4 base" if qlora else ""),
         "real_tokens_per_s": result.tokens_per_second,
         "s_per_step": result.train_runtime_s / max(result.global_step, 1),
         "steps": result.global_step,
@@ -315,6 +350,8 @@ def run_baseline(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             include_num_input_tokens_seen="non_padding",
             use_cpu=device_type == "cpu",
             dataloader_pin_memory=device_type == "cuda",
+            gradient_checkpointing=args.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
         ),
         train_dataset=Rows(),
         data_collator=DataCollatorForSeq2Seq(pad_tokenizer, label_pad_token_id=-100, padding="longest"),
@@ -334,13 +371,113 @@ def run_baseline(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "real_tokens": tokens,
         "train_runtime_s": runtime,
         "train_loss": float(output.training_loss),
-        "final_loss": per_token_loss(model.float(), split, args.eval_rows),
+        "final_loss": per_token_loss(model if bf16 else model.float(), split, args.eval_rows),
         "peak_memory_mb": peak,
         "memory_kind": "cuda_max_allocated" if device_type == "cuda" else "rss",
         "device": device_type,
         "gpu": gpu,
         "mfu": mfu,
     }
+
+
+def run_trl(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """TRL `SFTTrainer`, padding-free batches (`padding_free=True`: each batch flattened into one row with
+    restarting position ids), same rows as a pre-tokenized dataset with the same labels, same LoRA config."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    from llmft_assets.training.data import TokenizedSplit
+
+    split = TokenizedSplit(workdir / "train.parquet", args.max_len)
+    dataset = Dataset.from_list(
+        [
+            {"input_ids": split[i]["input_ids"].tolist(), "labels": split[i]["labels"].tolist()}
+            for i in range(len(split))
+        ]
+    )
+    # the random model has no tokenizer; TRL needs one for the pad / eos ids
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel({"<pad>": 0}, unk_token="<pad>")),
+        pad_token="<pad>",
+        eos_token="<pad>",
+    )
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported()
+    set_seed(args.seed)
+    model = AutoModelForCausalLM.from_pretrained(
+        workdir / "model", dtype=torch.bfloat16 if bf16 else torch.float32, attn_implementation="sdpa"
+    )
+    model.config.use_cache = False
+    out = Path(tempfile.mkdtemp(prefix="trl-", dir=workdir))
+    trainer = SFTTrainer(
+        model=model,
+        args=SFTConfig(
+            output_dir=str(out),
+            padding_free=True,
+            packing=False,
+            max_length=None,  # rows are already cut to --max-len (TokenizedSplit)
+            per_device_train_batch_size=args.batch_size,
+            num_train_epochs=1,
+            learning_rate=args.learning_rate,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            seed=args.seed,
+            bf16=bf16,
+            gradient_checkpointing=args.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+            save_strategy="no",
+            logging_steps=1_000_000,
+            report_to="none",
+            disable_tqdm=True,
+            include_num_input_tokens_seen="all",  # padding-free: every token is real
+            use_cpu=device_type == "cpu",
+            dataloader_pin_memory=device_type == "cuda",
+        ),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(
+            r=args.lora_r,
+            lora_alpha=2 * args.lora_r,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        ),
+    )
+    num_trainable, _ = trainer.model.get_nb_trainable_parameters()
+    output = trainer.train()
+    runtime = float(output.metrics["train_runtime"])
+    tokens = int(trainer.state.num_input_tokens_seen)
+    peak = _peak_memory_mb(device_type)
+    flops = _lora_flops_per_token(trainer.model, num_trainable, split.lengths.tolist())
+    mfu, gpu = _mfu(tokens / runtime, flops)
+    scored = trainer.model if bf16 else trainer.model.float()
+    return {
+        "path": "trl",
+        "collation": f"TRL {_version('trl')} SFTTrainer, batch {args.batch_size}, padding_free=True",
+        "real_tokens_per_s": tokens / runtime,
+        "s_per_step": runtime / max(output.global_step, 1),
+        "steps": int(output.global_step),
+        "real_tokens": tokens,
+        "train_runtime_s": runtime,
+        "train_loss": float(output.training_loss),
+        "final_loss": per_token_loss(scored, split, args.eval_rows),
+        "peak_memory_mb": peak,
+        "memory_kind": "cuda_max_allocated" if device_type == "cuda" else "rss",
+        "device": device_type,
+        "gpu": gpu,
+        "mfu": mfu,
+    }
+
+
+def _version(name: str) -> str:
+    from importlib import metadata
+
+    return metadata.version(name)
 
 
 # ---- driver ---------------------------------------------------------------------------------------
@@ -374,9 +511,18 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        runner = run_ours if args.worker == "ours" else run_baseline
-        print(json.dumps(runner(args, args.workdir)), flush=True)
+        runners = {
+            "ours": run_ours,
+            "baseline": run_baseline,
+            "trl": run_trl,
+            "qlora": lambda a, w: run_ours(a, w, qlora=True),
+        }
+        print(json.dumps(runners[args.worker](args, args.workdir)), flush=True)
         return 0
+    paths = [name.strip() for name in args.paths.split(",") if name.strip()]
+    if not paths or any(name not in PATHS for name in paths) or "ours" not in paths:
+        print(f"--paths: 'ours' plus any of {PATHS}, got {args.paths!r}", file=sys.stderr)
+        return 2
 
     with tempfile.TemporaryDirectory(prefix="llmft-bench-") as tmp:
         workdir = Path(args.workdir) if args.workdir else Path(tmp)
@@ -385,10 +531,10 @@ def main(argv: list[str] | None = None) -> int:
         data = write_rows(workdir / "train.parquet", args, MODEL_SHAPES[args.model_size]["vocab_size"])
         print(json.dumps({"setup": {"model_size": args.model_size, **data, "seed": args.seed}}), flush=True)
 
-        runs: dict[str, list[dict[str, Any]]] = {"ours": [], "baseline": []}
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in paths}
         for repeat in range(args.repeats):
-            # alternate the order so background load hits both paths alike
-            order = ("ours", "baseline") if repeat % 2 == 0 else ("baseline", "ours")
+            # alternate the order so background load hits every path alike
+            order = paths if repeat % 2 == 0 else paths[::-1]
             for kind in order:
                 result = _run_worker(kind, argv, workdir)
                 result["repeat"] = repeat
@@ -396,30 +542,44 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(result), flush=True)
 
     best = {kind: max(results, key=lambda r: r["real_tokens_per_s"]) for kind, results in runs.items()}
-    ours, baseline = best["ours"], best["baseline"]
-    loss_rel_diff = abs(ours["final_loss"] - baseline["final_loss"]) / max(abs(baseline["final_loss"]), 1e-12)
-    summary = {
+    ours = best["ours"]
+    summary: dict[str, Any] = {
         "benchmark": "train_throughput",
         "model_size": args.model_size,
         "device": ours["device"],
         "gpu": ours["gpu"],
-        "speedup": ours["real_tokens_per_s"] / baseline["real_tokens_per_s"],
         "ours_real_tokens_per_s": ours["real_tokens_per_s"],
-        "baseline_real_tokens_per_s": baseline["real_tokens_per_s"],
         "ours_s_per_step": ours["s_per_step"],
-        "baseline_s_per_step": baseline["s_per_step"],
         "ours_peak_memory_mb": ours["peak_memory_mb"],
-        "baseline_peak_memory_mb": baseline["peak_memory_mb"],
         "ours_final_loss": ours["final_loss"],
-        "baseline_final_loss": baseline["final_loss"],
-        "loss_rel_diff": loss_rel_diff,
-        "loss_tolerance": args.loss_tolerance,
-        "loss_agree": loss_rel_diff <= args.loss_tolerance,
-        "same_tokens": ours["real_tokens"] == baseline["real_tokens"],
         "ours_mfu": ours["mfu"],
-        "baseline_mfu": baseline["mfu"],
+        "loss_tolerance": args.loss_tolerance,
         "repeats": args.repeats,
     }
+    agree = True
+    for kind, prefix, ratio in (("baseline", "baseline", "speedup"), ("trl", "trl", "speedup_vs_trl")):
+        if kind not in best:
+            continue
+        other = best[kind]
+        rel = abs(ours["final_loss"] - other["final_loss"]) / max(abs(other["final_loss"]), 1e-12)
+        agree = agree and rel <= args.loss_tolerance
+        summary.update(
+            {
+                ratio: ours["real_tokens_per_s"] / other["real_tokens_per_s"],
+                f"{prefix}_real_tokens_per_s": other["real_tokens_per_s"],
+                f"{prefix}_s_per_step": other["s_per_step"],
+                f"{prefix}_peak_memory_mb": other["peak_memory_mb"],
+                f"{prefix}_final_loss": other["final_loss"],
+                f"{prefix}_mfu": other["mfu"],
+                f"{'' if kind == 'baseline' else 'trl_'}loss_rel_diff": rel,
+                f"{'' if kind == 'baseline' else 'trl_'}same_tokens": ours["real_tokens"]
+                == other["real_tokens"],
+            }
+        )
+    if "qlora" in best:
+        summary["qlora_peak_memory_mb"] = best["qlora"]["peak_memory_mb"]
+        summary["qlora_real_tokens_per_s"] = best["qlora"]["real_tokens_per_s"]
+    summary["loss_agree"] = agree
     print(json.dumps(summary), flush=True)
     return 0 if summary["loss_agree"] else 1
 

@@ -56,6 +56,7 @@ from llmft_assets.serving.openai_schema import (
 )
 from llmft_assets.serving.packaging import DEFAULT_MODEL_NAME, resolve_model_layout
 from llmft_assets.serving.request_log import RequestLogRecord, RequestLogWriter
+from llmft_assets.serving.resources import service_resources
 
 # Under "bentoml." so BentoML's own logging configuration shows these lines.
 logger = logging.getLogger("bentoml.llmft.serving")
@@ -174,6 +175,8 @@ def _resolve_model(stored: Any | None) -> tuple[Path, Path | None, str, str]:
     name="llmft-chat",
     # One worker: the batching loop needs every concurrent request in the same process.
     workers=1,
+    # {"gpu": n} in the CUDA bento (LLMFT_SERVE_GPUS, see bentos/bentofile-gpu.yaml); none on CPU.
+    resources=service_resources(),
     traffic={"timeout": 600},
     http={"host": DEFAULT_HOST, "port": 3000},
 )

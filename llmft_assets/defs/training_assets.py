@@ -53,7 +53,14 @@ class LoraAdapterConfig(dg.Config):
     max_tokens_per_batch: int | None = None
     gradient_checkpointing: bool = False
     seed: int = 42
-    precision: str = "auto"
+    precision: str = Field(default="auto", description="fp32 | bf16 | fp16 | auto (bf16 where supported)")
+    attn_implementation: str = Field(default="sdpa", description="sdpa | eager | flash_attention_2 (CUDA)")
+    use_liger_kernel: bool = Field(default=False, description="Liger fused kernels (CUDA, liger-kernel)")
+    optim: str = Field(default="adamw_torch", description="e.g. adamw_torch_fused, paged_adamw_8bit (CUDA)")
+    use_dora: bool = Field(default=False, description="DoRA (weight-decomposed LoRA)")
+    use_rslora: bool = Field(default=False, description="rank-stabilised LoRA scaling")
+    torch_compile: bool = False
+    strategy: str = Field(default="ddp", description="with num_processes > 1: ddp | fsdp (accelerate config)")
     save_steps: int = 50
     logging_steps: int = 5
     num_processes: int = Field(
@@ -98,23 +105,28 @@ def _loss_markdown(history: list[tuple[int, float]], points: int = 12) -> str:
 def _train_with_accelerate(
     context: dg.AssetExecutionContext,
     num_processes: int,
+    training_config: Any,
     args: list[str],
     output_dir: Path,
     tracking_uri: str,
 ) -> dict[str, Any]:
-    """Multi-process training: the same CLI under `accelerate launch` (CPU: gloo; CUDA: NCCL)."""
+    """Multi-process training: the same CLI under `accelerate launch` with the strategy's accelerate config
+    (deploy/accelerate/{ddp,fsdp}.yaml; CPU: gloo, CUDA: NCCL)."""
+    import torch
 
-    # `--multi_gpu` makes accelerate start the processes through torchrun; on a machine without CUDA the
-    # trainer then runs DDP over gloo. (`--cpu --num_processes 2` silently starts one process without mpirun.)
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(num_processes),
-    ]
-    command += ["-m", "llmft_assets.training.cli", *args]
+    from llmft_assets.training.launch import accelerate_launch_command
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        command = accelerate_launch_command(
+            strategy=training_config.strategy,
+            num_processes=num_processes,
+            precision=training_config.resolve_precision(device_type),
+            cli_args=args,
+            python=sys.executable,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        raise dg.Failure(description=f"lora_adapter launch: {error}", allow_retries=False) from error
     context.log.info("launching: " + " ".join(command[2:]))
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -192,7 +204,7 @@ def lora_adapter(
             ]  # fmt: skip
             result = TrainResult.from_dict(
                 _train_with_accelerate(
-                    context, config.num_processes, args, work, mlflow.resolved_tracking_uri()
+                    context, config.num_processes, training_config, args, work, mlflow.resolved_tracking_uri()
                 )
             )
         else:

@@ -189,6 +189,44 @@ def _score(
     )
 
 
+def _vllm_generations(
+    requested: str | None,
+    model_dir: Path,
+    adapters: dict[str, Path],
+    conversations: Sequence[Sequence[Mapping[str, str]]],
+    tokenizer: Any,
+    max_new_tokens: int,
+    seed: int,
+) -> tuple[str, dict[str, list[metrics.Generation]]]:
+    """The selection hook: ("vllm", answers of every model) or ("transformers", {}) to generate in place."""
+    from llmft_assets.evaluation import vllm_generate
+
+    backend = vllm_generate.select_generation_backend(requested)
+    if backend != "vllm" or (requested in (None, "auto") and not vllm_generate.vllm_can_serve(adapters)):
+        return "transformers", {}
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    from llmft_assets.evaluation import generate
+
+    try:  # the same end tokens as the transformers path (tokenizer eos + the generation config's)
+        model_stub = SimpleNamespace(generation_config=GenerationConfig.from_pretrained(str(model_dir)))
+    except OSError:
+        model_stub = None
+    answers = vllm_generate.generate_all_with_vllm(
+        Path(model_dir),
+        adapters,
+        conversations,
+        base_name=BASE,
+        tokenizer=tokenizer,
+        stop_ids=generate.end_token_ids(tokenizer, model_stub),
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+    )
+    return "vllm", answers
+
+
 def evaluate(
     model_dir: Path,
     adapter_dir: Path,
@@ -204,6 +242,7 @@ def evaluate(
     base_model_name: str | None = None,
     adapter_name: str | None = None,
     champion_name: str | None = None,
+    generation_backend: str | None = None,
 ) -> EvalReport:
     """Score the base model, the adapter (and the champion adapter, when given) on the test ``rows``.
 
@@ -214,6 +253,9 @@ def evaluate(
     ``report.skipped`` with the reason; ValueError when none is left. Answers are checked with
     math-verify, each within ``answer_timeout_s`` (a slower one counts as wrong). ``report.gate`` is
     left for the caller to decide (:func:`llmft_assets.evaluation.gate.decide_gate_for_report`).
+    ``generation_backend`` ("auto", "vllm", "transformers"; default LLMFT_EVAL_BACKEND or auto) picks
+    where the answers are generated (see ``vllm_generate``); perplexity and scoring are the same code
+    either way.
     """
     from llmft_assets.evaluation import generate
 
@@ -236,13 +278,19 @@ def evaluate(
     tokenizer = generate.load_tokenizer(Path(model_dir))
     pad_id = int(tokenizer.pad_token_id)
 
+    adapters = {ADAPTER: Path(adapter_dir)}
+    if champion_adapter_dir is not None:
+        adapters[CHAMPION] = Path(champion_adapter_dir)
+    backend, pregenerated = _vllm_generations(
+        generation_backend, model_dir, adapters, conversations, tokenizer, max_new_tokens, seed
+    )
     outputs: dict[str, list[metrics.Generation]] = {}
     verdicts: dict[str, list[Verdict]] = {}
     scores: dict[str, ModelMetrics] = {}
     with AnswerChecker(timeout_s=answer_timeout_s) as checker:
 
         def score_current(name: str, model: Any) -> None:
-            outputs[name] = generate.generate_continuous(
+            outputs[name] = pregenerated.get(name) or generate.generate_continuous(
                 model,
                 Path(model_dir),
                 conversations,
@@ -299,6 +347,7 @@ def evaluate(
             "decoding": "greedy, continuous batching",
             "answer_check": "math-verify",
             "answer_timeout_s": answer_timeout_s,
+            "generation_backend": backend,
         },
         models=scores,
         samples=samples,

@@ -2,7 +2,8 @@
 
     python -m llmft_assets.training.cli --base-model DIR --train PATH [--eval PATH] --output DIR \
         --config JSON_FILE [--checkpoint-dir DIR] [--sample-trace PATH]
-    accelerate launch --num_processes 2 --cpu -m llmft_assets.training.cli ...   (DDP over gloo)
+    accelerate launch --config_file deploy/accelerate/{ddp,fsdp}.yaml --num_processes N \
+        -m llmft_assets.training.cli ...      (see training/launch.py; on CPU the ranks use gloo)
 
 Rank 0 writes the adapter to `OUTPUT/adapter` and the result to `OUTPUT/train_result.json`; every
 rank logs with a `[rank r/w]` prefix. Exit status 2 means bad input (config, paths, data).

@@ -31,6 +31,12 @@ _SCHEDULERS = {
     "warmup_stable_decay",
 }
 _ATTN_IMPLEMENTATIONS = {"sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"}
+# Optimizers offered (transformers' names). The bitsandbytes ones keep 8-bit / paged state on the GPU.
+_TORCH_OPTIMIZERS = {"adamw_torch", "adamw_torch_fused", "adafactor", "sgd"}
+_CUDA_OPTIMIZERS = {"adamw_bnb_8bit", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"}
+_OPTIMIZERS = _TORCH_OPTIMIZERS | _CUDA_OPTIMIZERS
+_FLASH_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+Strategy = Literal["ddp", "fsdp"]
 
 
 class TrainingConfig(BaseModel):
@@ -43,10 +49,15 @@ class TrainingConfig(BaseModel):
     lora_alpha: float = Field(32.0, gt=0)
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: str | list[str] = Field("all-linear", description='"all-linear" or module names')
+    use_dora: bool = Field(False, description="weight-decomposed LoRA (DoRA): magnitude + direction")
+    use_rslora: bool = Field(
+        False, description="rank-stabilised LoRA: scale alpha/sqrt(r) instead of alpha/r"
+    )
     # QLoRA: 4-bit NF4 base weights with double quantization
     qlora: bool = False
     bnb_4bit_compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # optimisation
+    optim: str = Field("adamw_torch", description="optimizer; paged_adamw_8bit (CUDA) saves memory in QLoRA")
     learning_rate: float = Field(2e-4, gt=0.0, lt=1.0)
     lr_scheduler_type: str = "cosine"
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
@@ -74,6 +85,17 @@ class TrainingConfig(BaseModel):
     seed: int = Field(42, ge=0)
     precision: Precision = "auto"
     attn_implementation: str = "sdpa"
+    use_liger_kernel: bool = Field(
+        False,
+        description="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy); CUDA",
+    )
+    torch_compile: bool = Field(False, description="torch.compile the model")
+    torch_compile_backend: Literal["inductor", "aot_eager", "cudagraphs"] = Field(
+        "inductor", description="inductor (generated kernels) or aot_eager (graph capture only, no codegen)"
+    )
+    strategy: Strategy = Field(
+        "ddp", description="multi-process strategy: ddp (replicas) or fsdp (sharded base weights)"
+    )
     save_steps: int = Field(50, gt=0)
     save_total_limit: int = Field(2, gt=0, description="local Trainer checkpoints kept on disk")
     logging_steps: int = Field(10, gt=0)
@@ -105,6 +127,13 @@ class TrainingConfig(BaseModel):
             raise ValueError(f"attn_implementation {value!r} is not one of {sorted(_ATTN_IMPLEMENTATIONS)}")
         return value
 
+    @field_validator("optim")
+    @classmethod
+    def _check_optim(cls, value: str) -> str:
+        if value not in _OPTIMIZERS:
+            raise ValueError(f"optim {value!r} is not one of {sorted(_OPTIMIZERS)}")
+        return value
+
     @model_validator(mode="after")
     def _check_consistency(self) -> TrainingConfig:
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
@@ -114,6 +143,9 @@ class TrainingConfig(BaseModel):
         if self.qlora and self.precision == "fp16":
             # fp16 compute with NF4 weights overflows easily; bf16 or fp32 are the supported choices
             raise ValueError("precision: QLoRA supports 'bf16', 'fp32' or 'auto', not 'fp16'")
+        if self.qlora and self.strategy == "fsdp":
+            # 4-bit weights are not sharded by FSDP here; QLoRA fits one GPU per replica, so it runs DDP
+            raise ValueError("strategy: QLoRA trains with 'ddp', not 'fsdp'")
         return self
 
     # ---- derived values -------------------------------------------------------------------------
@@ -153,6 +185,21 @@ class TrainingConfig(BaseModel):
             raise ValueError("qlora: bitsandbytes is not installed (pip install 'llmft[qlora]')")
         if self.attn_implementation.startswith("flash_attention") and device_type != "cuda":
             raise ValueError(f"attn_implementation: {self.attn_implementation} needs a CUDA device")
+        kernel_package = _FLASH_PACKAGES.get(self.attn_implementation)
+        if kernel_package is not None and importlib.util.find_spec(kernel_package) is None:
+            raise ValueError(
+                f"attn_implementation: {self.attn_implementation} needs {kernel_package} installed"
+            )
+        if self.use_liger_kernel:
+            if device_type != "cuda":
+                raise ValueError("use_liger_kernel: Liger's Triton kernels need a CUDA device")
+            if importlib.util.find_spec("liger_kernel") is None:
+                raise ValueError("use_liger_kernel: liger-kernel is not installed (pip install liger-kernel)")
+        if self.optim in _CUDA_OPTIMIZERS:
+            if device_type != "cuda":
+                raise ValueError(f"optim: {self.optim} (bitsandbytes) needs a CUDA device; use 'adamw_torch'")
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise ValueError(f"optim: {self.optim} needs bitsandbytes installed")
 
     # ---- I/O ------------------------------------------------------------------------------------
 

@@ -121,8 +121,74 @@ def load_lora_model(
         target_modules=config.target_modules,
         bias="none",
         task_type="CAUSAL_LM",
+        use_dora=config.use_dora,
+        use_rslora=config.use_rslora,
     )
     return get_peft_model(model, lora)
+
+
+def fsdp_full_state_dict(model: Any, *, offload_to_cpu: bool) -> dict[str, Any]:
+    """The whole state dict of an FSDP (v1) model, gathered on rank 0 (a collective: every rank calls it).
+
+    `offload_to_cpu` moves each gathered tensor to host memory (needed on GPUs); with CPU shards torch
+    2.13 crashes on it (SIGSEGV), and they live in host memory anyway.
+    """
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    config = FullStateDictConfig(offload_to_cpu=offload_to_cpu, rank0_only=True)
+    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, config):
+        return model.state_dict()
+
+
+_FSDP_WRAPPED = "_fsdp_wrapped_module."
+
+
+def save_fsdp_adapter(peft_model: Any, full_state_dict: dict[str, Any], adapter_dir: Path) -> None:
+    """Write the adapter of an FSDP-wrapped peft model from its gathered (clean-keyed) state dict.
+
+    FSDP wraps the decoder layers in place, so the peft model's module names carry `_fsdp_wrapped_module.`
+    while the gathered keys do not, and peft 0.21's key selection (by module name) then keeps nothing.
+    The keys are matched to the wrapped names for peft's own selection, then cleaned again.
+    """
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    wrapped_names = {
+        name.replace(_FSDP_WRAPPED, ""): name
+        for name, _ in [*peft_model.named_parameters(), *peft_model.named_buffers()]
+    }
+    renamed = {wrapped_names.get(key, key): value for key, value in full_state_dict.items()}
+    adapter_name = getattr(peft_model, "active_adapter", "default")
+    selected = get_peft_model_state_dict(peft_model, state_dict=renamed, adapter_name=adapter_name)
+    tensors = {key.replace(_FSDP_WRAPPED, ""): value.contiguous() for key, value in selected.items()}
+    if not tensors:
+        raise ValueError("FSDP adapter save: the gathered state dict holds no adapter weights")
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(adapter_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    peft_model.peft_config[adapter_name].save_pretrained(str(adapter_dir))
+
+
+def save_adapter(trainer: Any, adapter_dir: Path, *, is_main: bool, device_type: str) -> None:
+    """Write the adapter (`save_pretrained`) from rank 0, whatever wraps the model.
+
+    Under FSDP every rank holds a shard of each parameter, and rank 0 saving its own view would write
+    fragments: the full state dict is gathered first and the adapter's keys are kept from it. Under DDP
+    or in one process the state is whole on every rank and the model saves itself.
+    """
+    accelerator = trainer.accelerator
+    unwrapped = accelerator.unwrap_model(trainer.model)
+    if accelerator.distributed_type == "FSDP":
+        wrapped = getattr(trainer, "model_wrapped", None) or trainer.model  # the root FSDP module
+        if accelerator.is_fsdp2:
+            state_dict = accelerator.get_state_dict(wrapped)
+        else:
+            state_dict = fsdp_full_state_dict(wrapped, offload_to_cpu=device_type == "cuda")
+        if is_main:
+            save_fsdp_adapter(unwrapped, state_dict, adapter_dir)
+        return
+    if is_main:
+        unwrapped.save_pretrained(str(adapter_dir))
 
 
 def _make_trainer_class() -> type:
@@ -302,6 +368,7 @@ def train_lora(
         per_device_eval_batch_size=config.per_device_eval_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         learning_rate=config.learning_rate,
+        optim=config.optim,
         lr_scheduler_type=config.lr_scheduler_type,
         warmup_steps=config.warmup_ratio,  # a float < 1 is a ratio of the total steps
         weight_decay=config.weight_decay,
@@ -330,6 +397,9 @@ def train_lora(
         dataloader_num_workers=config.dataloader_num_workers,
         ddp_find_unused_parameters=False,
         use_cache=False,
+        use_liger_kernel=config.use_liger_kernel,
+        torch_compile=config.torch_compile,
+        torch_compile_backend=config.torch_compile_backend if config.torch_compile else None,
         # makes accelerate pick DDP over gloo when several CPU processes are launched (torchrun)
         use_cpu=device_type == "cpu",
         dataloader_pin_memory=device_type == "cuda",
@@ -374,10 +444,9 @@ def train_lora(
             log(f"eval loss {eval_loss:.4f}")
 
     adapter_dir = output_dir / ADAPTER_DIRNAME
-    if is_main:
-        model.save_pretrained(str(adapter_dir))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(adapter_dir))
+    save_adapter(trainer, adapter_dir, is_main=is_main, device_type=device_type)
+    if is_main and tokenizer is not None:
+        tokenizer.save_pretrained(str(adapter_dir))
     trainer.accelerator.wait_for_everyone()
 
     runtime = max(progress.finished_at - progress.started_at, 1e-9)
