@@ -180,6 +180,7 @@ def start_server(model_dir: Path, workdir: Path, api_key: str) -> tuple[Any, str
             "LLMFT_STORAGE": str(workdir / "storage"),
             "LLMFT_API_KEY": api_key,
             "LLMFT_REQUEST_LOG_FLUSH_S": "1",
+            "LLMFT_REQUEST_LOG_SPOOL": str(workdir / "spool"),
             "BENTOML_HOME": str(workdir / "bentoml"),
             "BENTOML_DO_NOT_TRACK": "True",
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",

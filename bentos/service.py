@@ -14,26 +14,32 @@ log under LLMFT_STORAGE (see llmft_assets/serving/request_log.py) for the drift 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import socket
 import sys
 import time
+import weakref
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import bentoml
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llmft_assets.serving.admission import AdmissionController, Overloaded, RateLimiter
 from llmft_assets.serving.auth import (
-    bearer_token_matches,
     ensure_key_for_bind_host,
+    key_name_for,
     load_api_key,
+    load_api_keys,
     serve_cli_bind_host,
 )
 from llmft_assets.serving.config import ServerSettings
@@ -45,17 +51,23 @@ from llmft_assets.serving.openai_schema import (
     chat_chunk_body,
     chat_completion_body,
     check_prompt_tokens,
+    default_max_tokens,
     error_body,
     internal_error,
     invalid_api_key_error,
     models_list_body,
     new_completion_id,
+    overloaded_error,
     parse_chat_request,
+    rate_limited_error,
+    request_timeout_error,
     sse_event,
     usage_body,
 )
 from llmft_assets.serving.packaging import DEFAULT_MODEL_NAME, resolve_model_layout
-from llmft_assets.serving.request_log import RequestLogRecord, RequestLogWriter
+from llmft_assets.serving.reasoning import ReasoningSplitter, prompt_opens_reasoning, split_reasoning
+from llmft_assets.serving.request_log import RequestLogRecord, SpooledRequestLogWriter
+from llmft_assets.serving.supervision import install_header_timeout, watch_arbiter, watch_launcher
 
 # Under "bentoml." so BentoML's own logging configuration shows these lines.
 logger = logging.getLogger("bentoml.llmft.serving")
@@ -65,6 +77,11 @@ DEFAULT_HOST = "127.0.0.1"  # plain `bentoml serve` binds loopback; --host 0.0.0
 _cli_host = serve_cli_bind_host(sys.argv, os.environ, DEFAULT_HOST)
 if _cli_host is not None:
     ensure_key_for_bind_host(_cli_host, load_api_key())
+    # `make serve` runs us in make's process group: go when make goes (see serving/supervision.py).
+    watch_launcher()
+# A deadline on request heads (slowloris); takes effect in the worker, whose uvicorn is built after
+# this module is imported.
+install_header_timeout()
 BENTO_ARGS = bentoml.use_arguments()
 MODEL_TAG: str = getattr(BENTO_ARGS, "model_tag", None) or SETTINGS.bento_model
 
@@ -98,8 +115,31 @@ openai_api = FastAPI(title="llmft OpenAI-compatible API", docs_url=None, redoc_u
 
 
 def _error_response(error: OpenAIError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if error.status_code == 401 else None
-    return JSONResponse(error.to_body(), status_code=error.status_code, headers=headers)
+    headers = dict(error.headers or {})
+    if error.status_code == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(error.to_body(), status_code=error.status_code, headers=headers or None)
+
+
+class _Ticket:
+    """A request's admission slot, released exactly once (however the request ends)."""
+
+    def __init__(self, admission: AdmissionController) -> None:
+        self._admission = admission
+        self.tokens = 0
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._admission.release(self.tokens)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    chat: ValidatedChatRequest
+    prompt_ids: list[int]
+    opens_reasoning: bool
 
 
 @openai_api.exception_handler(OpenAIError)
@@ -187,8 +227,10 @@ class LLMChatService:
     def __init__(self) -> None:
         from llmft_assets.storage import open_storage
 
-        self.api_key = load_api_key()
-        ensure_key_for_bind_host(_bound_host(), self.api_key)
+        # Die with the arbiter (`bentoml serve`), so the port is free for the next start.
+        watch_arbiter()
+        self.api_keys = load_api_keys()
+        ensure_key_for_bind_host(_bound_host(), next(iter(self.api_keys.values())) if self.api_keys else None)
         stored = None if SETTINGS.model_dir else self.bento_model
         model_dir, adapter_dir, self.served_model, self.model_version = _resolve_model(stored)
         self.engine = create_engine(
@@ -197,11 +239,26 @@ class LLMChatService:
             max_batch_size=SETTINGS.max_batch_size,
             torch_threads=SETTINGS.torch_threads,
         )
-        self.request_log = RequestLogWriter(
+        self.request_log = SpooledRequestLogWriter(
             open_storage(SETTINGS.storage_root),
+            SETTINGS.request_log_spool,
             max_batch_rows=SETTINGS.request_log_batch_rows,
             flush_interval_s=SETTINGS.request_log_flush_s,
+            fsync_interval_s=SETTINGS.request_log_fsync_s,
         )
+        if self.request_log.recovered_rows:
+            logger.info(
+                "request log: shipped %d rows left by a previous server", self.request_log.recovered_rows
+            )
+        self.admission = AdmissionController(
+            max_running=SETTINGS.max_batch_size,
+            max_waiting=SETTINGS.max_queued_requests,
+            max_waiting_tokens=SETTINGS.max_queued_tokens,
+        )
+        self.rate_limiter = RateLimiter(SETTINGS.rate_limit_rps, SETTINGS.rate_limit_burst)
+        # Body parsing, template rendering and tokenization (a 1 MB prompt takes seconds) run here,
+        # off the event loop. One thread: the engine's tokenizer is not safe to share between threads.
+        self._prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompt-prep")
         self.created = int(time.time())
         logger.info(
             "serving %s (version %s) with %s; request log under %s",
@@ -218,12 +275,16 @@ class LLMChatService:
     def shutdown(self) -> None:
         self.request_log.close()
         self.engine.close()
+        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _authorize(self, request: Request) -> None:
-        if not bearer_token_matches(request.headers.get("authorization"), self.api_key):
+    def _authorize(self, request: Request) -> str:
+        """The name of the request's API key (`anonymous` without keys); 401 otherwise."""
+        name = key_name_for(request.headers.get("authorization"), self.api_keys)
+        if name is None:
             raise invalid_api_key_error()
+        return name
 
     async def _read_body(self, request: Request) -> bytes:
         limit = SETTINGS.limits.max_request_bytes
@@ -235,13 +296,29 @@ class LLMChatService:
                 code="request_too_large",
             )
         body = bytearray()
-        async for chunk in request.stream():
-            body.extend(chunk)
-            if len(body) > limit:
-                raise OpenAIError(
-                    413, f"Request body exceeds the limit of {limit} bytes.", code="request_too_large"
-                )
+
+        async def read() -> None:
+            async for chunk in request.stream():
+                body.extend(chunk)
+                if len(body) > limit:
+                    raise OpenAIError(
+                        413, f"Request body exceeds the limit of {limit} bytes.", code="request_too_large"
+                    )
+
+        try:
+            await asyncio.wait_for(read(), timeout=SETTINGS.body_timeout_s)
+        except TimeoutError:
+            raise request_timeout_error(SETTINGS.body_timeout_s) from None
         return bytes(body)
+
+    def _prepare(self, raw_body: bytes) -> _Prepared:
+        """Parse, validate and tokenize (runs on the prep thread)."""
+        chat = parse_chat_request(raw_body, served_model=self.served_model, limits=SETTINGS.limits)
+        prompt_ids = self.engine.render_prompt(chat.messages)
+        opens_reasoning = SETTINGS.reasoning_parser and prompt_opens_reasoning(
+            self.engine.tokenizer.decode(prompt_ids[-8:], skip_special_tokens=False)
+        )
+        return _Prepared(chat, prompt_ids, opens_reasoning)
 
     def _log(
         self,
@@ -252,6 +329,7 @@ class LLMChatService:
         finish_reason: str,
         prompt_tokens: int,
         completion_tokens: int,
+        api_key_name: str,
     ) -> None:
         latency_ms = (time.perf_counter() - started) * 1000.0
         self.request_log.log(
@@ -268,6 +346,7 @@ class LLMChatService:
                 latency_ms=latency_ms,
                 finish_reason=finish_reason,
                 stream=chat.stream,
+                api_key_name=api_key_name,
             )
         )
         prompt_tokens_total.labels(model=self.served_model).inc(prompt_tokens)
@@ -296,71 +375,153 @@ class LLMChatService:
 
     @openai_api.post("/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
-        started = time.perf_counter()
-        self._authorize(request)
-        chat = parse_chat_request(
-            await self._read_body(request), served_model=self.served_model, limits=SETTINGS.limits
-        )
-        prompt_ids = self.engine.render_prompt(chat.messages)
-        check_prompt_tokens(
-            len(prompt_ids),
-            chat.max_tokens,
-            limits=SETTINGS.limits,
-            context_length=self.engine.context_length,
-        )
-        params = SamplingParams(
-            max_tokens=chat.max_tokens,
-            temperature=chat.temperature,
-            top_p=chat.top_p,
-            stop=chat.stop,
-            seed=chat.seed,
-            presence_penalty=chat.presence_penalty,
-            frequency_penalty=chat.frequency_penalty,
-        )
-        request_id = new_completion_id()
-        created = int(time.time())
-        if chat.stream:
-            return StreamingResponse(
-                self._stream(chat, prompt_ids, params, request_id, created, started),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        parts: list[str] = []
-        finish_reason, completion_tokens = "stop", 0
         try:
+            return await self._chat_completions(request)
+        except OpenAIError as error:
+            return _error_response(error)
+        except Exception as error:
+            # Answered here rather than by an exception handler: Starlette re-raises from those,
+            # and the server then resets the connection (the client's next request fails too).
+            logger.error("unhandled %s while serving a request", type(error).__name__, exc_info=True)
+            return _error_response(internal_error())
+
+    async def _chat_completions(self, request: Request) -> Any:
+        started = time.perf_counter()
+        key_name = self._authorize(request)
+        wait_s = self.rate_limiter.check(key_name)
+        if wait_s > 0:
+            requests_total.labels(model=self.served_model, outcome="rate_limited", stream="unknown").inc()
+            raise rate_limited_error(key_name, wait_s)
+        try:
+            self.admission.reserve()
+        except Overloaded as refused:
+            requests_total.labels(model=self.served_model, outcome="overloaded", stream="unknown").inc()
+            raise overloaded_error(refused.reason, refused.retry_after_s) from None
+        ticket = _Ticket(self.admission)
+        handed_to_stream = False
+        try:
+            raw_body = await self._read_body(request)
+            loop = asyncio.get_running_loop()
+            prepared = await loop.run_in_executor(self._prepare_pool, self._prepare, raw_body)
+            chat, prompt_ids = prepared.chat, prepared.prompt_ids
+            max_tokens = default_max_tokens(chat, len(prompt_ids), self.engine.context_length)
+            check_prompt_tokens(
+                len(prompt_ids), max_tokens, limits=SETTINGS.limits, context_length=self.engine.context_length
+            )
+            try:
+                self.admission.add_tokens(len(prompt_ids))
+            except Overloaded as refused:
+                raise overloaded_error(refused.reason, refused.retry_after_s) from None
+            ticket.tokens = len(prompt_ids)
+            params = SamplingParams(
+                max_tokens=max_tokens,
+                temperature=chat.temperature,
+                top_p=chat.top_p,
+                stop=chat.stop,
+                seed=chat.seed,
+                presence_penalty=chat.presence_penalty,
+                frequency_penalty=chat.frequency_penalty,
+            )
+            request_id = new_completion_id()
+            created = int(time.time())
+            if chat.stream:
+                body = self._stream(prepared, params, request_id, created, started, key_name, ticket)
+                # Released when the stream ends; the finalizer covers a stream never started.
+                weakref.finalize(body, ticket.release)
+                handed_to_stream = True
+                return StreamingResponse(
+                    body,
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                )
+            return await self._complete(request, prepared, params, request_id, created, started, key_name)
+        finally:
+            if not handed_to_stream:
+                ticket.release()
+
+    async def _complete(
+        self,
+        request: Request,
+        prepared: _Prepared,
+        params: SamplingParams,
+        request_id: str,
+        created: int,
+        started: float,
+        key_name: str,
+    ) -> Response:
+        chat, prompt_ids = prepared.chat, prepared.prompt_ids
+        parts: list[str] = []
+        state = {"finish_reason": "stop", "completion_tokens": 0}
+
+        async def generate() -> None:
             # wants_stream=False: the text arrives in one piece at the end (no time-to-first-token).
             async for delta in self.engine.stream(prompt_ids, params, request_id, wants_stream=False):
                 parts.append(delta.text)
-                completion_tokens = delta.completion_tokens
+                state["completion_tokens"] = delta.completion_tokens
                 if delta.finish_reason is not None:
-                    finish_reason = delta.finish_reason
-        except EngineError:
+                    state["finish_reason"] = delta.finish_reason
+
+        generation = asyncio.ensure_future(generate())
+        disconnect = asyncio.ensure_future(_client_gone(request))
+        try:
+            await asyncio.wait({generation, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            disconnect.cancel()
+        if not generation.done():
+            # The client gave up: stop generating for it (the engine drops the row) and say so.
+            generation.cancel()
+            await asyncio.gather(generation, return_exceptions=True)
+            self._log(
+                chat,
+                request_id,
+                started,
+                "".join(parts),
+                "cancelled",
+                len(prompt_ids),
+                int(state["completion_tokens"]),
+                key_name,
+            )
+            return Response(status_code=499)
+        if isinstance(generation.exception(), EngineError):
             requests_total.labels(model=self.served_model, outcome="error", stream="false").inc()
             logger.error("request %s: generation failed", request_id)
             return _error_response(internal_error())
+        generation.result()  # re-raise anything else (answered as a 500 by the caller)
         text = "".join(parts)
-        self._log(chat, request_id, started, text, finish_reason, len(prompt_ids), completion_tokens)
+        finish_reason = str(state["finish_reason"])
+        completion_tokens = int(state["completion_tokens"])
+        self._log(
+            chat, request_id, started, text, finish_reason, len(prompt_ids), completion_tokens, key_name
+        )
+        reasoning: str | None = None
+        content = text
+        if SETTINGS.reasoning_parser:
+            reasoning, content = split_reasoning(text, starts_in_reasoning=prepared.opens_reasoning)
         return JSONResponse(
             chat_completion_body(
                 completion_id=request_id,
                 created=created,
                 model=self.served_model,
-                text=text,
+                text=content,
                 finish_reason=finish_reason,
                 prompt_tokens=len(prompt_ids),
                 completion_tokens=completion_tokens,
+                reasoning_content=reasoning,
             )
         )
 
     async def _stream(
         self,
-        chat: ValidatedChatRequest,
-        prompt_ids: list[int],
+        prepared: _Prepared,
         params: SamplingParams,
         request_id: str,
         created: int,
         started: float,
+        key_name: str,
+        ticket: _Ticket,
     ) -> AsyncIterator[bytes]:
+        chat, prompt_ids = prepared.chat, prepared.prompt_ids
+
         def chunk(delta: dict[str, str], finish_reason: str | None) -> bytes:
             return sse_event(
                 chat_chunk_body(
@@ -372,19 +533,35 @@ class LLMChatService:
                 )
             )
 
+        def text_chunks(reasoning: str, content: str) -> list[bytes]:
+            out = []
+            if reasoning:
+                out.append(chunk({"reasoning_content": reasoning}, None))
+            if content:
+                out.append(chunk({"content": content}, None))
+            return out
+
+        splitter = ReasoningSplitter(starts_in_reasoning=prepared.opens_reasoning)
         parts: list[str] = []
         finish_reason: str | None = None
         completion_tokens = 0
-        yield chunk({"role": "assistant", "content": ""}, None)
         try:
+            yield chunk({"role": "assistant", "content": ""}, None)
             async for delta in self.engine.stream(prompt_ids, params, request_id, wants_stream=True):
                 if not parts:
                     time_to_first_token.labels(model=self.served_model).observe(time.perf_counter() - started)
                 parts.append(delta.text)
                 completion_tokens = delta.completion_tokens
                 if delta.text:
-                    yield chunk({"content": delta.text}, None)
+                    if SETTINGS.reasoning_parser:
+                        for out in text_chunks(*splitter.feed(delta.text)):
+                            yield out
+                    else:
+                        yield chunk({"content": delta.text}, None)
                 if delta.finish_reason is not None:
+                    if SETTINGS.reasoning_parser:
+                        for out in text_chunks(*splitter.finish()):
+                            yield out
                     finish_reason = delta.finish_reason
                     yield chunk({}, finish_reason)
             if chat.include_usage:
@@ -405,6 +582,7 @@ class LLMChatService:
             finish_reason = "error"
             yield sse_event(internal_error().to_body())
         finally:
+            ticket.release()
             # A client that disconnects mid-stream is logged as "cancelled" with what it received.
             self._log(
                 chat,
@@ -414,7 +592,16 @@ class LLMChatService:
                 finish_reason or "cancelled",
                 len(prompt_ids),
                 completion_tokens,
+                key_name,
             )
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read: the next message is the end)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 # Registered after the class so the class-view routes match first; anything else under /v1 gets

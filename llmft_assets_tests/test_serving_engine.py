@@ -167,3 +167,63 @@ def test_invalid_sampling_params_are_rejected() -> None:
         SamplingParams(max_tokens=0)
     with pytest.raises(ValueError):
         SamplingParams(max_tokens=5, top_p=0.0)
+
+
+def test_sampler_inputs_are_clamped() -> None:
+    params = SamplingParams(max_tokens=4, temperature=1e-300, top_p=1e-300, seed=2**64)
+    assert (params.temperature, params.top_p, params.seed) == (0.0, 1e-3, 0)
+    assert SamplingParams(max_tokens=4, seed=-1).seed == 2**64 - 1
+    assert SamplingParams(max_tokens=4, temperature=0.7, top_p=0.9, seed=5) == SamplingParams(
+        max_tokens=4, temperature=0.7, top_p=0.9, seed=5
+    )
+
+
+def test_extreme_sampler_values_next_to_others_all_succeed(engine: TransformersEngine) -> None:
+    all_prompts = prompts(engine, 8)
+    params = [
+        SamplingParams(max_tokens=6, temperature=1e-300),
+        SamplingParams(max_tokens=6, temperature=1.0, top_p=1e-300, seed=2**64),
+        SamplingParams(max_tokens=6, temperature=2.0, seed=-(2**70)),
+    ] + [SamplingParams(max_tokens=6, temperature=0.0)] * 5
+
+    async def run() -> list[str]:
+        async def one(i: int) -> str:
+            return "".join([d.text async for d in engine.stream(all_prompts[i], params[i], f"x{i}")])
+
+        return await asyncio.gather(*(one(i) for i in range(8)))
+
+    texts = asyncio.run(run())
+    for i in range(3, 8):
+        assert texts[i] == reference_greedy(engine, all_prompts[i], 6)
+    assert texts[0] == reference_greedy(engine, all_prompts[0], 6)  # temperature 1e-300 is greedy
+
+
+def test_a_failing_row_fails_alone(engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmft_assets.serving.engine import EngineError
+
+    all_prompts = prompts(engine, 6)
+    original = engine._advance
+
+    def advance(sequence, token):  # a planted per-row defect: detokenising request "bad" raises
+        if sequence.request_id == "bad":
+            raise RuntimeError("planted")
+        return original(sequence, token)
+
+    monkeypatch.setattr(engine, "_advance", advance)
+    params = SamplingParams(max_tokens=5, temperature=0.0)
+
+    async def one(i: int) -> str:
+        request_id = "bad" if i == 2 else f"ok{i}"
+        try:
+            return "".join([d.text async for d in engine.stream(all_prompts[i], params, request_id)])
+        except EngineError:
+            return "<failed>"
+
+    async def run() -> list[str]:
+        return await asyncio.gather(*(one(i) for i in range(6)))
+
+    texts = asyncio.run(run())
+    assert texts[2] == "<failed>"
+    for i in (0, 1, 3, 4, 5):
+        assert texts[i] == reference_greedy(engine, all_prompts[i], 5)
+    assert engine.is_ready()

@@ -52,6 +52,8 @@ def server_env(tmp: Path, model_dir: Path, **extra: str) -> dict[str, str]:
             "LLMFT_MAX_TOKENS": str(MAX_TOKENS),
             "LLMFT_MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES),
             "LLMFT_REQUEST_LOG_FLUSH_S": "0.3",
+            "LLMFT_REQUEST_LOG_SPOOL": str(tmp / "spool"),
+            "LLMFT_HOME": str(tmp / "home"),
             "BENTOML_HOME": str(tmp / "bentoml"),
             "BENTOML_DO_NOT_TRACK": "True",
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",

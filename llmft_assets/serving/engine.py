@@ -35,8 +35,17 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+# Below these the float32 sampler divides by zero or keeps no token (temperature 1e-300 and
+# top_p 1e-300 underflow to 0.0): a temperature under the floor means greedy, a top_p is raised to it.
+TEMPERATURE_FLOOR = 1e-3
+TOP_P_FLOOR = 1e-3
+SEED_MODULUS = 1 << 64  # torch generators take a 64-bit seed
+
+
 @dataclass(frozen=True)
 class SamplingParams:
+    """Per-request sampling; values the API accepts but the sampler cannot use are clamped here."""
+
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
@@ -52,6 +61,12 @@ class SamplingParams:
             raise ValueError("temperature must be within [0, 2]")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError("top_p must be within (0, 1]")
+        if self.temperature < TEMPERATURE_FLOOR:
+            object.__setattr__(self, "temperature", 0.0)
+        if self.top_p < TOP_P_FLOOR:
+            object.__setattr__(self, "top_p", TOP_P_FLOOR)
+        if self.seed is not None and not 0 <= self.seed < SEED_MODULUS:
+            object.__setattr__(self, "seed", self.seed % SEED_MODULUS)
 
 
 @dataclass(frozen=True)
@@ -405,6 +420,9 @@ class TransformersEngine:
         import torch
         from transformers import DynamicCache
 
+        sequences = [s for s in sequences if self._row_guard(s, self._seed_generator, s)]
+        if not sequences:
+            return [], None, None  # type: ignore[return-value]
         longest = max(len(s.prompt_ids) for s in sequences)
         input_ids = torch.full((len(sequences), longest), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(sequences), longest), dtype=torch.long)
@@ -412,8 +430,6 @@ class TransformersEngine:
             # Left padding: every row's next token lands in the same (last) column.
             input_ids[row, longest - len(sequence.prompt_ids) :] = torch.tensor(sequence.prompt_ids)
             mask[row, longest - len(sequence.prompt_ids) :] = 1
-            if sequence.params.seed is not None:
-                sequence.generator = torch.Generator(device=self.device).manual_seed(sequence.params.seed)
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         position_ids = (mask.cumsum(dim=-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
@@ -448,8 +464,31 @@ class TransformersEngine:
     def _after_forward(
         self, sequences: list[_Sequence], logits: torch.Tensor, cache: Any, mask: torch.Tensor
     ) -> tuple[list[_Sequence], Any, torch.Tensor]:
-        """Sample, emit, and drop finished rows from the batch."""
-        tokens = sample_next_tokens(
+        """Sample, emit, and drop finished (or failed) rows from the batch.
+
+        A row whose sampling or detokenisation fails is failed alone; the others go on.
+        """
+        tokens: list[int | None]
+        try:
+            tokens = list(self._sample(sequences, logits))
+        except Exception:
+            # Find the row(s) at fault: sample each row on its own.
+            tokens = []
+            for row, sequence in enumerate(sequences):
+                sampled = self._row_guard(sequence, self._sample, [sequence], logits[row : row + 1])
+                tokens.append(sampled[0] if sampled else None)
+        keep: list[int] = []
+        for row, (sequence, token) in enumerate(zip(sequences, tokens, strict=True)):
+            if token is None or not self._row_guard(sequence, self._advance, sequence, token):
+                continue
+            if sequence.finish_reason is None and not sequence.cancelled.is_set():
+                keep.append(row)
+        if len(keep) == len(sequences):
+            return sequences, cache, mask
+        return _select_rows([sequences[i] for i in keep], keep, cache, mask)
+
+    def _sample(self, sequences: list[_Sequence], logits: torch.Tensor) -> list[int]:
+        return sample_next_tokens(
             logits,
             temperatures=[s.params.temperature for s in sequences],
             top_ps=[s.params.top_p for s in sequences],
@@ -458,16 +497,32 @@ class TransformersEngine:
                 (s.params.presence_penalty, s.params.frequency_penalty, s.generated) for s in sequences
             ],
         )
-        keep: list[int] = []
-        for row, (sequence, token) in enumerate(zip(sequences, tokens, strict=True)):
-            self._advance(sequence, token)
-            if sequence.finish_reason is None and not sequence.cancelled.is_set():
-                keep.append(row)
-        if len(keep) == len(sequences):
-            return sequences, cache, mask
-        return _select_rows([sequences[i] for i in keep], keep, cache, mask)
 
-    def _advance(self, sequence: _Sequence, token: int) -> None:
+    def _seed_generator(self, sequence: _Sequence) -> bool:
+        import torch
+
+        if sequence.params.seed is not None:
+            sequence.generator = torch.Generator(device=self.device).manual_seed(sequence.params.seed)
+        return True
+
+    def _row_guard(self, sequence: _Sequence, step: Callable[..., Any], *args: Any) -> Any:
+        """Run one row's step; on error fail that row only (returns None) and keep the batch going."""
+        try:
+            return step(*args)
+        except Exception as exc:
+            logger.error(
+                "request %s failed alone in %s (%s)",
+                sequence.request_id,
+                getattr(step, "__name__", "a step"),
+                type(exc).__name__,
+                exc_info=True,
+            )
+            sequence.finish_reason = "error"
+            sequence.cancelled.set()
+            sequence.emit(exc)
+            return None
+
+    def _advance(self, sequence: _Sequence, token: int) -> bool:
         params = sequence.params
         finish: str | None = None
         if token in self.eos_ids:
@@ -480,7 +535,7 @@ class TransformersEngine:
             ):
                 finish = "length"
         if finish is None and not sequence.needs_text_every_step:
-            return
+            return True
         text = self._decode_tokenizer.decode(sequence.generated, skip_special_tokens=True)
         if params.stop:
             # A stop may straddle the already-sent boundary: search from just before it.
@@ -491,15 +546,16 @@ class TransformersEngine:
         if finish is None:
             sendable = safe_emit_length(text, params.stop)
             if sendable <= sequence.emitted_chars:
-                return
+                return True
             delta = text[sequence.emitted_chars : sendable]
             sequence.emitted_chars = sendable
             sequence.emit(GenerationDelta(delta, None, len(sequence.prompt_ids), len(sequence.generated)))
-            return
+            return True
         sequence.finish_reason = finish
         delta = text[sequence.emitted_chars :]
         sequence.emitted_chars = len(text)
         sequence.emit(GenerationDelta(delta, finish, len(sequence.prompt_ids), len(sequence.generated)))
+        return True
 
     def _drop_cancelled(
         self, active: list[_Sequence], cache: Any, mask: torch.Tensor | None
