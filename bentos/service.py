@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -43,7 +44,7 @@ from llmft_assets.serving.auth import (
     serve_cli_bind_host,
 )
 from llmft_assets.serving.config import ServerSettings
-from llmft_assets.serving.engine import EngineError, SamplingParams, create_engine
+from llmft_assets.serving.engine import EngineError, SamplingParams, create_engine, render_chat_prompt
 from llmft_assets.serving.openai_schema import (
     SSE_DONE,
     OpenAIError,
@@ -256,9 +257,12 @@ class LLMChatService:
             max_waiting_tokens=SETTINGS.max_queued_tokens,
         )
         self.rate_limiter = RateLimiter(SETTINGS.rate_limit_rps, SETTINGS.rate_limit_burst)
-        # Body parsing, template rendering and tokenization (a 1 MB prompt takes seconds) run here,
-        # off the event loop. One thread: the engine's tokenizer is not safe to share between threads.
-        self._prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompt-prep")
+        # Body parsing, template rendering and tokenization (a 1 MB prompt takes seconds) run on
+        # these threads, off the event loop; each has its own tokenizer (a Rust tokenizer shared
+        # between threads fails with "Already borrowed"), and two let a small prompt pass a huge one.
+        self._tokenizer_dir = str(model_dir)
+        self._thread_state = threading.local()
+        self._prepare_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prompt-prep")
         self.created = int(time.time())
         logger.info(
             "serving %s (version %s) with %s; request log under %s",
@@ -314,9 +318,14 @@ class LLMChatService:
     def _prepare(self, raw_body: bytes) -> _Prepared:
         """Parse, validate and tokenize (runs on the prep thread)."""
         chat = parse_chat_request(raw_body, served_model=self.served_model, limits=SETTINGS.limits)
-        prompt_ids = self.engine.render_prompt(chat.messages)
+        tokenizer = getattr(self._thread_state, "tokenizer", None)
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = self._thread_state.tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_dir)
+        prompt_ids = render_chat_prompt(tokenizer, chat.messages)
         opens_reasoning = SETTINGS.reasoning_parser and prompt_opens_reasoning(
-            self.engine.tokenizer.decode(prompt_ids[-8:], skip_special_tokens=False)
+            tokenizer.decode(prompt_ids[-8:], skip_special_tokens=False)
         )
         return _Prepared(chat, prompt_ids, opens_reasoning)
 
