@@ -34,6 +34,7 @@ import bentoml
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from llmft_assets.serving.admission import AdmissionController, Overloaded, RateLimiter
 from llmft_assets.serving.auth import (
@@ -68,7 +69,7 @@ from llmft_assets.serving.openai_schema import (
 from llmft_assets.serving.packaging import DEFAULT_MODEL_NAME, resolve_model_layout
 from llmft_assets.serving.reasoning import ReasoningSplitter, prompt_opens_reasoning, split_reasoning
 from llmft_assets.serving.request_log import RequestLogRecord, SpooledRequestLogWriter
-from llmft_assets.serving.supervision import install_header_timeout, watch_arbiter, watch_launcher
+from llmft_assets.serving.supervision import install_header_timeout, supervise_serve_process
 
 # Under "bentoml." so BentoML's own logging configuration shows these lines.
 logger = logging.getLogger("bentoml.llmft.serving")
@@ -78,8 +79,9 @@ DEFAULT_HOST = "127.0.0.1"  # plain `bentoml serve` binds loopback; --host 0.0.0
 _cli_host = serve_cli_bind_host(sys.argv, os.environ, DEFAULT_HOST)
 if _cli_host is not None:
     ensure_key_for_bind_host(_cli_host, load_api_key())
-    # `make serve` runs us in make's process group: go when make goes (see serving/supervision.py).
-    watch_launcher()
+# The CLI goes when `make serve` (its process-group leader) goes; the worker goes when the CLI goes,
+# even if that happens while it is still starting (see serving/supervision.py).
+supervise_serve_process(is_cli=_cli_host is not None)
 # A deadline on request heads (slowloris); takes effect in the worker, whose uvicorn is built after
 # this module is imported.
 install_header_timeout()
@@ -228,8 +230,6 @@ class LLMChatService:
     def __init__(self) -> None:
         from llmft_assets.storage import open_storage
 
-        # Die with the arbiter (`bentoml serve`), so the port is free for the next start.
-        watch_arbiter()
         self.api_keys = load_api_keys()
         ensure_key_for_bind_host(_bound_host(), next(iter(self.api_keys.values())) if self.api_keys else None)
         stored = None if SETTINGS.model_dir else self.bento_model
@@ -302,12 +302,16 @@ class LLMChatService:
         body = bytearray()
 
         async def read() -> None:
-            async for chunk in request.stream():
-                body.extend(chunk)
-                if len(body) > limit:
-                    raise OpenAIError(
-                        413, f"Request body exceeds the limit of {limit} bytes.", code="request_too_large"
-                    )
+            try:
+                async for chunk in request.stream():
+                    body.extend(chunk)
+                    if len(body) > limit:
+                        raise OpenAIError(
+                            413, f"Request body exceeds the limit of {limit} bytes.", code="request_too_large"
+                        )
+            except ClientDisconnect:
+                # Nobody is left to answer; 499 (nginx's "client closed request") for the access log.
+                raise OpenAIError(499, "The client closed the connection.", code="client_closed") from None
 
         try:
             await asyncio.wait_for(read(), timeout=SETTINGS.body_timeout_s)

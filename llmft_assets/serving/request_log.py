@@ -337,19 +337,29 @@ class SpooledRequestLogWriter:
         self._segment_rows, self._segment_opened, self._dirty = 0, time.monotonic(), False
 
     def _rotate(self) -> None:
-        """Close the current segment (fsynced) and start a new one; shipping happens after."""
+        """Close the current segment (fsynced) and start a new one; shipping happens after.
+
+        fsync runs outside the lock: `log()` is called on the event loop and must never wait for
+        a disk flush.
+        """
         with self._lock:
             if self._segment_rows == 0:
                 return
-            os.fsync(self._fd)
-            os.close(self._fd)  # releases the flock: the segment is now shippable
+            old_fd = self._fd
             self._open_segment()
+        os.fsync(old_fd)
+        os.close(old_fd)  # releases the flock: the segment is now shippable
 
     def _fsync(self) -> None:
         with self._lock:
-            if self._dirty:
-                os.fsync(self._fd)
-                self._dirty = False
+            if not self._dirty:
+                return
+            fd = os.dup(self._fd)  # the same file; survives a rotation meanwhile
+            self._dirty = False
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     # -- shipping ----------------------------------------------------------------------------
 

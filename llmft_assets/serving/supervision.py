@@ -60,13 +60,18 @@ def same_group_ancestors(pid: int | None = None) -> list[int]:
 
 
 def _alive(pid: int) -> bool:
+    """Running (a zombie, dead but not yet reaped by its parent, counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True  # no /proc: the signal check above is all we have
 
 
 def watch_processes(
@@ -112,9 +117,15 @@ def terminate_self(grace_s: float, before_exit: Callable[[], None] | None = None
     return on_gone
 
 
-def watch_arbiter(grace_s: float = 10.0, before_exit: Callable[[], None] | None = None) -> threading.Thread:
-    """In the worker: stop when the arbiter that started us dies (we get reparented)."""
-    return watch_processes([], terminate_self(grace_s, before_exit), parent_must_stay=True)
+def watch_arbiter(arbiter_pid: int | None = None, grace_s: float = 10.0) -> threading.Thread:
+    """In the worker: stop when the arbiter dies.
+
+    `arbiter_pid` (passed down in ARBITER_PID_ENV) covers a worker whose arbiter died while it was
+    still starting: it is then already reparented, and its parent pid alone would not tell.
+    """
+    if arbiter_pid is None:
+        return watch_processes([], terminate_self(grace_s), parent_must_stay=True)
+    return watch_processes([arbiter_pid], terminate_self(grace_s), parent_must_stay=False)
 
 
 def watch_launcher(grace_s: float = 15.0) -> threading.Thread | None:
@@ -122,7 +133,22 @@ def watch_launcher(grace_s: float = 15.0) -> threading.Thread | None:
     ancestors = same_group_ancestors()
     if not ancestors:
         return None
-    return watch_processes(ancestors, terminate_self(grace_s), parent_must_stay=False)
+    # Our parent is one of them (same group): being reparented also means it died.
+    return watch_processes(ancestors, terminate_self(grace_s), parent_must_stay=True)
+
+
+ARBITER_PID_ENV = "LLMFT_SERVE_ARBITER_PID"  # set by the CLI process, inherited by its workers
+
+
+def supervise_serve_process(is_cli: bool) -> None:
+    """Start the right watchdog for this process of `bentoml serve` (called at service import)."""
+    if is_cli:
+        os.environ[ARBITER_PID_ENV] = str(os.getpid())
+        watch_launcher()
+        return
+    arbiter = os.environ.get(ARBITER_PID_ENV, "")
+    if arbiter.isdigit() and int(arbiter) != os.getpid():
+        watch_arbiter(int(arbiter))
 
 
 # ---------------------------------------------------------------------------------------------
