@@ -227,3 +227,75 @@ def test_a_failing_row_fails_alone(engine: TransformersEngine, monkeypatch: pyte
     for i in (0, 1, 3, 4, 5):
         assert texts[i] == reference_greedy(engine, all_prompts[i], 5)
     assert engine.is_ready()
+
+
+def make_random_adapter(model_dir: Path, target: Path, seed: int) -> Path:
+    """A LoRA adapter with non-zero weights (peft's default init would leave the model unchanged)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(model_dir)),
+        LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+    )
+    model.save_pretrained(str(target))
+    return target
+
+
+def test_several_adapters_share_one_batch(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapters = {
+        name: make_random_adapter(tiny_model_dir, tmp_path / name, seed)
+        for name, seed in (("v1", 1), ("v2", 2))
+    }
+    engine = TransformersEngine(tiny_model_dir, max_batch_size=8, device="cpu", multi_adapter=True)
+    try:
+        for name, path in adapters.items():
+            engine.load_adapter(name, path)
+        assert set(engine.adapters()) == {"v1", "v2"}
+        all_prompts = prompts(engine, 6)
+        choice = ["v1", "v2", None, "v2", "v1", None]
+        params = SamplingParams(max_tokens=6, temperature=0.0)
+
+        async def run() -> list[str]:
+            async def one(i: int) -> str:
+                await asyncio.sleep(0.003 * i)
+                stream = engine.stream(all_prompts[i], params, f"m{i}", adapter=choice[i])
+                return "".join([d.text async for d in stream])
+
+            return await asyncio.gather(*(one(i) for i in range(6)))
+
+        texts = asyncio.run(run())
+        assert engine.max_batch_seen > 1
+    finally:
+        engine.close()
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(adapters["v1"]), adapter_name="v1"
+    )
+    reference.load_adapter(str(adapters["v2"]), adapter_name="v2")
+    reference.eval()
+
+    def expected(prompt_ids: list[int], name: str | None) -> str:
+        ids = torch.tensor([prompt_ids])
+        with torch.inference_mode():
+            if name is None:
+                with reference.disable_adapter():
+                    out = reference.generate(
+                        ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False
+                    )
+            else:
+                reference.set_adapter(name)
+                out = reference.generate(
+                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False
+                )
+        return engine.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+    for i, name in enumerate(choice):
+        assert texts[i] == expected(all_prompts[i], name), (i, name)
+    # The adapters really change the answer (else routing would be untested).
+    assert len({expected(all_prompts[0], name) for name in ("v1", "v2", None)}) == 3

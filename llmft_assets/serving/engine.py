@@ -231,6 +231,7 @@ class _Sequence:
     emitted_chars: int = 0
     generator: Any = None
     finish_reason: str | None = None
+    adapter: str | None = None  # a LoRA loaded with load_adapter; None: the base model
 
     @property
     def needs_text_every_step(self) -> bool:
@@ -251,6 +252,7 @@ class TransformersEngine:
         device: str | None = None,
         max_prefill_tokens: int = 8192,
         torch_threads: int | None = None,
+        multi_adapter: bool = False,
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -262,12 +264,17 @@ class TransformersEngine:
         # threads (which encode prompts) can fail with "Already borrowed" under concurrency.
         self._decode_tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
-        if adapter_dir is not None:
+        # multi_adapter: the base stays unmerged and LoRA adapters are added with load_adapter();
+        # each row of a batch names its own (peft's mixed-batch `adapter_names`).
+        self.multi_adapter = multi_adapter
+        self._adapters: dict[str, str] = {}  # name -> source directory
+        if adapter_dir is not None and not multi_adapter:
             from peft import PeftModel
 
             # Merged once at load: a LoRA forward costs extra matmuls on every step.
             model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
         self.model = model.to(self.device).eval()
+        self._commands: queue.Queue[tuple[Callable[[], Any], Any]] = queue.Queue()
         if self.device.type == "cpu":
             torch.set_num_threads(cpu_threads_for(self.model, torch_threads))
         try:
@@ -280,6 +287,7 @@ class TransformersEngine:
             if self.tokenizer.pad_token_id is not None
             else min(self.eos_ids or {0})
         )
+        self._model_config = model.config
         self.context_length = int(getattr(model.config, "max_position_embeddings", 2048))
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
@@ -305,11 +313,68 @@ class TransformersEngine:
         self._stop.set()
         self._thread.join(timeout=30)
 
+    def adapters(self) -> dict[str, str]:
+        """Loaded adapters: name -> the directory each came from."""
+        return dict(self._adapters)
+
+    def load_adapter(self, name: str, adapter_dir: str | Path, timeout: float = 300.0) -> None:
+        """Add a LoRA adapter under `name` (multi_adapter engines); blocks until loaded.
+
+        Runs on the generation thread between two steps, so no forward pass sees a half-loaded
+        adapter and running requests go on with theirs. Loading a name twice is a no-op.
+        """
+        import concurrent.futures
+
+        if not self.multi_adapter:
+            raise EngineError("this engine was not created with multi_adapter=True")
+        if name in self._adapters:
+            return
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def load() -> None:
+            from peft import PeftModel
+
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(adapter_dir), adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(adapter_dir), adapter_name=name)
+            self.model.to(self.device).eval()
+            self._adapters[name] = str(adapter_dir)
+
+        self._commands.put((load, done))
+        done.result(timeout=timeout)
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                command, done = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                command()
+            except Exception as exc:
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
+
+    def _forward_kwargs(self, sequences: list[_Sequence]) -> dict[str, Any]:
+        if not self.multi_adapter or not self._adapters:
+            return {}
+        return {"adapter_names": [s.adapter or "__base__" for s in sequences]}
+
     async def stream(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str, *, wants_stream: bool = True
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        *,
+        wants_stream: bool = True,
+        adapter: str | None = None,
     ) -> AsyncIterator[GenerationDelta]:
         if not self.is_ready():
             raise EngineError("the generation loop is not running")
+        if adapter is not None and adapter not in self._adapters:
+            raise EngineError(f"adapter {adapter!r} is not loaded")
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[GenerationDelta | BaseException] = asyncio.Queue()
 
@@ -325,6 +390,7 @@ class TransformersEngine:
             params=params,
             emit=emit,
             wants_stream=wants_stream,
+            adapter=adapter,
         )
         self._waiting.put(sequence)
         try:
@@ -365,6 +431,7 @@ class TransformersEngine:
             while not self._stop.is_set():
                 admitted: list[_Sequence] = []
                 try:
+                    self._run_commands()
                     active, cache, mask = self._drop_cancelled(active, cache, mask)
                     admitted = self._admit(active)
                     if not active and not admitted:
@@ -432,7 +499,7 @@ class TransformersEngine:
             mask[row, longest - len(sequence.prompt_ids) :] = 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         position_ids = (mask.cumsum(dim=-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache(config=self._model_config)
         output = self.model(
             input_ids=input_ids,
             attention_mask=mask,
@@ -440,6 +507,7 @@ class TransformersEngine:
             cache=cache,
             use_cache=True,
             logits_to_keep=1,
+            **self._forward_kwargs(sequences),
         )
         self.steps += 1
         if self._continuous and not _cache_is_mergeable(cache):
@@ -456,7 +524,12 @@ class TransformersEngine:
         position_ids = mask.sum(dim=-1, keepdim=True)
         mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=mask.device)], dim=-1)
         output = self.model(
-            input_ids=last_tokens, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True
+            input_ids=last_tokens,
+            attention_mask=mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            **self._forward_kwargs(active),
         )
         self.steps += 1
         return self._after_forward(active, output.logits[:, -1, :], cache, mask)
@@ -651,27 +724,33 @@ class VLLMEngine:
         *,
         max_batch_size: int = 64,
         gpu_memory_utilization: float = 0.85,
+        multi_adapter: bool = False,
+        max_loras: int = 4,
+        max_lora_rank: int = 64,
     ) -> None:
         from transformers import AutoTokenizer
         from vllm import AsyncEngineArgs, AsyncLLMEngine
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        lora_rank = 16
-        if adapter_dir is not None:
+        self.multi_adapter = multi_adapter
+        self._adapters: dict[str, Any] = {}  # name -> LoRARequest
+        lora_rank = max_lora_rank if multi_adapter else 16
+        if adapter_dir is not None and not multi_adapter:
             adapter_config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
             lora_rank = int(adapter_config.get("r", 16))
         engine_args = AsyncEngineArgs(
             model=str(model_dir),
             tokenizer=str(model_dir),
-            enable_lora=adapter_dir is not None,
-            max_loras=1,
+            enable_lora=adapter_dir is not None or multi_adapter,
+            # Several adapters share each batch (vLLM's multi-LoRA); more are swapped in as needed.
+            max_loras=max_loras if multi_adapter else 1,
             max_lora_rank=max(8, lora_rank),
             max_num_seqs=max_batch_size,
             gpu_memory_utilization=gpu_memory_utilization,
         )
         self._engine = AsyncLLMEngine.from_engine_args(engine_args)
         self._lora_request = None
-        if adapter_dir is not None:
+        if adapter_dir is not None and not multi_adapter:
             from vllm.lora.request import LoRARequest
 
             self._lora_request = LoRARequest("llmft-adapter", 1, str(adapter_dir))
@@ -684,8 +763,17 @@ class VLLMEngine:
     def render_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
         return render_chat_prompt(self.tokenizer, messages)
 
-    def is_ready(self) -> bool:
-        return not getattr(self._engine, "errored", False)
+    def adapters(self) -> dict[str, str]:
+        return {name: request.lora_path for name, request in self._adapters.items()}
+
+    def load_adapter(self, name: str, adapter_dir: str | Path, timeout: float = 300.0) -> None:
+        """Register a LoRA adapter; vLLM loads it on first use (a LoRARequest per name)."""
+        from vllm.lora.request import LoRARequest
+
+        if not self.multi_adapter:
+            raise EngineError("this engine was not created with multi_adapter=True")
+        if name not in self._adapters:
+            self._adapters[name] = LoRARequest(name, len(self._adapters) + 1, str(adapter_dir))
 
     def close(self) -> None:
         shutdown = getattr(self._engine, "shutdown", None)
@@ -693,9 +781,21 @@ class VLLMEngine:
             shutdown()
 
     async def stream(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str, *, wants_stream: bool = True
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        *,
+        wants_stream: bool = True,
+        adapter: str | None = None,
     ) -> AsyncIterator[GenerationDelta]:
         from vllm import SamplingParams as VLLMSamplingParams
+
+        lora_request = self._lora_request
+        if adapter is not None:
+            if adapter not in self._adapters:
+                raise EngineError(f"adapter {adapter!r} is not loaded")
+            lora_request = self._adapters[adapter]
         from vllm.inputs import TokensPrompt
 
         sampling = VLLMSamplingParams(
@@ -715,7 +815,7 @@ class VLLMEngine:
                 TokensPrompt(prompt_token_ids=prompt_ids),
                 sampling,
                 request_id,
-                lora_request=self._lora_request,
+                lora_request=lora_request,
             ):
                 completion = output.outputs[0]
                 finish = completion.finish_reason if output.finished else None
@@ -748,15 +848,25 @@ def create_engine(
     *,
     max_batch_size: int = 32,
     torch_threads: int | None = None,
+    multi_adapter: bool = False,
 ) -> TransformersEngine | VLLMEngine:
-    """vLLM on CUDA when installed (LLMFT_ENGINE=transformers forces transformers), else transformers."""
+    """vLLM on CUDA when installed (LLMFT_ENGINE=transformers forces transformers), else transformers.
+
+    multi_adapter: serve several LoRA adapters over one base (load_adapter / stream(adapter=...)).
+    """
     started = time.monotonic()
     engine: TransformersEngine | VLLMEngine
     if vllm_available():
-        engine = VLLMEngine(model_dir, adapter_dir, max_batch_size=max(max_batch_size, 64))
+        engine = VLLMEngine(
+            model_dir, adapter_dir, max_batch_size=max(max_batch_size, 64), multi_adapter=multi_adapter
+        )
     else:
         engine = TransformersEngine(
-            model_dir, adapter_dir, max_batch_size=max_batch_size, torch_threads=torch_threads
+            model_dir,
+            adapter_dir,
+            max_batch_size=max_batch_size,
+            torch_threads=torch_threads,
+            multi_adapter=multi_adapter,
         )
     logger.info("loaded %s engine in %.1fs", engine.backend_name, time.monotonic() - started)
     return engine
