@@ -248,3 +248,21 @@ def test_segment_lines_round_trip() -> None:
     )
     records, bad = read_segment(lines + b"not json\n")
     assert [r.request_id for r in records] == ["req-0", "req-1", "req-2"] and bad == 1
+
+
+def test_request_log_window_per_model_version(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from llmft_assets.monitoring.request_logs import read_request_log_window
+    from llmft_assets.serving.request_log import records_to_parquet_bytes, request_log_key
+
+    storage = open_storage(str(tmp_path))
+    rows = [replace(record(i), model_version="1" if i % 3 else "2") for i in range(9)]
+    day = rows[0].timestamp.strftime("%Y-%m-%d")
+    storage.put_bytes(request_log_key(day, "batch"), records_to_parquet_bytes(rows))
+    everything = read_request_log_window(storage, window_days=1)
+    only_two = read_request_log_window(storage, window_days=1, model_version="2")
+    assert everything.rows == 9 and only_two.rows == 3
+    assert only_two.table.column_names == everything.table.column_names == ["timestamp", "prompt", "response"]
+    assert only_two.table.column("prompt").to_pylist() == ["prompt 0", "prompt 3", "prompt 6"]
+    assert read_request_log_window(storage, window_days=1, model_version="7").rows == 0
