@@ -57,6 +57,7 @@ from llmft_assets.serving.openai_schema import (
     error_body,
     internal_error,
     invalid_api_key_error,
+    model_not_found_error,
     models_list_body,
     new_completion_id,
     overloaded_error,
@@ -68,6 +69,7 @@ from llmft_assets.serving.openai_schema import (
 )
 from llmft_assets.serving.packaging import DEFAULT_MODEL_NAME, resolve_model_layout
 from llmft_assets.serving.reasoning import ReasoningSplitter, prompt_opens_reasoning, split_reasoning
+from llmft_assets.serving.registry import ModelRouter, RegistryWatcher, UnknownModel
 from llmft_assets.serving.request_log import RequestLogRecord, SpooledRequestLogWriter
 from llmft_assets.serving.supervision import install_header_timeout, supervise_serve_process
 
@@ -143,6 +145,15 @@ class _Prepared:
     chat: ValidatedChatRequest
     prompt_ids: list[int]
     opens_reasoning: bool
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Who answers a request: the model id echoed back, the version logged, the engine adapter."""
+
+    model: str
+    version: str
+    adapter: str | None
 
 
 @openai_api.exception_handler(OpenAIError)
@@ -234,12 +245,18 @@ class LLMChatService:
         ensure_key_for_bind_host(_bound_host(), next(iter(self.api_keys.values())) if self.api_keys else None)
         stored = None if SETTINGS.model_dir else self.bento_model
         model_dir, adapter_dir, self.served_model, self.model_version = _resolve_model(stored)
+        registry_mode = SETTINGS.registry_model is not None
         self.engine = create_engine(
             model_dir,
-            adapter_dir,
+            None if registry_mode else adapter_dir,  # registry mode: the base, adapters by alias
             max_batch_size=SETTINGS.max_batch_size,
             torch_threads=SETTINGS.torch_threads,
+            multi_adapter=registry_mode,
         )
+        self.router: ModelRouter | None = None
+        self.watcher: RegistryWatcher | None = None
+        if registry_mode:
+            self._start_registry()
         self.request_log = SpooledRequestLogWriter(
             open_storage(SETTINGS.storage_root),
             SETTINGS.request_log_spool,
@@ -272,11 +289,45 @@ class LLMChatService:
             SETTINGS.storage_root,
         )
 
+    def _start_registry(self) -> None:
+        assert SETTINGS.registry_model is not None
+        self.router = ModelRouter(self.served_model)
+        self.watcher = RegistryWatcher(
+            router=self.router,
+            registered_model=SETTINGS.registry_model,
+            tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or None,
+            download_root=Path(SETTINGS.adapter_cache),
+            load_adapter=self.engine.load_adapter,
+            default_canary_share=SETTINGS.canary_share,
+            poll_interval_s=SETTINGS.registry_poll_s,
+        )
+        try:
+            logger.info("registry %s aliases: %s", SETTINGS.registry_model, self.watcher.sync())
+        except Exception as error:  # served as soon as a later poll succeeds
+            logger.error("registry %s not readable yet (%s)", SETTINGS.registry_model, type(error).__name__)
+        self.watcher.start()
+
+    async def _target(self, model: str) -> _Target:
+        """The adapter version answering `model` now (resolved at admission)."""
+        if self.router is None or self.watcher is None:
+            return _Target(self.served_model, self.model_version, None)
+        try:
+            route = self.router.resolve(model)
+            if route.version not in self.router.loaded:  # a pinned version seen for the first time
+                await asyncio.get_running_loop().run_in_executor(
+                    None, self.watcher.ensure_loaded, route.version
+                )
+        except UnknownModel:
+            raise model_not_found_error(model, [entry["id"] for entry in self.router.model_ids()]) from None
+        return _Target(model, route.version, route.adapter)
+
     def __is_ready__(self) -> bool:
         return self.engine.is_ready()
 
     @bentoml.on_shutdown
     def shutdown(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
         self.request_log.close()
         self.engine.close()
         self._prepare_pool.shutdown(wait=False, cancel_futures=True)
@@ -321,7 +372,9 @@ class LLMChatService:
 
     def _prepare(self, raw_body: bytes) -> _Prepared:
         """Parse, validate and tokenize (runs on the prep thread)."""
-        chat = parse_chat_request(raw_body, served_model=self.served_model, limits=SETTINGS.limits)
+        chat = parse_chat_request(
+            raw_body, served_model=None if self.router else self.served_model, limits=SETTINGS.limits
+        )
         tokenizer = getattr(self._thread_state, "tokenizer", None)
         if tokenizer is None:
             from transformers import AutoTokenizer
@@ -335,6 +388,7 @@ class LLMChatService:
 
     def _log(
         self,
+        target: _Target,
         chat: ValidatedChatRequest,
         request_id: str,
         started: float,
@@ -349,8 +403,8 @@ class LLMChatService:
             RequestLogRecord(
                 request_id=request_id,
                 timestamp=datetime.now(UTC),
-                model=self.served_model,
-                model_version=self.model_version,
+                model=target.model,
+                model_version=target.version,
                 prompt=chat.last_user_message,
                 messages_json=json.dumps(chat.messages, ensure_ascii=False),
                 response=text,
@@ -362,11 +416,11 @@ class LLMChatService:
                 api_key_name=api_key_name,
             )
         )
-        prompt_tokens_total.labels(model=self.served_model).inc(prompt_tokens)
-        completion_tokens_total.labels(model=self.served_model).inc(completion_tokens)
-        request_latency.labels(model=self.served_model).observe(latency_ms / 1000.0)
+        prompt_tokens_total.labels(model=target.model).inc(prompt_tokens)
+        completion_tokens_total.labels(model=target.model).inc(completion_tokens)
+        request_latency.labels(model=target.model).observe(latency_ms / 1000.0)
         requests_total.labels(
-            model=self.served_model, outcome=finish_reason, stream=str(chat.stream).lower()
+            model=target.model, outcome=finish_reason, stream=str(chat.stream).lower()
         ).inc()
         if SETTINGS.log_prompts:
             logger.info("request %s prompt=%r response=%r", request_id, chat.last_user_message, text)
@@ -384,7 +438,16 @@ class LLMChatService:
     @openai_api.get("/models")
     async def list_models(self, request: Request) -> JSONResponse:
         self._authorize(request)
-        return JSONResponse(models_list_body(self.served_model, created=self.created))
+        if self.router is None:
+            return JSONResponse(models_list_body(self.served_model, created=self.created))
+        body = {
+            "object": "list",
+            "data": [
+                {"object": "model", "created": self.created, "owned_by": "llmft", **entry}
+                for entry in self.router.model_ids()
+            ],
+        }
+        return JSONResponse(body)
 
     @openai_api.post("/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
@@ -417,6 +480,7 @@ class LLMChatService:
             loop = asyncio.get_running_loop()
             prepared = await loop.run_in_executor(self._prepare_pool, self._prepare, raw_body)
             chat, prompt_ids = prepared.chat, prepared.prompt_ids
+            target = await self._target(chat.model)
             max_tokens = default_max_tokens(chat, len(prompt_ids), self.engine.context_length)
             check_prompt_tokens(
                 len(prompt_ids), max_tokens, limits=SETTINGS.limits, context_length=self.engine.context_length
@@ -438,7 +502,7 @@ class LLMChatService:
             request_id = new_completion_id()
             created = int(time.time())
             if chat.stream:
-                body = self._stream(prepared, params, request_id, created, started, key_name, ticket)
+                body = self._stream(target, prepared, params, request_id, created, started, key_name, ticket)
                 # Released when the stream ends; the finalizer covers a stream never started.
                 weakref.finalize(body, ticket.release)
                 handed_to_stream = True
@@ -447,13 +511,16 @@ class LLMChatService:
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 )
-            return await self._complete(request, prepared, params, request_id, created, started, key_name)
+            return await self._complete(
+                target, request, prepared, params, request_id, created, started, key_name
+            )
         finally:
             if not handed_to_stream:
                 ticket.release()
 
     async def _complete(
         self,
+        target: _Target,
         request: Request,
         prepared: _Prepared,
         params: SamplingParams,
@@ -468,7 +535,9 @@ class LLMChatService:
 
         async def generate() -> None:
             # wants_stream=False: the text arrives in one piece at the end (no time-to-first-token).
-            async for delta in self.engine.stream(prompt_ids, params, request_id, wants_stream=False):
+            async for delta in self.engine.stream(
+                prompt_ids, params, request_id, wants_stream=False, adapter=target.adapter
+            ):
                 parts.append(delta.text)
                 state["completion_tokens"] = delta.completion_tokens
                 if delta.finish_reason is not None:
@@ -485,6 +554,7 @@ class LLMChatService:
             generation.cancel()
             await asyncio.gather(generation, return_exceptions=True)
             self._log(
+                target,
                 chat,
                 request_id,
                 started,
@@ -496,7 +566,7 @@ class LLMChatService:
             )
             return Response(status_code=499)
         if isinstance(generation.exception(), EngineError):
-            requests_total.labels(model=self.served_model, outcome="error", stream="false").inc()
+            requests_total.labels(model=target.model, outcome="error", stream="false").inc()
             logger.error("request %s: generation failed", request_id)
             return _error_response(internal_error())
         generation.result()  # re-raise anything else (answered as a 500 by the caller)
@@ -504,7 +574,15 @@ class LLMChatService:
         finish_reason = str(state["finish_reason"])
         completion_tokens = int(state["completion_tokens"])
         self._log(
-            chat, request_id, started, text, finish_reason, len(prompt_ids), completion_tokens, key_name
+            target,
+            chat,
+            request_id,
+            started,
+            text,
+            finish_reason,
+            len(prompt_ids),
+            completion_tokens,
+            key_name,
         )
         reasoning: str | None = None
         content = text
@@ -514,7 +592,7 @@ class LLMChatService:
             chat_completion_body(
                 completion_id=request_id,
                 created=created,
-                model=self.served_model,
+                model=target.model,
                 text=content,
                 finish_reason=finish_reason,
                 prompt_tokens=len(prompt_ids),
@@ -525,6 +603,7 @@ class LLMChatService:
 
     async def _stream(
         self,
+        target: _Target,
         prepared: _Prepared,
         params: SamplingParams,
         request_id: str,
@@ -540,7 +619,7 @@ class LLMChatService:
                 chat_chunk_body(
                     completion_id=request_id,
                     created=created,
-                    model=self.served_model,
+                    model=target.model,
                     delta=delta,
                     finish_reason=finish_reason,
                 )
@@ -560,9 +639,11 @@ class LLMChatService:
         completion_tokens = 0
         try:
             yield chunk({"role": "assistant", "content": ""}, None)
-            async for delta in self.engine.stream(prompt_ids, params, request_id, wants_stream=True):
+            async for delta in self.engine.stream(
+                prompt_ids, params, request_id, wants_stream=True, adapter=target.adapter
+            ):
                 if not parts:
-                    time_to_first_token.labels(model=self.served_model).observe(time.perf_counter() - started)
+                    time_to_first_token.labels(model=target.model).observe(time.perf_counter() - started)
                 parts.append(delta.text)
                 completion_tokens = delta.completion_tokens
                 if delta.text:
@@ -582,7 +663,7 @@ class LLMChatService:
                     chat_chunk_body(
                         completion_id=request_id,
                         created=created,
-                        model=self.served_model,
+                        model=target.model,
                         delta={},
                         finish_reason=None,
                         usage=usage_body(len(prompt_ids), completion_tokens),
@@ -598,6 +679,7 @@ class LLMChatService:
             ticket.release()
             # A client that disconnects mid-stream is logged as "cancelled" with what it received.
             self._log(
+                target,
                 chat,
                 request_id,
                 started,

@@ -39,6 +39,13 @@ def _float(env: Mapping[str, str], name: str, default: float, *, allow_zero: boo
     return value
 
 
+def _share(env: Mapping[str, str], name: str) -> float:
+    value = _float(env, name, 0.0, allow_zero=True)
+    if value > 1.0:
+        raise ValueError(f"{name} must be within [0, 1], got {value}")
+    return value
+
+
 def _bool(env: Mapping[str, str], name: str) -> bool:
     return env.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -64,6 +71,10 @@ class ServerSettings:
     rate_limit_burst: int  # LLMFT_RATE_LIMIT_BURST: bucket size per key
     body_timeout_s: float  # LLMFT_BODY_TIMEOUT_S: the whole request body must arrive within this
     reasoning_parser: bool  # LLMFT_REASONING_PARSER=none turns the <think> split off
+    registry_model: str | None  # LLMFT_REGISTRY_MODEL: serve this MLflow registered model's adapters by alias
+    registry_poll_s: float  # LLMFT_REGISTRY_POLL_S: how often aliases are re-read
+    canary_share: float  # LLMFT_CANARY_SHARE: default share of llmft-chat for the candidate (tag overrides)
+    adapter_cache: str  # LLMFT_ADAPTER_CACHE: where registry adapters are downloaded
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServerSettings:
@@ -97,4 +108,8 @@ class ServerSettings:
             rate_limit_burst=_int(env, "LLMFT_RATE_LIMIT_BURST", 20),
             body_timeout_s=_float(env, "LLMFT_BODY_TIMEOUT_S", 30.0),
             reasoning_parser=env.get("LLMFT_REASONING_PARSER", "think").strip().lower() != "none",
+            registry_model=env.get("LLMFT_REGISTRY_MODEL") or None,
+            registry_poll_s=_float(env, "LLMFT_REGISTRY_POLL_S", 2.0),
+            canary_share=_share(env, "LLMFT_CANARY_SHARE"),
+            adapter_cache=env.get("LLMFT_ADAPTER_CACHE") or str(llmft_home() / "serving" / "adapters"),
         )

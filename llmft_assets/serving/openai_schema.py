@@ -240,10 +240,13 @@ def parse_json_body(raw_body: bytes) -> Any:
     return payload
 
 
-def parse_chat_request(raw_body: bytes, *, served_model: str, limits: ServingLimits) -> ValidatedChatRequest:
+def parse_chat_request(
+    raw_body: bytes, *, served_model: str | None, limits: ServingLimits
+) -> ValidatedChatRequest:
     """Parse and validate a raw /v1/chat/completions body; raise OpenAIError on anything wrong.
 
     Prompt-length limits need the tokenizer and are checked by the caller (`check_prompt_tokens`).
+    `served_model=None` leaves the `model` field to the caller (several adapters by alias).
     """
     if len(raw_body) > limits.max_request_bytes:
         raise OpenAIError(
@@ -259,7 +262,7 @@ def parse_chat_request(raw_body: bytes, *, served_model: str, limits: ServingLim
     except ValidationError as exc:
         raise _validation_error_to_openai(exc) from None
 
-    if request.model != served_model:
+    if served_model is not None and request.model != served_model:  # None: the caller routes
         raise OpenAIError(
             404,
             f"The model '{request.model}' does not exist. This server serves '{served_model}'.",
@@ -499,3 +502,12 @@ def rate_limited_error(key_name: str, retry_after_s: float) -> OpenAIError:
 
 def request_timeout_error(seconds: float) -> OpenAIError:
     return OpenAIError(408, f"The request body did not arrive within {seconds:g} s.", code="request_timeout")
+
+
+def model_not_found_error(model: str, available: list[str]) -> OpenAIError:
+    return OpenAIError(
+        404,
+        f"The model '{model}' does not exist. This server serves: {', '.join(available) or 'nothing yet'}.",
+        param="model",
+        code="model_not_found",
+    )
