@@ -266,3 +266,34 @@ def test_request_log_window_per_model_version(tmp_path: Path) -> None:
     assert only_two.table.column_names == everything.table.column_names == ["timestamp", "prompt", "response"]
     assert only_two.table.column("prompt").to_pylist() == ["prompt 0", "prompt 3", "prompt 6"]
     assert read_request_log_window(storage, window_days=1, model_version="7").rows == 0
+
+
+def test_model_router_aliases_versions_and_canary() -> None:
+    import random
+
+    from llmft_assets.serving.registry import ModelRouter, UnknownModel
+
+    router = ModelRouter("llmft-chat", rng=random.Random(7))
+    with pytest.raises(UnknownModel):
+        router.resolve("llmft-chat")  # no champion yet
+    router.update({"champion": "3", "candidate": "4"})
+    router.mark_loaded("3")
+    router.mark_loaded("4")
+    assert router.resolve("llmft-chat").version == "3"
+    assert router.resolve("llmft-chat@candidate").version == "4"
+    assert router.resolve("llmft-chat@champion").adapter == "v3"
+    assert router.resolve("llmft-chat@12").version == "12"  # pinned: loaded on first use
+    for bad in ("gpt-4o", "llmft-chat@", "llmft-chat@latest", "llmft-chat@1.5", "other@3"):
+        with pytest.raises(UnknownModel):
+            router.resolve(bad)
+    router.update({"champion": "3", "candidate": "4"}, canary_share=0.25)
+    picks = [router.resolve("llmft-chat").version for _ in range(4000)]
+    assert 0.21 < picks.count("4") / len(picks) < 0.29
+    router.update({"champion": "3"}, canary_share=1.0)  # no candidate: all to the champion
+    assert {router.resolve("llmft-chat").version for _ in range(50)} == {"3"}
+    assert [e["id"] for e in router.model_ids()] == [
+        "llmft-chat",
+        "llmft-chat@champion",
+        "llmft-chat@3",
+        "llmft-chat@4",
+    ]
