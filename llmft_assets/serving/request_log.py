@@ -8,11 +8,11 @@ Segments left by a killed server are shipped by the next one at start-up (a segm
 still writes is flock-ed and left alone). The Parquet key is derived from the segment's name, so a
 segment shipped twice (killed between upload and unlink) lands on the same key: no duplicates.
 
-Records are buffered in memory and written as one Parquet object per batch to
-`<root>/request_logs/date=YYYY-MM-DD/<batch_id>.parquet` through the storage backend, whose
-`put_bytes` is atomic (temp file + rename locally, a single PUT on S3): a reader sees a whole
-batch or nothing, and a crash loses at most the batch still in memory. A batch is flushed when it
-reaches `max_batch_rows`, when `flush_interval_s` has passed since its first record, and on close.
+Each batch is one Parquet object at `<root>/request_logs/date=YYYY-MM-DD/<batch_id>.parquet`,
+written through the storage backend, whose `put_bytes` is atomic (temp file + rename locally, a
+single PUT on S3): a reader sees a whole batch or nothing. A batch is shipped when its segment
+reaches `max_batch_rows`, when `flush_interval_s` has passed since the segment opened, and on close.
+A storage outage leaves the segments on disk; they are retried at the next flush.
 """
 
 from __future__ import annotations
@@ -101,117 +101,6 @@ def _new_batch_id(now: datetime) -> str:
     return f"{now.strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:12]}"
 
 
-class RequestLogWriter:
-    """Thread-safe batched writer; `log()` never blocks on storage I/O beyond a size-triggered flush.
-
-    A failed write keeps the rows in memory and retries at the next flush (bounded by
-    `max_buffered_rows`, after which the oldest rows are dropped with an error log rather than
-    exhausting memory), so a storage hiccup does not lose traffic.
-    """
-
-    def __init__(
-        self,
-        sink: BytesSink,
-        *,
-        max_batch_rows: int = 256,
-        flush_interval_s: float = 5.0,
-        max_buffered_rows: int = 100_000,
-    ) -> None:
-        if max_batch_rows < 1 or flush_interval_s <= 0:
-            raise ValueError("max_batch_rows must be >= 1 and flush_interval_s > 0")
-        self._sink = sink
-        self._max_batch_rows = max_batch_rows
-        self._flush_interval_s = flush_interval_s
-        self._max_buffered_rows = max(max_buffered_rows, max_batch_rows)
-        self._buffer: list[RequestLogRecord] = []
-        self._buffer_lock = threading.Lock()
-        self._write_lock = threading.Lock()  # one flush at a time keeps batches whole and ordered
-        self._closed = threading.Event()
-        self._wake = threading.Event()
-        self.rows_written = 0
-        self.batches_written = 0
-        self.write_failures = 0
-        self._thread = threading.Thread(target=self._run, name="request-log-flusher", daemon=True)
-        self._thread.start()
-
-    def log(self, record: RequestLogRecord) -> None:
-        if self._closed.is_set():
-            raise RuntimeError("request log writer is closed")
-        if record.timestamp.tzinfo is None:
-            # Rejected here: a row that cannot be written would block every later flush.
-            raise ValueError("request log timestamps must be timezone-aware (UTC)")
-        with self._buffer_lock:
-            self._buffer.append(record)
-            full = len(self._buffer) >= self._max_batch_rows
-        if full:
-            self._wake.set()
-
-    def pending_rows(self) -> int:
-        with self._buffer_lock:
-            return len(self._buffer)
-
-    def flush(self) -> int:
-        """Write everything buffered now; returns the number of rows written."""
-        with self._write_lock:
-            with self._buffer_lock:
-                batch, self._buffer = self._buffer, []
-            if not batch:
-                return 0
-            written = 0
-            try:
-                for chunk_start in range(0, len(batch), self._max_batch_rows):
-                    chunk = batch[chunk_start : chunk_start + self._max_batch_rows]
-                    written += self._write_batch(chunk)
-            except Exception as exc:
-                self.write_failures += 1
-                unwritten = batch[written:]
-                logger.error(
-                    "request log: writing %d rows failed (%s); keeping them for the next flush",
-                    len(unwritten),
-                    type(exc).__name__,
-                )
-                with self._buffer_lock:
-                    self._buffer = unwritten + self._buffer
-                    overflow = len(self._buffer) - self._max_buffered_rows
-                    if overflow > 0:
-                        del self._buffer[:overflow]
-                        logger.error("request log: buffer full, dropped %d oldest rows", overflow)
-            return written
-
-    def _write_batch(self, records: list[RequestLogRecord]) -> int:
-        by_day: dict[str, list[RequestLogRecord]] = {}
-        for record in records:
-            by_day.setdefault(record.timestamp.astimezone(UTC).strftime("%Y-%m-%d"), []).append(record)
-        written = 0
-        for day, day_records in sorted(by_day.items()):
-            key = request_log_key(day, _new_batch_id(datetime.now(UTC)))
-            self._sink.put_bytes(key, records_to_parquet_bytes(day_records))
-            written += len(day_records)
-            self.rows_written += len(day_records)
-            self.batches_written += 1
-        return written
-
-    def _run(self) -> None:
-        while not self._closed.is_set():
-            self._wake.wait(timeout=self._flush_interval_s)
-            self._wake.clear()
-            if self._closed.is_set():
-                break
-            try:
-                self.flush()
-            except Exception:  # never let the flusher thread die
-                logger.exception("request log: flusher error")
-
-    def close(self) -> None:
-        """Stop the flusher and write what is left (idempotent)."""
-        if self._closed.is_set():
-            return
-        self._closed.set()
-        self._wake.set()
-        self._thread.join(timeout=30)
-        self.flush()
-
-
 def read_request_logs(sink_with_listing: object, *, day: str | None = None) -> pa.Table:
     """Read every logged batch (optionally of one day) back as one table.
 
@@ -298,6 +187,7 @@ class SpooledRequestLogWriter:
         self.write_failures = 0
         self.unreadable_lines = 0
         self._fd = -1
+        self._full_fds: list[int] = []  # swapped-out segments not yet fsynced and closed
         self._segment: Path | None = None
         self._segment_rows = 0
         self._segment_opened = 0.0
@@ -321,12 +211,23 @@ class SpooledRequestLogWriter:
             self._segment_rows += 1
             self._dirty = True
             full = self._segment_rows >= self._max_batch_rows
+            if full:
+                # A full segment is swapped out here (no disk wait); the spool thread fsyncs, closes
+                # and ships it, so no Parquet batch holds more than max_batch_rows.
+                self._full_fds.append(self._fd)
+                self._open_segment()
         if full:
             self._wake.set()
 
     def pending_rows(self) -> int:
-        with self._lock:
-            return self._segment_rows
+        """Rows logged but not yet in storage (the spool's segments)."""
+        total = 0
+        for path in self._spool.glob(f"*{SEGMENT_SUFFIX}"):
+            try:
+                total += path.read_bytes().count(b"\n")
+            except FileNotFoundError:
+                continue
+        return total
 
     def _open_segment(self) -> None:
         now = datetime.now(UTC)
@@ -336,19 +237,20 @@ class SpooledRequestLogWriter:
         self._fd, self._segment = fd, path
         self._segment_rows, self._segment_opened, self._dirty = 0, time.monotonic(), False
 
-    def _rotate(self) -> None:
-        """Close the current segment (fsynced) and start a new one; shipping happens after.
+    def _rotate(self, *, current: bool = True) -> None:
+        """Close the swapped-out segments (and the current one) fsynced; shipping happens after.
 
         fsync runs outside the lock: `log()` is called on the event loop and must never wait for
         a disk flush.
         """
         with self._lock:
-            if self._segment_rows == 0:
-                return
-            old_fd = self._fd
-            self._open_segment()
-        os.fsync(old_fd)
-        os.close(old_fd)  # releases the flock: the segment is now shippable
+            closing, self._full_fds = self._full_fds, []
+            if current and self._segment_rows > 0:
+                closing.append(self._fd)
+                self._open_segment()
+        for fd in closing:
+            os.fsync(fd)
+            os.close(fd)  # releases the flock: the segment is now shippable
 
     def _fsync(self) -> None:
         with self._lock:
@@ -420,12 +322,15 @@ class SpooledRequestLogWriter:
             try:
                 self._fsync()
                 with self._lock:
-                    due = self._segment_rows >= self._max_batch_rows or (
-                        self._segment_rows > 0
-                        and time.monotonic() - self._segment_opened >= self._flush_interval_s
+                    full = bool(self._full_fds)
+                    due = self._segment_rows > 0 and (
+                        time.monotonic() - self._segment_opened >= self._flush_interval_s
                     )
                 if due:
                     self.flush()
+                elif full:
+                    self._rotate(current=False)
+                    self._ship_closed_segments()
             except Exception:  # never let the spool thread die
                 logger.exception("request log: spool thread error")
 
