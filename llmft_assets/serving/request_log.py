@@ -158,7 +158,7 @@ def read_segment(data: bytes) -> tuple[list[RequestLogRecord], int]:
 class SpooledRequestLogWriter:
     """Request log writer with a local append-only spool (see the module docstring).
 
-    Same interface as RequestLogWriter (`log`, `flush`, `close`, `rows_written`).
+    `log()` is called on the event loop: it never waits for the disk beyond one write(2).
     """
 
     def __init__(
