@@ -167,3 +167,135 @@ def test_invalid_sampling_params_are_rejected() -> None:
         SamplingParams(max_tokens=0)
     with pytest.raises(ValueError):
         SamplingParams(max_tokens=5, top_p=0.0)
+
+
+def test_sampler_inputs_are_clamped() -> None:
+    params = SamplingParams(max_tokens=4, temperature=1e-300, top_p=1e-300, seed=2**64)
+    assert (params.temperature, params.top_p, params.seed) == (0.0, 1e-3, 0)
+    assert SamplingParams(max_tokens=4, seed=-1).seed == 2**64 - 1
+    assert SamplingParams(max_tokens=4, temperature=0.7, top_p=0.9, seed=5) == SamplingParams(
+        max_tokens=4, temperature=0.7, top_p=0.9, seed=5
+    )
+
+
+def test_extreme_sampler_values_next_to_others_all_succeed(engine: TransformersEngine) -> None:
+    all_prompts = prompts(engine, 8)
+    params = [
+        SamplingParams(max_tokens=6, temperature=1e-300),
+        SamplingParams(max_tokens=6, temperature=1.0, top_p=1e-300, seed=2**64),
+        SamplingParams(max_tokens=6, temperature=2.0, seed=-(2**70)),
+    ] + [SamplingParams(max_tokens=6, temperature=0.0)] * 5
+
+    async def run() -> list[str]:
+        async def one(i: int) -> str:
+            return "".join([d.text async for d in engine.stream(all_prompts[i], params[i], f"x{i}")])
+
+        return await asyncio.gather(*(one(i) for i in range(8)))
+
+    texts = asyncio.run(run())
+    for i in range(3, 8):
+        assert texts[i] == reference_greedy(engine, all_prompts[i], 6)
+    assert texts[0] == reference_greedy(engine, all_prompts[0], 6)  # temperature 1e-300 is greedy
+
+
+def test_a_failing_row_fails_alone(engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmft_assets.serving.engine import EngineError
+
+    all_prompts = prompts(engine, 6)
+    original = engine._advance
+
+    def advance(sequence, token):  # a planted per-row defect: detokenising request "bad" raises
+        if sequence.request_id == "bad":
+            raise RuntimeError("planted")
+        return original(sequence, token)
+
+    monkeypatch.setattr(engine, "_advance", advance)
+    params = SamplingParams(max_tokens=5, temperature=0.0)
+
+    async def one(i: int) -> str:
+        request_id = "bad" if i == 2 else f"ok{i}"
+        try:
+            return "".join([d.text async for d in engine.stream(all_prompts[i], params, request_id)])
+        except EngineError:
+            return "<failed>"
+
+    async def run() -> list[str]:
+        return await asyncio.gather(*(one(i) for i in range(6)))
+
+    texts = asyncio.run(run())
+    assert texts[2] == "<failed>"
+    for i in (0, 1, 3, 4, 5):
+        assert texts[i] == reference_greedy(engine, all_prompts[i], 5)
+    assert engine.is_ready()
+
+
+def make_random_adapter(model_dir: Path, target: Path, seed: int) -> Path:
+    """A LoRA adapter with non-zero weights (peft's default init would leave the model unchanged)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(model_dir)),
+        LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+    )
+    model.save_pretrained(str(target))
+    return target
+
+
+def test_several_adapters_share_one_batch(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapters = {
+        name: make_random_adapter(tiny_model_dir, tmp_path / name, seed)
+        for name, seed in (("v1", 1), ("v2", 2))
+    }
+    engine = TransformersEngine(tiny_model_dir, max_batch_size=8, device="cpu", multi_adapter=True)
+    try:
+        for name, path in adapters.items():
+            engine.load_adapter(name, path)
+        assert set(engine.adapters()) == {"v1", "v2"}
+        all_prompts = prompts(engine, 6)
+        choice = ["v1", "v2", None, "v2", "v1", None]
+        params = SamplingParams(max_tokens=6, temperature=0.0)
+
+        async def run() -> list[str]:
+            async def one(i: int) -> str:
+                await asyncio.sleep(0.003 * i)
+                stream = engine.stream(all_prompts[i], params, f"m{i}", adapter=choice[i])
+                return "".join([d.text async for d in stream])
+
+            return await asyncio.gather(*(one(i) for i in range(6)))
+
+        texts = asyncio.run(run())
+        assert engine.max_batch_seen > 1
+    finally:
+        engine.close()
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(adapters["v1"]), adapter_name="v1"
+    )
+    reference.load_adapter(str(adapters["v2"]), adapter_name="v2")
+    reference.eval()
+
+    def expected(prompt_ids: list[int], name: str | None) -> str:
+        ids = torch.tensor([prompt_ids])
+        with torch.inference_mode():
+            if name is None:
+                with reference.disable_adapter():
+                    out = reference.generate(
+                        ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False
+                    )
+            else:
+                reference.set_adapter(name)
+                out = reference.generate(
+                    ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False
+                )
+        return engine.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+    for i, name in enumerate(choice):
+        assert texts[i] == expected(all_prompts[i], name), (i, name)
+    # The adapters really change the answer (else routing would be untested).
+    assert len({expected(all_prompts[0], name) for name in ("v1", "v2", None)}) == 3

@@ -1,4 +1,5 @@
-"""The request log: batched, atomic, day-partitioned Parquet objects in the storage root."""
+"""The request log: a crash-safe local spool shipped as batched, atomic, day-partitioned Parquet
+objects in the storage root (the SIGKILL recovery is in test_serving_hardening.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from llmft_assets.serving.request_log import (
     REQUEST_LOG_SCHEMA,
     RequestLogRecord,
-    RequestLogWriter,
+    SpooledRequestLogWriter,
     read_request_logs,
 )
 from llmft_assets.storage import open_storage
@@ -38,7 +39,7 @@ def record(index: int, when: datetime | None = None) -> RequestLogRecord:
 
 def test_size_trigger_writes_whole_batches_with_the_schema(tmp_path) -> None:
     storage = open_storage(str(tmp_path))
-    writer = RequestLogWriter(storage, max_batch_rows=4, flush_interval_s=3600)
+    writer = SpooledRequestLogWriter(storage, tmp_path / "spool", max_batch_rows=4, flush_interval_s=3600)
     try:
         for i in range(8):
             writer.log(record(i))
@@ -58,7 +59,7 @@ def test_size_trigger_writes_whole_batches_with_the_schema(tmp_path) -> None:
 
 def test_interval_and_close_flush_everything(tmp_path) -> None:
     storage = open_storage(str(tmp_path))
-    writer = RequestLogWriter(storage, max_batch_rows=1000, flush_interval_s=0.2)
+    writer = SpooledRequestLogWriter(storage, tmp_path / "spool", max_batch_rows=1000, flush_interval_s=0.2)
     writer.log(record(1))
     deadline = time.monotonic() + 10
     while writer.rows_written < 1 and time.monotonic() < deadline:
@@ -74,7 +75,7 @@ def test_interval_and_close_flush_everything(tmp_path) -> None:
 
 def test_rows_are_partitioned_by_their_own_day(tmp_path) -> None:
     storage = open_storage(str(tmp_path))
-    writer = RequestLogWriter(storage, max_batch_rows=100, flush_interval_s=3600)
+    writer = SpooledRequestLogWriter(storage, tmp_path / "spool", max_batch_rows=100, flush_interval_s=3600)
     yesterday = datetime(2030, 1, 1, 23, 59, tzinfo=UTC)
     writer.log(record(1, yesterday))
     writer.log(record(2, yesterday + timedelta(minutes=2)))
@@ -97,9 +98,9 @@ class FlakySink:
         self.objects[key] = data
 
 
-def test_failed_write_keeps_rows_for_the_next_flush() -> None:
+def test_failed_write_keeps_rows_for_the_next_flush(tmp_path) -> None:
     sink = FlakySink()
-    writer = RequestLogWriter(sink, max_batch_rows=100, flush_interval_s=3600)
+    writer = SpooledRequestLogWriter(sink, tmp_path / "spool", max_batch_rows=100, flush_interval_s=3600)
     writer.log(record(1))
     assert writer.flush() == 0 and writer.pending_rows() == 1 and writer.write_failures == 1
     assert writer.flush() == 1 and writer.pending_rows() == 0
@@ -110,7 +111,7 @@ def test_failed_write_keeps_rows_for_the_next_flush() -> None:
 
 def test_concurrent_loggers_lose_nothing(tmp_path) -> None:
     storage = open_storage(str(tmp_path))
-    writer = RequestLogWriter(storage, max_batch_rows=7, flush_interval_s=0.05)
+    writer = SpooledRequestLogWriter(storage, tmp_path / "spool", max_batch_rows=7, flush_interval_s=0.05)
     threads = [
         threading.Thread(target=lambda t=t: [writer.log(record(t * 100 + i)) for i in range(50)])
         for t in range(4)
@@ -126,8 +127,10 @@ def test_concurrent_loggers_lose_nothing(tmp_path) -> None:
     assert all(key.endswith(".parquet") for key in storage.list("request_logs/"))
 
 
-def test_naive_timestamps_are_rejected_at_log_time() -> None:
-    writer = RequestLogWriter(FlakySink(), max_batch_rows=10, flush_interval_s=3600)
+def test_naive_timestamps_are_rejected_at_log_time(tmp_path) -> None:
+    writer = SpooledRequestLogWriter(
+        FlakySink(), tmp_path / "spool", max_batch_rows=10, flush_interval_s=3600
+    )
     with pytest.raises(ValueError, match="timezone-aware"):
         writer.log(record(1, datetime(2030, 1, 1)))
     assert writer.pending_rows() == 0

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "test-key-" + uuid.uuid4().hex
+BOB_KEY = "bob-key-" + uuid.uuid4().hex
 MAX_PROMPT_TOKENS = 300
 MAX_TOKENS = 48
 MAX_REQUEST_BYTES = 50_000
@@ -35,6 +36,7 @@ class RunningServer:
     base_url: str
     storage_root: Path
     log_path: Path
+    spool: Path
 
 
 def bentoml_executable() -> str:
@@ -52,6 +54,8 @@ def server_env(tmp: Path, model_dir: Path, **extra: str) -> dict[str, str]:
             "LLMFT_MAX_TOKENS": str(MAX_TOKENS),
             "LLMFT_MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES),
             "LLMFT_REQUEST_LOG_FLUSH_S": "0.3",
+            "LLMFT_REQUEST_LOG_SPOOL": str(tmp / "spool"),
+            "LLMFT_HOME": str(tmp / "home"),
             "BENTOML_HOME": str(tmp / "bentoml"),
             "BENTOML_DO_NOT_TRACK": "True",
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
@@ -73,8 +77,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[RunningServer]:
     tmp = tmp_path_factory.mktemp("server")
-    key_file = tmp / "api_key"
-    key_file.write_text(API_KEY + "\n")  # exercises LLMFT_API_KEY_FILE
+    key_file = tmp / "api_keys"
+    key_file.write_text(f"alice: {API_KEY}\nbob: {BOB_KEY}\n")  # LLMFT_API_KEY_FILE with named keys
     port = free_port()
     process = start_process(
         [
@@ -93,7 +97,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterato
         log_path=tmp / "server.log",
     )
     try:
-        yield RunningServer(f"http://{LOOPBACK}:{port}", tmp / "storage", process.log_path)
+        yield RunningServer(f"http://{LOOPBACK}:{port}", tmp / "storage", process.log_path, tmp / "spool")
     finally:
         process.stop()
 
@@ -317,3 +321,75 @@ def test_refuses_public_bind_without_key(tmp_path: Path, model_dir: Path) -> Non
     )
     assert result.returncode != 0
     assert "without an API key" in result.stderr + result.stdout
+
+
+def test_extreme_sampler_values_fail_nobody(server: RunningServer) -> None:
+    """seed 2**64, temperature/top_p 1e-300 next to 16 ordinary requests: all 19 are answered."""
+    api = client(server)
+    extreme = [
+        {"seed": 2**64, "temperature": 1.0},
+        {"temperature": 1e-300},
+        {"top_p": 1e-300, "temperature": 1.0},
+    ]
+    cases = extreme + [{"temperature": 0}] * 16
+
+    def ask(index: int) -> tuple[str, int]:
+        answer = api.chat.completions.create(
+            model="llmft-chat",
+            messages=[{"role": "user", "content": f"question {index}"}],
+            max_tokens=8,
+            **cases[index],
+        )
+        return answer.choices[0].finish_reason, answer.usage.completion_tokens
+
+    with ThreadPoolExecutor(max_workers=19) as pool:
+        results = list(pool.map(ask, range(len(cases))))
+    assert all(finish in ("stop", "length") and tokens > 0 for finish, tokens in results)
+
+
+MALFORMED_BODIES = [
+    b'{"model": "llmft-chat", "messages": [{"role": "user", "content": "\\ud800"}]}',
+    b"[" * 10_000 + b"]" * 10_000,
+    b'{"model": "llmft-chat", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+    b'{"model": "llmft-chat", "messages": [{"role": "user", "content": "hi"}], "top_p": 1e999}',
+    b'{"model": "llmft-chat", "messages": [{"role": "user", "content": "hi"}], "seed": ' + b"7" * 6000 + b"}",
+]
+
+
+def test_malformed_bodies_get_400_and_the_connection_stays_usable(server: RunningServer) -> None:
+    import http.client
+
+    host, port = server.base_url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"}
+    try:
+        for body in MALFORMED_BODIES:
+            connection.request("POST", "/v1/chat/completions", body=body, headers=headers)
+            response = connection.getresponse()
+            payload = json.loads(response.read())
+            assert response.status == 400, payload
+            assert set(payload["error"]) == {"message", "type", "param", "code"}
+            # The same connection serves the next request (no reset after the error).
+            connection.request("POST", "/v1/chat/completions", body=chat_json().encode(), headers=headers)
+            follow_up = connection.getresponse()
+            assert follow_up.status == 200 and json.loads(follow_up.read())["object"] == "chat.completion"
+    finally:
+        connection.close()
+    assert "Traceback" not in server.log_path.read_text(errors="replace")
+
+
+def test_key_names_not_keys_are_logged(server: RunningServer) -> None:
+    ids = {
+        client(server, api_key=key)
+        .chat.completions.create(
+            model="llmft-chat", messages=[{"role": "user", "content": "who"}], max_tokens=2
+        )
+        .id: name
+        for key, name in ((API_KEY, "alice"), (BOB_KEY, "bob"))
+    }
+    rows = wait_for_logged(server, set(ids))
+    assert {row["request_id"]: row["api_key_name"] for row in rows} == ids
+    stored = [p for root in (server.storage_root, server.spool) for p in root.rglob("*") if p.is_file()]
+    assert stored and not any(
+        API_KEY.encode() in p.read_bytes() or BOB_KEY.encode() in p.read_bytes() for p in stored
+    )

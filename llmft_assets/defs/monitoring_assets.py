@@ -111,6 +111,8 @@ class DriftReportConfig(dg.Config):
     """Fewer rows in either window is a 'not enough data' report, not a verdict."""
     sample_size: int | None = 2_000
     """Rows per window the text-drift columns are compared on (None: every row)."""
+    model_version: str | None = None
+    """Only the traffic one adapter version answered (the request log's `model_version`); None: all."""
     max_rows_per_window: int = 50_000
     """Deterministic sample cap per window for the whole comparison (bounds memory on a big train split)."""
     text_method: str = "abs_text_content_drift"
@@ -189,7 +191,9 @@ def drift_report(
 
     end = _parse_end_time(config.end_time)
     backend = storage.backend()
-    window = read_request_log_window(backend, window_days=config.window_days, end=end)
+    window = read_request_log_window(
+        backend, window_days=config.window_days, end=end, model_version=config.model_version
+    )
     for key, reason in window.skipped_batches.items():
         context.log.warning(f"request log batch {key} left out: {reason}")
     current = window.table

@@ -26,6 +26,7 @@ from llmft_assets.storage import StorageBackend
 logger = logging.getLogger(__name__)
 
 TIMESTAMP_COLUMN = "timestamp"
+VERSION_COLUMN = "model_version"  # the adapter version that answered (drift per version)
 # What the drift report compares; `timestamp` is always read too, to filter to the window.
 DRIFT_COLUMNS: tuple[str, ...] = ("prompt", "response")
 
@@ -90,13 +91,17 @@ def iter_request_log_batches(
     *,
     columns: Sequence[str] = DRIFT_COLUMNS,
     skipped: dict[str, str] | None = None,
+    model_version: str | None = None,
 ) -> Iterator[pa.Table]:
     """Each logged batch in the window's partitions, cut to [start, end) and to `columns` (+ timestamp).
 
-    Unreadable batches go into `skipped` (key -> reason) and are logged; the rest stream on.
+    `model_version` keeps only the rows that adapter version answered. Unreadable batches go into
+    `skipped` (key -> reason) and are logged; the rest stream on.
     """
     wanted = _wanted_columns(columns)
     schema = pa.schema([REQUEST_LOG_SCHEMA.field(name) for name in wanted])
+    read_columns = wanted if model_version is None or VERSION_COLUMN in wanted else [*wanted, VERSION_COLUMN]
+    read_schema = pa.schema([REQUEST_LOG_SCHEMA.field(name) for name in read_columns])
     start_scalar = pa.scalar(start.astimezone(UTC), type=REQUEST_LOG_SCHEMA.field(TIMESTAMP_COLUMN).type)
     end_scalar = pa.scalar(end.astimezone(UTC), type=REQUEST_LOG_SCHEMA.field(TIMESTAMP_COLUMN).type)
     for day in partition_days(start, end):
@@ -104,7 +109,7 @@ def iter_request_log_batches(
             if not key.endswith(".parquet"):
                 continue
             try:
-                batch = _read_batch(backend, key, wanted).cast(schema)
+                batch = _read_batch(backend, key, read_columns).cast(read_schema)
             except Exception as error:  # a bad batch must not hide the rest of the window
                 reason = f"{type(error).__name__}: {error}"[:500]
                 logger.warning("request log batch %s skipped: %s", key, reason)
@@ -112,8 +117,10 @@ def iter_request_log_batches(
                     skipped[key] = reason
                 continue
             timestamps = batch.column(TIMESTAMP_COLUMN)
-            in_window = pc.and_(pc.greater_equal(timestamps, start_scalar), pc.less(timestamps, end_scalar))
-            yield batch.filter(pc.fill_null(in_window, False))
+            keep = pc.and_(pc.greater_equal(timestamps, start_scalar), pc.less(timestamps, end_scalar))
+            if model_version is not None:
+                keep = pc.and_(keep, pc.equal(batch.column(VERSION_COLUMN), model_version))
+            yield batch.filter(pc.fill_null(keep, False)).select(schema.names)
 
 
 def read_request_log_window(
@@ -122,6 +129,7 @@ def read_request_log_window(
     window_days: float = 7,
     end: datetime | None = None,
     columns: Sequence[str] = DRIFT_COLUMNS,
+    model_version: str | None = None,
 ) -> RequestLogWindow:
     """The request log's rows in the `window_days` before `end` (default now), oldest batch first."""
     start, end = window_bounds(window_days, end)
@@ -129,7 +137,9 @@ def read_request_log_window(
     skipped: dict[str, str] = {}
     tables: list[pa.Table] = []
     batches_read = 0
-    for table in iter_request_log_batches(backend, start, end, columns=columns, skipped=skipped):
+    for table in iter_request_log_batches(
+        backend, start, end, columns=columns, skipped=skipped, model_version=model_version
+    ):
         batches_read += 1
         if table.num_rows:
             tables.append(table)

@@ -1,43 +1,118 @@
-"""API-key handling for the model server: where the key comes from and how a request is checked."""
+"""API-key handling for the model server: where the keys come from and how a request is checked.
+
+Keys have names: the request log records which key (its name, never the key) made each request,
+and rate limits are per key. Sources, first match wins:
+
+- `LLMFT_API_KEY`: one key, named `default`;
+- the file `LLMFT_API_KEY_FILE` names, in one of three forms:
+  a JSON object `{"name": "key", ...}`; lines `name: key` (blank lines and `#` comments skipped);
+  or a single line holding just the key (named `default`).
+"""
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
 API_KEY_ENV = "LLMFT_API_KEY"
 API_KEY_FILE_ENV = "LLMFT_API_KEY_FILE"
+DEFAULT_KEY_NAME = "default"
+ANONYMOUS_KEY_NAME = "anonymous"  # logged when the server runs without keys (loopback only)
+_NAMED_LINE = re.compile(r"^([A-Za-z0-9_.@-]{1,64})\s*:\s*(\S+)$")
 
 
 class ApiKeyConfigError(RuntimeError):
     """The key configuration is unusable (unreadable or empty key file, public bind without a key)."""
 
 
-def load_api_key(environ: Mapping[str, str] | None = None) -> str | None:
-    """The server's API key from LLMFT_API_KEY, or from the file LLMFT_API_KEY_FILE names.
+def parse_key_file(text: str, source: str = "the key file") -> dict[str, str]:
+    """name -> key from a key file's text (see the module docstring for the forms)."""
+    stripped = text.strip()
+    if not stripped:
+        raise ApiKeyConfigError(f"{source} is empty")
+    if stripped.startswith("{"):
+        try:
+            loaded = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise ApiKeyConfigError(f"{source} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
+        if not isinstance(loaded, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and k.strip() and v.strip() for k, v in loaded.items()
+        ):
+            raise ApiKeyConfigError(f"{source} must be a JSON object of non-empty name: key strings")
+        keys = {name.strip(): key.strip() for name, key in loaded.items()}
+    else:
+        lines = [line.strip() for line in stripped.splitlines()]
+        lines = [line for line in lines if line and not line.startswith("#")]
+        if len(lines) == 1 and not _NAMED_LINE.match(lines[0]):
+            return {DEFAULT_KEY_NAME: lines[0]}
+        keys = {}
+        for number, line in enumerate(lines, start=1):
+            match = _NAMED_LINE.match(line)
+            if match is None:
+                # The line is not quoted back: it may be a key.
+                raise ApiKeyConfigError(f"{source}: entry {number} is not of the form 'name: key'")
+            name, key = match.groups()
+            if name in keys:
+                raise ApiKeyConfigError(f"{source}: the name {name!r} appears twice")
+            keys[name] = key
+    if len(set(keys.values())) != len(keys):
+        raise ApiKeyConfigError(f"{source}: two names share the same key")
+    return keys
 
-    Returns None when neither is set (only allowed on a loopback address). A named but empty or
-    unreadable file is an error rather than silently running without a key.
+
+def load_api_keys(environ: Mapping[str, str] | None = None) -> dict[str, str] | None:
+    """name -> key from LLMFT_API_KEY or LLMFT_API_KEY_FILE; None when neither is set.
+
+    None is only allowed on a loopback address. A named but empty or unreadable file is an error
+    rather than silently running without a key.
     """
     env = os.environ if environ is None else environ
     key = env.get(API_KEY_ENV, "").strip()
     if key:
-        return key
+        return {DEFAULT_KEY_NAME: key}
     key_file = env.get(API_KEY_FILE_ENV, "").strip()
     if not key_file:
         return None
     try:
-        key = Path(key_file).read_text(encoding="utf-8").strip()
+        text = Path(key_file).read_text(encoding="utf-8")
     except OSError as exc:
         raise ApiKeyConfigError(
             f"{API_KEY_FILE_ENV} names {key_file!r}, which cannot be read: {exc.strerror}"
         ) from None
-    if not key:
+    if not text.strip():
         raise ApiKeyConfigError(f"{API_KEY_FILE_ENV} names {key_file!r}, which is empty")
-    return key
+    return parse_key_file(text, f"{API_KEY_FILE_ENV} ({key_file!r})")
+
+
+def load_api_key(environ: Mapping[str, str] | None = None) -> str | None:
+    """One configured key (the first), or None when no key is configured."""
+    keys = load_api_keys(environ)
+    return next(iter(keys.values())) if keys else None
+
+
+def key_name_for(authorization_header: str | None, keys: Mapping[str, str] | None) -> str | None:
+    """The name of the key in 'Bearer <key>', `anonymous` when no keys are configured, else None.
+
+    Every key is compared (constant time each), so timing does not tell which names exist.
+    """
+    if not keys:
+        return ANONYMOUS_KEY_NAME
+    if not authorization_header:
+        return None
+    scheme, _, token = authorization_header.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    presented = token.strip().encode()
+    found: str | None = None
+    for name, key in keys.items():
+        if hmac.compare_digest(presented, key.encode()) and found is None:
+            found = name
+    return found
 
 
 def is_loopback_host(host: str) -> bool:

@@ -35,8 +35,17 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+# Below these the float32 sampler divides by zero or keeps no token (temperature 1e-300 and
+# top_p 1e-300 underflow to 0.0): a temperature under the floor means greedy, a top_p is raised to it.
+TEMPERATURE_FLOOR = 1e-3
+TOP_P_FLOOR = 1e-3
+SEED_MODULUS = 1 << 64  # torch generators take a 64-bit seed
+
+
 @dataclass(frozen=True)
 class SamplingParams:
+    """Per-request sampling; values the API accepts but the sampler cannot use are clamped here."""
+
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
@@ -52,6 +61,12 @@ class SamplingParams:
             raise ValueError("temperature must be within [0, 2]")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError("top_p must be within (0, 1]")
+        if self.temperature < TEMPERATURE_FLOOR:
+            object.__setattr__(self, "temperature", 0.0)
+        if self.top_p < TOP_P_FLOOR:
+            object.__setattr__(self, "top_p", TOP_P_FLOOR)
+        if self.seed is not None and not 0 <= self.seed < SEED_MODULUS:
+            object.__setattr__(self, "seed", self.seed % SEED_MODULUS)
 
 
 @dataclass(frozen=True)
@@ -216,6 +231,7 @@ class _Sequence:
     emitted_chars: int = 0
     generator: Any = None
     finish_reason: str | None = None
+    adapter: str | None = None  # a LoRA loaded with load_adapter; None: the base model
 
     @property
     def needs_text_every_step(self) -> bool:
@@ -237,6 +253,7 @@ class TransformersEngine:
         max_prefill_tokens: int = 8192,
         torch_threads: int | None = None,
         model: Any = None,
+        multi_adapter: bool = False,
     ) -> None:
         """``model``: an already loaded model to run instead of loading ``model_dir``'s (the evaluation
         scores a base model and its unmerged adapters this way); ``model_dir`` still gives the tokenizer."""
@@ -251,12 +268,17 @@ class TransformersEngine:
         self._decode_tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         if model is None:
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
-        if adapter_dir is not None:
+        # multi_adapter: the base stays unmerged and LoRA adapters are added with load_adapter();
+        # each row of a batch names its own (peft's mixed-batch `adapter_names`).
+        self.multi_adapter = multi_adapter
+        self._adapters: dict[str, str] = {}  # name -> source directory
+        if adapter_dir is not None and not multi_adapter:
             from peft import PeftModel
 
             # Merged once at load: a LoRA forward costs extra matmuls on every step.
             model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
         self.model = model.to(self.device).eval()
+        self._commands: queue.Queue[tuple[Callable[[], Any], Any]] = queue.Queue()
         if self.device.type == "cpu":
             torch.set_num_threads(cpu_threads_for(self.model, torch_threads))
         try:
@@ -269,6 +291,7 @@ class TransformersEngine:
             if self.tokenizer.pad_token_id is not None
             else min(self.eos_ids or {0})
         )
+        self._model_config = model.config
         self.context_length = int(getattr(model.config, "max_position_embeddings", 2048))
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
@@ -294,11 +317,68 @@ class TransformersEngine:
         self._stop.set()
         self._thread.join(timeout=30)
 
+    def adapters(self) -> dict[str, str]:
+        """Loaded adapters: name -> the directory each came from."""
+        return dict(self._adapters)
+
+    def load_adapter(self, name: str, adapter_dir: str | Path, timeout: float = 300.0) -> None:
+        """Add a LoRA adapter under `name` (multi_adapter engines); blocks until loaded.
+
+        Runs on the generation thread between two steps, so no forward pass sees a half-loaded
+        adapter and running requests go on with theirs. Loading a name twice is a no-op.
+        """
+        import concurrent.futures
+
+        if not self.multi_adapter:
+            raise EngineError("this engine was not created with multi_adapter=True")
+        if name in self._adapters:
+            return
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def load() -> None:
+            from peft import PeftModel
+
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(str(adapter_dir), adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, str(adapter_dir), adapter_name=name)
+            self.model.to(self.device).eval()
+            self._adapters[name] = str(adapter_dir)
+
+        self._commands.put((load, done))
+        done.result(timeout=timeout)
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                command, done = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                command()
+            except Exception as exc:
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
+
+    def _forward_kwargs(self, sequences: list[_Sequence]) -> dict[str, Any]:
+        if not self.multi_adapter or not self._adapters:
+            return {}
+        return {"adapter_names": [s.adapter or "__base__" for s in sequences]}
+
     async def stream(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str, *, wants_stream: bool = True
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        *,
+        wants_stream: bool = True,
+        adapter: str | None = None,
     ) -> AsyncIterator[GenerationDelta]:
         if not self.is_ready():
             raise EngineError("the generation loop is not running")
+        if adapter is not None and adapter not in self._adapters:
+            raise EngineError(f"adapter {adapter!r} is not loaded")
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[GenerationDelta | BaseException] = asyncio.Queue()
 
@@ -314,6 +394,7 @@ class TransformersEngine:
             params=params,
             emit=emit,
             wants_stream=wants_stream,
+            adapter=adapter,
         )
         self._waiting.put(sequence)
         try:
@@ -354,6 +435,7 @@ class TransformersEngine:
             while not self._stop.is_set():
                 admitted: list[_Sequence] = []
                 try:
+                    self._run_commands()
                     active, cache, mask = self._drop_cancelled(active, cache, mask)
                     admitted = self._admit(active)
                     if not active and not admitted:
@@ -409,6 +491,9 @@ class TransformersEngine:
         import torch
         from transformers import DynamicCache
 
+        sequences = [s for s in sequences if self._row_guard(s, self._seed_generator, s)]
+        if not sequences:
+            return [], None, None  # type: ignore[return-value]
         longest = max(len(s.prompt_ids) for s in sequences)
         input_ids = torch.full((len(sequences), longest), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(sequences), longest), dtype=torch.long)
@@ -416,11 +501,9 @@ class TransformersEngine:
             # Left padding: every row's next token lands in the same (last) column.
             input_ids[row, longest - len(sequence.prompt_ids) :] = torch.tensor(sequence.prompt_ids)
             mask[row, longest - len(sequence.prompt_ids) :] = 1
-            if sequence.params.seed is not None:
-                sequence.generator = torch.Generator(device=self.device).manual_seed(sequence.params.seed)
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         position_ids = (mask.cumsum(dim=-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache(config=self._model_config)
         output = self.model(
             input_ids=input_ids,
             attention_mask=mask,
@@ -428,6 +511,7 @@ class TransformersEngine:
             cache=cache,
             use_cache=True,
             logits_to_keep=1,
+            **self._forward_kwargs(sequences),
         )
         self.steps += 1
         if self._continuous and not _cache_is_mergeable(cache):
@@ -444,7 +528,12 @@ class TransformersEngine:
         position_ids = mask.sum(dim=-1, keepdim=True)
         mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=mask.device)], dim=-1)
         output = self.model(
-            input_ids=last_tokens, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True
+            input_ids=last_tokens,
+            attention_mask=mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            **self._forward_kwargs(active),
         )
         self.steps += 1
         return self._after_forward(active, output.logits[:, -1, :], cache, mask)
@@ -452,8 +541,31 @@ class TransformersEngine:
     def _after_forward(
         self, sequences: list[_Sequence], logits: torch.Tensor, cache: Any, mask: torch.Tensor
     ) -> tuple[list[_Sequence], Any, torch.Tensor]:
-        """Sample, emit, and drop finished rows from the batch."""
-        tokens = sample_next_tokens(
+        """Sample, emit, and drop finished (or failed) rows from the batch.
+
+        A row whose sampling or detokenisation fails is failed alone; the others go on.
+        """
+        tokens: list[int | None]
+        try:
+            tokens = list(self._sample(sequences, logits))
+        except Exception:
+            # Find the row(s) at fault: sample each row on its own.
+            tokens = []
+            for row, sequence in enumerate(sequences):
+                sampled = self._row_guard(sequence, self._sample, [sequence], logits[row : row + 1])
+                tokens.append(sampled[0] if sampled else None)
+        keep: list[int] = []
+        for row, (sequence, token) in enumerate(zip(sequences, tokens, strict=True)):
+            if token is None or not self._row_guard(sequence, self._advance, sequence, token):
+                continue
+            if sequence.finish_reason is None and not sequence.cancelled.is_set():
+                keep.append(row)
+        if len(keep) == len(sequences):
+            return sequences, cache, mask
+        return _select_rows([sequences[i] for i in keep], keep, cache, mask)
+
+    def _sample(self, sequences: list[_Sequence], logits: torch.Tensor) -> list[int]:
+        return sample_next_tokens(
             logits,
             temperatures=[s.params.temperature for s in sequences],
             top_ps=[s.params.top_p for s in sequences],
@@ -462,16 +574,32 @@ class TransformersEngine:
                 (s.params.presence_penalty, s.params.frequency_penalty, s.generated) for s in sequences
             ],
         )
-        keep: list[int] = []
-        for row, (sequence, token) in enumerate(zip(sequences, tokens, strict=True)):
-            self._advance(sequence, token)
-            if sequence.finish_reason is None and not sequence.cancelled.is_set():
-                keep.append(row)
-        if len(keep) == len(sequences):
-            return sequences, cache, mask
-        return _select_rows([sequences[i] for i in keep], keep, cache, mask)
 
-    def _advance(self, sequence: _Sequence, token: int) -> None:
+    def _seed_generator(self, sequence: _Sequence) -> bool:
+        import torch
+
+        if sequence.params.seed is not None:
+            sequence.generator = torch.Generator(device=self.device).manual_seed(sequence.params.seed)
+        return True
+
+    def _row_guard(self, sequence: _Sequence, step: Callable[..., Any], *args: Any) -> Any:
+        """Run one row's step; on error fail that row only (returns None) and keep the batch going."""
+        try:
+            return step(*args)
+        except Exception as exc:
+            logger.error(
+                "request %s failed alone in %s (%s)",
+                sequence.request_id,
+                getattr(step, "__name__", "a step"),
+                type(exc).__name__,
+                exc_info=True,
+            )
+            sequence.finish_reason = "error"
+            sequence.cancelled.set()
+            sequence.emit(exc)
+            return None
+
+    def _advance(self, sequence: _Sequence, token: int) -> bool:
         params = sequence.params
         finish: str | None = None
         if token in self.eos_ids:
@@ -484,7 +612,7 @@ class TransformersEngine:
             ):
                 finish = "length"
         if finish is None and not sequence.needs_text_every_step:
-            return
+            return True
         text = self._decode_tokenizer.decode(sequence.generated, skip_special_tokens=True)
         if params.stop:
             # A stop may straddle the already-sent boundary: search from just before it.
@@ -495,15 +623,16 @@ class TransformersEngine:
         if finish is None:
             sendable = safe_emit_length(text, params.stop)
             if sendable <= sequence.emitted_chars:
-                return
+                return True
             delta = text[sequence.emitted_chars : sendable]
             sequence.emitted_chars = sendable
             sequence.emit(GenerationDelta(delta, None, len(sequence.prompt_ids), len(sequence.generated)))
-            return
+            return True
         sequence.finish_reason = finish
         delta = text[sequence.emitted_chars :]
         sequence.emitted_chars = len(text)
         sequence.emit(GenerationDelta(delta, finish, len(sequence.prompt_ids), len(sequence.generated)))
+        return True
 
     def _drop_cancelled(
         self, active: list[_Sequence], cache: Any, mask: torch.Tensor | None
@@ -599,27 +728,33 @@ class VLLMEngine:
         *,
         max_batch_size: int = 64,
         gpu_memory_utilization: float = 0.85,
+        multi_adapter: bool = False,
+        max_loras: int = 4,
+        max_lora_rank: int = 64,
     ) -> None:
         from transformers import AutoTokenizer
         from vllm import AsyncEngineArgs, AsyncLLMEngine
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        lora_rank = 16
-        if adapter_dir is not None:
+        self.multi_adapter = multi_adapter
+        self._adapters: dict[str, Any] = {}  # name -> LoRARequest
+        lora_rank = max_lora_rank if multi_adapter else 16
+        if adapter_dir is not None and not multi_adapter:
             adapter_config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
             lora_rank = int(adapter_config.get("r", 16))
         engine_args = AsyncEngineArgs(
             model=str(model_dir),
             tokenizer=str(model_dir),
-            enable_lora=adapter_dir is not None,
-            max_loras=1,
+            enable_lora=adapter_dir is not None or multi_adapter,
+            # Several adapters share each batch (vLLM's multi-LoRA); more are swapped in as needed.
+            max_loras=max_loras if multi_adapter else 1,
             max_lora_rank=max(8, lora_rank),
             max_num_seqs=max_batch_size,
             gpu_memory_utilization=gpu_memory_utilization,
         )
         self._engine = AsyncLLMEngine.from_engine_args(engine_args)
         self._lora_request = None
-        if adapter_dir is not None:
+        if adapter_dir is not None and not multi_adapter:
             from vllm.lora.request import LoRARequest
 
             self._lora_request = LoRARequest("llmft-adapter", 1, str(adapter_dir))
@@ -632,8 +767,17 @@ class VLLMEngine:
     def render_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
         return render_chat_prompt(self.tokenizer, messages)
 
-    def is_ready(self) -> bool:
-        return not getattr(self._engine, "errored", False)
+    def adapters(self) -> dict[str, str]:
+        return {name: request.lora_path for name, request in self._adapters.items()}
+
+    def load_adapter(self, name: str, adapter_dir: str | Path, timeout: float = 300.0) -> None:
+        """Register a LoRA adapter; vLLM loads it on first use (a LoRARequest per name)."""
+        from vllm.lora.request import LoRARequest
+
+        if not self.multi_adapter:
+            raise EngineError("this engine was not created with multi_adapter=True")
+        if name not in self._adapters:
+            self._adapters[name] = LoRARequest(name, len(self._adapters) + 1, str(adapter_dir))
 
     def close(self) -> None:
         shutdown = getattr(self._engine, "shutdown", None)
@@ -641,9 +785,21 @@ class VLLMEngine:
             shutdown()
 
     async def stream(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str, *, wants_stream: bool = True
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        *,
+        wants_stream: bool = True,
+        adapter: str | None = None,
     ) -> AsyncIterator[GenerationDelta]:
         from vllm import SamplingParams as VLLMSamplingParams
+
+        lora_request = self._lora_request
+        if adapter is not None:
+            if adapter not in self._adapters:
+                raise EngineError(f"adapter {adapter!r} is not loaded")
+            lora_request = self._adapters[adapter]
         from vllm.inputs import TokensPrompt
 
         sampling = VLLMSamplingParams(
@@ -663,7 +819,7 @@ class VLLMEngine:
                 TokensPrompt(prompt_token_ids=prompt_ids),
                 sampling,
                 request_id,
-                lora_request=self._lora_request,
+                lora_request=lora_request,
             ):
                 completion = output.outputs[0]
                 finish = completion.finish_reason if output.finished else None
@@ -696,15 +852,25 @@ def create_engine(
     *,
     max_batch_size: int = 32,
     torch_threads: int | None = None,
+    multi_adapter: bool = False,
 ) -> TransformersEngine | VLLMEngine:
-    """vLLM on CUDA when installed (LLMFT_ENGINE=transformers forces transformers), else transformers."""
+    """vLLM on CUDA when installed (LLMFT_ENGINE=transformers forces transformers), else transformers.
+
+    multi_adapter: serve several LoRA adapters over one base (load_adapter / stream(adapter=...)).
+    """
     started = time.monotonic()
     engine: TransformersEngine | VLLMEngine
     if vllm_available():
-        engine = VLLMEngine(model_dir, adapter_dir, max_batch_size=max(max_batch_size, 64))
+        engine = VLLMEngine(
+            model_dir, adapter_dir, max_batch_size=max(max_batch_size, 64), multi_adapter=multi_adapter
+        )
     else:
         engine = TransformersEngine(
-            model_dir, adapter_dir, max_batch_size=max_batch_size, torch_threads=torch_threads
+            model_dir,
+            adapter_dir,
+            max_batch_size=max_batch_size,
+            torch_threads=torch_threads,
+            multi_adapter=multi_adapter,
         )
     logger.info("loaded %s engine in %.1fs", engine.backend_name, time.monotonic() - started)
     return engine

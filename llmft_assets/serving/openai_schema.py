@@ -8,6 +8,7 @@ returns, so any OpenAI client surfaces a proper `openai.BadRequestError` & co.
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -31,8 +32,10 @@ class OpenAIError(Exception):
         error_type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
+        self.headers = headers
         self.status_code = status_code
         self.message = message
         self.error_type = error_type
@@ -154,6 +157,7 @@ class ValidatedChatRequest:
     include_usage: bool
     presence_penalty: float
     frequency_penalty: float
+    max_tokens_explicit: bool = True  # False: the server's default, cut to what fits the context
 
     @property
     def last_user_message(self) -> str:
@@ -187,10 +191,62 @@ def _validation_error_to_openai(exc: ValidationError) -> OpenAIError:
     )
 
 
-def parse_chat_request(raw_body: bytes, *, served_model: str, limits: ServingLimits) -> ValidatedChatRequest:
+def _reject_constant(name: str) -> Any:
+    raise _BodyValueError(f"{name} is not a valid JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _BodyValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
+class _BodyValueError(ValueError):
+    """A JSON value Python's parser accepts but a request may not hold (NaN, 1e400)."""
+
+
+def parse_json_body(raw_body: bytes) -> Any:
+    """json.loads for untrusted bodies: every way it can fail is a 400, never a 500.
+
+    Python's parser accepts NaN/Infinity and turns 1e400 into inf; it raises RecursionError on
+    deep nesting and ValueError on integers over 4300 digits; lone surrogates ("\\ud800")
+    decode to strings the tokenizer cannot encode. All of these are refused here.
+    """
+    try:
+        text = raw_body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise OpenAIError(400, "We could not parse the JSON body of your request (invalid UTF-8).") from None
+    try:
+        payload = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as exc:
+        raise OpenAIError(400, f"We could not parse the JSON body of your request ({exc.msg}).") from None
+    except RecursionError:
+        raise OpenAIError(
+            400, "We could not parse the JSON body of your request (nested too deeply)."
+        ) from None
+    except ValueError as exc:  # _BodyValueError, or an integer over Python's digit limit
+        reason = str(exc) if isinstance(exc, _BodyValueError) else "a number is too large"
+        raise OpenAIError(400, f"We could not parse the JSON body of your request ({reason}).") from None
+    try:
+        # Re-encoding finds lone surrogates wherever they are (keys, values, nested).
+        json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise OpenAIError(
+            400, "We could not parse the JSON body of your request (a string holds a lone surrogate)."
+        ) from None
+    except (RecursionError, ValueError):
+        raise OpenAIError(400, "We could not parse the JSON body of your request.") from None
+    return payload
+
+
+def parse_chat_request(
+    raw_body: bytes, *, served_model: str | None, limits: ServingLimits
+) -> ValidatedChatRequest:
     """Parse and validate a raw /v1/chat/completions body; raise OpenAIError on anything wrong.
 
     Prompt-length limits need the tokenizer and are checked by the caller (`check_prompt_tokens`).
+    `served_model=None` leaves the `model` field to the caller (several adapters by alias).
     """
     if len(raw_body) > limits.max_request_bytes:
         raise OpenAIError(
@@ -198,13 +254,7 @@ def parse_chat_request(raw_body: bytes, *, served_model: str, limits: ServingLim
             f"Request body is {len(raw_body)} bytes; the limit is {limits.max_request_bytes} bytes.",
             code="request_too_large",
         )
-    try:
-        payload = json.loads(raw_body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise OpenAIError(
-            400,
-            f"We could not parse the JSON body of your request ({exc.msg if hasattr(exc, 'msg') else 'invalid encoding'}).",
-        ) from None
+    payload = parse_json_body(raw_body)
     if not isinstance(payload, dict):
         raise OpenAIError(400, "The request body must be a JSON object.")
     try:
@@ -212,7 +262,7 @@ def parse_chat_request(raw_body: bytes, *, served_model: str, limits: ServingLim
     except ValidationError as exc:
         raise _validation_error_to_openai(exc) from None
 
-    if request.model != served_model:
+    if served_model is not None and request.model != served_model:  # None: the caller routes
         raise OpenAIError(
             404,
             f"The model '{request.model}' does not exist. This server serves '{served_model}'.",
@@ -281,7 +331,15 @@ def parse_chat_request(raw_body: bytes, *, served_model: str, limits: ServingLim
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
         presence_penalty=request.presence_penalty,
         frequency_penalty=request.frequency_penalty,
+        max_tokens_explicit=requested is not None,
     )
+
+
+def default_max_tokens(chat: ValidatedChatRequest, prompt_tokens: int, context_length: int) -> int:
+    """The request's max_tokens; a server default is cut to what the context leaves (at least 1)."""
+    if chat.max_tokens_explicit:
+        return chat.max_tokens
+    return max(1, min(chat.max_tokens, context_length - prompt_tokens))
 
 
 def _reject_unsupported(request: ChatCompletionRequest) -> None:
@@ -357,7 +415,12 @@ def chat_completion_body(
     finish_reason: str,
     prompt_tokens: int,
     completion_tokens: int,
+    reasoning_content: str | None = None,
 ) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if reasoning_content is not None:
+        # vLLM's and DeepSeek's name for the <think> part of a reasoning model's answer.
+        message["reasoning_content"] = reasoning_content
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -366,7 +429,7 @@ def chat_completion_body(
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": message,
                 "finish_reason": finish_reason,
                 "logprobs": None,
             }
@@ -415,3 +478,36 @@ def models_list_body(model_id: str, *, created: int | None = None, owned_by: str
             {"id": model_id, "object": "model", "created": created or int(time.time()), "owned_by": owned_by}
         ],
     }
+
+
+def overloaded_error(message: str, retry_after_s: int) -> OpenAIError:
+    return OpenAIError(
+        503,
+        message,
+        error_type="server_error",
+        code="server_overloaded",
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
+def rate_limited_error(key_name: str, retry_after_s: float) -> OpenAIError:
+    return OpenAIError(
+        429,
+        f"Rate limit reached for API key '{key_name}'. Retry after {retry_after_s:.1f} s.",
+        error_type="requests",
+        code="rate_limit_exceeded",
+        headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))},
+    )
+
+
+def request_timeout_error(seconds: float) -> OpenAIError:
+    return OpenAIError(408, f"The request body did not arrive within {seconds:g} s.", code="request_timeout")
+
+
+def model_not_found_error(model: str, available: list[str]) -> OpenAIError:
+    return OpenAIError(
+        404,
+        f"The model '{model}' does not exist. This server serves: {', '.join(available) or 'nothing yet'}.",
+        param="model",
+        code="model_not_found",
+    )

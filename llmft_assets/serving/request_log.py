@@ -1,21 +1,34 @@
 """Durable request log of the model server, read back by the drift report.
 
-Records are buffered in memory and written as one Parquet object per batch to
-`<root>/request_logs/date=YYYY-MM-DD/<batch_id>.parquet` through the storage backend, whose
-`put_bytes` is atomic (temp file + rename locally, a single PUT on S3): a reader sees a whole
-batch or nothing, and a crash loses at most the batch still in memory. A batch is flushed when it
-reaches `max_batch_rows`, when `flush_interval_s` has passed since its first record, and on close.
+`SpooledRequestLogWriter` (what the server uses) first appends each record as a JSON line to a
+local segment file with one write(2) before the response goes out, so a killed server (SIGKILL)
+loses nothing the kernel has seen; the segment is fsynced every `fsync_interval_s` (machine
+crashes lose at most that), and rotated into a Parquet batch in storage every `flush_interval_s`.
+Segments left by a killed server are shipped by the next one at start-up (a segment a live server
+still writes is flock-ed and left alone). The Parquet key is derived from the segment's name, so a
+segment shipped twice (killed between upload and unlink) lands on the same key: no duplicates.
+
+Each batch is one Parquet object at `<root>/request_logs/date=YYYY-MM-DD/<batch_id>.parquet`,
+written through the storage backend, whose `put_bytes` is atomic (temp file + rename locally, a
+single PUT on S3): a reader sees a whole batch or nothing. A batch is shipped when its segment
+reaches `max_batch_rows`, when `flush_interval_s` has passed since the segment opened, and on close.
+A storage outage leaves the segments on disk; they are retried at the next flush.
 """
 
 from __future__ import annotations
 
+import fcntl
 import io
+import json
 import logging
+import os
 import threading
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Protocol
 
 import pyarrow as pa
@@ -39,6 +52,8 @@ REQUEST_LOG_SCHEMA = pa.schema(
         pa.field("latency_ms", pa.float64()),
         pa.field("finish_reason", pa.string()),
         pa.field("stream", pa.bool_()),
+        # The name of the API key that made the request (never the key); null in older batches.
+        pa.field("api_key_name", pa.string()),
     ]
 )
 
@@ -63,6 +78,7 @@ class RequestLogRecord:
     latency_ms: float
     finish_reason: str
     stream: bool
+    api_key_name: str | None = None
 
 
 def request_log_key(day: str, batch_id: str) -> str:
@@ -85,117 +101,6 @@ def _new_batch_id(now: datetime) -> str:
     return f"{now.strftime('%Y%m%dT%H%M%S%fZ')}-{uuid.uuid4().hex[:12]}"
 
 
-class RequestLogWriter:
-    """Thread-safe batched writer; `log()` never blocks on storage I/O beyond a size-triggered flush.
-
-    A failed write keeps the rows in memory and retries at the next flush (bounded by
-    `max_buffered_rows`, after which the oldest rows are dropped with an error log rather than
-    exhausting memory), so a storage hiccup does not lose traffic.
-    """
-
-    def __init__(
-        self,
-        sink: BytesSink,
-        *,
-        max_batch_rows: int = 256,
-        flush_interval_s: float = 5.0,
-        max_buffered_rows: int = 100_000,
-    ) -> None:
-        if max_batch_rows < 1 or flush_interval_s <= 0:
-            raise ValueError("max_batch_rows must be >= 1 and flush_interval_s > 0")
-        self._sink = sink
-        self._max_batch_rows = max_batch_rows
-        self._flush_interval_s = flush_interval_s
-        self._max_buffered_rows = max(max_buffered_rows, max_batch_rows)
-        self._buffer: list[RequestLogRecord] = []
-        self._buffer_lock = threading.Lock()
-        self._write_lock = threading.Lock()  # one flush at a time keeps batches whole and ordered
-        self._closed = threading.Event()
-        self._wake = threading.Event()
-        self.rows_written = 0
-        self.batches_written = 0
-        self.write_failures = 0
-        self._thread = threading.Thread(target=self._run, name="request-log-flusher", daemon=True)
-        self._thread.start()
-
-    def log(self, record: RequestLogRecord) -> None:
-        if self._closed.is_set():
-            raise RuntimeError("request log writer is closed")
-        if record.timestamp.tzinfo is None:
-            # Rejected here: a row that cannot be written would block every later flush.
-            raise ValueError("request log timestamps must be timezone-aware (UTC)")
-        with self._buffer_lock:
-            self._buffer.append(record)
-            full = len(self._buffer) >= self._max_batch_rows
-        if full:
-            self._wake.set()
-
-    def pending_rows(self) -> int:
-        with self._buffer_lock:
-            return len(self._buffer)
-
-    def flush(self) -> int:
-        """Write everything buffered now; returns the number of rows written."""
-        with self._write_lock:
-            with self._buffer_lock:
-                batch, self._buffer = self._buffer, []
-            if not batch:
-                return 0
-            written = 0
-            try:
-                for chunk_start in range(0, len(batch), self._max_batch_rows):
-                    chunk = batch[chunk_start : chunk_start + self._max_batch_rows]
-                    written += self._write_batch(chunk)
-            except Exception as exc:
-                self.write_failures += 1
-                unwritten = batch[written:]
-                logger.error(
-                    "request log: writing %d rows failed (%s); keeping them for the next flush",
-                    len(unwritten),
-                    type(exc).__name__,
-                )
-                with self._buffer_lock:
-                    self._buffer = unwritten + self._buffer
-                    overflow = len(self._buffer) - self._max_buffered_rows
-                    if overflow > 0:
-                        del self._buffer[:overflow]
-                        logger.error("request log: buffer full, dropped %d oldest rows", overflow)
-            return written
-
-    def _write_batch(self, records: list[RequestLogRecord]) -> int:
-        by_day: dict[str, list[RequestLogRecord]] = {}
-        for record in records:
-            by_day.setdefault(record.timestamp.astimezone(UTC).strftime("%Y-%m-%d"), []).append(record)
-        written = 0
-        for day, day_records in sorted(by_day.items()):
-            key = request_log_key(day, _new_batch_id(datetime.now(UTC)))
-            self._sink.put_bytes(key, records_to_parquet_bytes(day_records))
-            written += len(day_records)
-            self.rows_written += len(day_records)
-            self.batches_written += 1
-        return written
-
-    def _run(self) -> None:
-        while not self._closed.is_set():
-            self._wake.wait(timeout=self._flush_interval_s)
-            self._wake.clear()
-            if self._closed.is_set():
-                break
-            try:
-                self.flush()
-            except Exception:  # never let the flusher thread die
-                logger.exception("request log: flusher error")
-
-    def close(self) -> None:
-        """Stop the flusher and write what is left (idempotent)."""
-        if self._closed.is_set():
-            return
-        self._closed.set()
-        self._wake.set()
-        self._thread.join(timeout=30)
-        self.flush()
-
-
 def read_request_logs(sink_with_listing: object, *, day: str | None = None) -> pa.Table:
     """Read every logged batch (optionally of one day) back as one table.
 
@@ -206,4 +111,238 @@ def read_request_logs(sink_with_listing: object, *, day: str | None = None) -> p
     tables = [pq.read_table(io.BytesIO(sink_with_listing.get_bytes(k))) for k in keys]  # type: ignore[attr-defined]
     if not tables:
         return REQUEST_LOG_SCHEMA.empty_table()
-    return pa.concat_tables([t.cast(REQUEST_LOG_SCHEMA) for t in tables])
+    return pa.concat_tables([conform_to_schema(t) for t in tables])
+
+
+def conform_to_schema(table: pa.Table) -> pa.Table:
+    """Cast a logged batch to REQUEST_LOG_SCHEMA; columns added since it was written become nulls."""
+    for schema_field in REQUEST_LOG_SCHEMA:
+        if schema_field.name not in table.column_names:
+            table = table.append_column(schema_field, pa.nulls(table.num_rows, type=schema_field.type))
+    return table.select(REQUEST_LOG_SCHEMA.names).cast(REQUEST_LOG_SCHEMA)
+
+
+# ---------------------------------------------------------------------------------------------
+# Crash-safe spooled writer
+# ---------------------------------------------------------------------------------------------
+
+SEGMENT_SUFFIX = ".jsonl"
+
+
+def _record_to_line(record: RequestLogRecord) -> bytes:
+    row = asdict(record)
+    row["timestamp"] = record.timestamp.astimezone(UTC).isoformat()
+    return (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8", errors="replace")
+
+
+def _record_from_line(line: bytes) -> RequestLogRecord:
+    row = json.loads(line)
+    row["timestamp"] = datetime.fromisoformat(row["timestamp"])
+    return RequestLogRecord(**row)
+
+
+def read_segment(data: bytes) -> tuple[list[RequestLogRecord], int]:
+    """Records of a segment and how many lines were unreadable (a torn last write)."""
+    records: list[RequestLogRecord] = []
+    bad = 0
+    for line in data.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            records.append(_record_from_line(line))
+        except (ValueError, TypeError, KeyError):
+            bad += 1
+    return records, bad
+
+
+class SpooledRequestLogWriter:
+    """Request log writer with a local append-only spool (see the module docstring).
+
+    `log()` is called on the event loop: it never waits for the disk beyond one write(2).
+    """
+
+    def __init__(
+        self,
+        sink: BytesSink,
+        spool_dir: str | os.PathLike[str],
+        *,
+        max_batch_rows: int = 256,
+        flush_interval_s: float = 5.0,
+        fsync_interval_s: float = 0.1,
+    ) -> None:
+        if max_batch_rows < 1 or flush_interval_s <= 0 or fsync_interval_s <= 0:
+            raise ValueError("max_batch_rows must be >= 1 and the intervals > 0")
+        self._sink = sink
+        self._spool = Path(spool_dir)
+        self._spool.mkdir(parents=True, exist_ok=True)
+        self._max_batch_rows = max_batch_rows
+        self._flush_interval_s = flush_interval_s
+        self._fsync_interval_s = min(fsync_interval_s, flush_interval_s)
+        self._lock = threading.Lock()  # guards the current segment
+        self._ship_lock = threading.Lock()
+        self._closed = threading.Event()
+        self._wake = threading.Event()
+        self.rows_written = 0
+        self.batches_written = 0
+        self.write_failures = 0
+        self.unreadable_lines = 0
+        self._fd = -1
+        self._full_fds: list[int] = []  # swapped-out segments not yet fsynced and closed
+        self._segment: Path | None = None
+        self._segment_rows = 0
+        self._segment_opened = 0.0
+        self._dirty = False
+        with self._lock:
+            self._open_segment()
+        self.recovered_rows = self._ship_closed_segments()  # what a killed predecessor left
+        self._thread = threading.Thread(target=self._run, name="request-log-spool", daemon=True)
+        self._thread.start()
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def log(self, record: RequestLogRecord) -> None:
+        if self._closed.is_set():
+            raise RuntimeError("request log writer is closed")
+        if record.timestamp.tzinfo is None:
+            raise ValueError("request log timestamps must be timezone-aware (UTC)")
+        line = _record_to_line(record)
+        with self._lock:
+            os.write(self._fd, line)  # O_APPEND, one call: in the kernel before we answer
+            self._segment_rows += 1
+            self._dirty = True
+            full = self._segment_rows >= self._max_batch_rows
+            if full:
+                # A full segment is swapped out here (no disk wait); the spool thread fsyncs, closes
+                # and ships it, so no Parquet batch holds more than max_batch_rows.
+                self._full_fds.append(self._fd)
+                self._open_segment()
+        if full:
+            self._wake.set()
+
+    def pending_rows(self) -> int:
+        """Rows logged but not yet in storage (the spool's segments)."""
+        total = 0
+        for path in self._spool.glob(f"*{SEGMENT_SUFFIX}"):
+            try:
+                total += path.read_bytes().count(b"\n")
+            except FileNotFoundError:
+                continue
+        return total
+
+    def _open_segment(self) -> None:
+        now = datetime.now(UTC)
+        path = self._spool / f"{_new_batch_id(now)}-{os.getpid()}{SEGMENT_SUFFIX}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # "a live writer owns this segment"
+        self._fd, self._segment = fd, path
+        self._segment_rows, self._segment_opened, self._dirty = 0, time.monotonic(), False
+
+    def _rotate(self, *, current: bool = True) -> None:
+        """Close the swapped-out segments (and the current one) fsynced; shipping happens after.
+
+        fsync runs outside the lock: `log()` is called on the event loop and must never wait for
+        a disk flush.
+        """
+        with self._lock:
+            closing, self._full_fds = self._full_fds, []
+            if current and self._segment_rows > 0:
+                closing.append(self._fd)
+                self._open_segment()
+        for fd in closing:
+            os.fsync(fd)
+            os.close(fd)  # releases the flock: the segment is now shippable
+
+    def _fsync(self) -> None:
+        with self._lock:
+            if not self._dirty:
+                return
+            fd = os.dup(self._fd)  # the same file; survives a rotation meanwhile
+            self._dirty = False
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- shipping ----------------------------------------------------------------------------
+
+    def _ship_closed_segments(self) -> int:
+        shipped = 0
+        with self._ship_lock:
+            for path in sorted(self._spool.glob(f"*{SEGMENT_SUFFIX}")):
+                if path == self._segment:
+                    continue
+                try:
+                    shipped += self._ship(path)
+                except Exception as exc:  # storage down: the segment stays and is retried
+                    self.write_failures += 1
+                    logger.error(
+                        "request log: shipping %s failed (%s); will retry", path.name, type(exc).__name__
+                    )
+        return shipped
+
+    def _ship(self, path: Path) -> int:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return 0  # another server shipped it
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0  # a live server still writes it
+            with os.fdopen(os.dup(fd), "rb") as handle:
+                data = handle.read()
+            records, bad = read_segment(data)
+            if bad:
+                self.unreadable_lines += bad
+                logger.warning("request log: %d unreadable line(s) in %s skipped", bad, path.name)
+            by_day: dict[str, list[RequestLogRecord]] = {}
+            for record in records:
+                by_day.setdefault(record.timestamp.astimezone(UTC).strftime("%Y-%m-%d"), []).append(record)
+            for day, day_records in sorted(by_day.items()):
+                self._sink.put_bytes(request_log_key(day, path.stem), records_to_parquet_bytes(day_records))
+                self.batches_written += 1
+            path.unlink(missing_ok=True)
+            self.rows_written += len(records)
+            return len(records)
+        finally:
+            os.close(fd)
+
+    def flush(self) -> int:
+        """Rotate and ship everything logged so far; returns the rows shipped."""
+        self._rotate()
+        return self._ship_closed_segments()
+
+    def _run(self) -> None:
+        while not self._closed.is_set():
+            self._wake.wait(timeout=self._fsync_interval_s)
+            self._wake.clear()
+            if self._closed.is_set():
+                break
+            try:
+                self._fsync()
+                with self._lock:
+                    full = bool(self._full_fds)
+                    due = self._segment_rows > 0 and (
+                        time.monotonic() - self._segment_opened >= self._flush_interval_s
+                    )
+                if due:
+                    self.flush()
+                elif full:
+                    self._rotate(current=False)
+                    self._ship_closed_segments()
+            except Exception:  # never let the spool thread die
+                logger.exception("request log: spool thread error")
+
+    def close(self) -> None:
+        """Stop the thread, ship what is left, remove the empty segment (idempotent)."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._wake.set()
+        self._thread.join(timeout=30)
+        self.flush()
+        with self._lock:
+            os.close(self._fd)
+            if self._segment is not None and self._segment_rows == 0:
+                self._segment.unlink(missing_ok=True)
