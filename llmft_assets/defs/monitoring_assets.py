@@ -17,7 +17,6 @@ Automation, end to end:
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -50,11 +49,6 @@ DROP_READY_MARKER = "_SUCCESS"
 # Names a writer uses while a file is incomplete, or that are not data.
 _IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".filepart")
 
-ENV_RETRAIN_COOLDOWN_HOURS = "LLMFT_RETRAIN_COOLDOWN_HOURS"
-DEFAULT_RETRAIN_COOLDOWN_HOURS = 24.0
-ENV_INCOMING_SENSOR_INTERVAL_S = "LLMFT_INCOMING_SENSOR_INTERVAL_S"
-ENV_DRIFT_SENSOR_INTERVAL_S = "LLMFT_DRIFT_SENSOR_INTERVAL_S"
-DRIFT_SCHEDULE_CRON = os.environ.get("LLMFT_DRIFT_SCHEDULE_CRON", "0 6 * * *")
 # A drift retraining's data run that never shows up (e.g. deleted) is given up after this long.
 PENDING_RUN_TIMEOUT_S = 6 * 3600
 
@@ -74,15 +68,7 @@ def incoming_uri(storage_root: str) -> str:
 
 
 def retrain_cooldown_s() -> float:
-    raw = os.environ.get(ENV_RETRAIN_COOLDOWN_HOURS, "").strip()
-    hours = float(raw) if raw else DEFAULT_RETRAIN_COOLDOWN_HOURS
-    if hours < 0:
-        raise ValueError(f"{ENV_RETRAIN_COOLDOWN_HOURS} must be >= 0, got {raw!r}")
-    return hours * 3600
-
-
-def _interval_s(env: str, default: int) -> int:
-    return max(5, int(os.environ.get(env, "") or default))
+    return settings.get().retrain_cooldown_hours * 3600
 
 
 def _metadata_text(metadata: dict[str, Any], key: str) -> str | None:
@@ -277,9 +263,10 @@ def send_alert_if_configured(summary: dict[str, Any], report_uri: str | None, lo
     """
     from llmft_assets.monitoring.alerts import WebhookError, send_drift_alert
 
-    webhook_url = os.environ.get(settings.ENV_ALERT_WEBHOOK, "").strip()
+    secret = settings.get().alert_webhook_url
+    webhook_url = secret.get_secret_value().strip() if secret is not None else ""
     if not webhook_url:
-        log.info(f"drift alert not sent: {settings.ENV_ALERT_WEBHOOK} is not set")
+        log.info("drift alert not sent: LLMFT_ALERT_WEBHOOK_URL is not set")
         return "skipped (no webhook configured)"
     try:
         send_drift_alert(webhook_url, summary, report_uri=report_uri)
@@ -348,7 +335,7 @@ drift_job = dg.define_asset_job(
 
 @dg.schedule(
     job=drift_job,
-    cron_schedule=DRIFT_SCHEDULE_CRON,
+    cron_schedule=settings.get().drift_schedule_cron,  # a schedule's cron is fixed when the code loads
     execution_timezone="UTC",
     default_status=dg.DefaultScheduleStatus.RUNNING,
     description="Daily drift report over the request log window ending at the tick time.",
@@ -485,11 +472,11 @@ def _follow_pending(
 
 @dg.sensor(
     jobs=[data_job, train_job],
-    minimum_interval_seconds=_interval_s(ENV_DRIFT_SENSOR_INTERVAL_S, 60),
+    minimum_interval_seconds=settings.get().drift_sensor_interval_s,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="A failed drift_check starts a retraining: data_job (fresh data), then train_job. One "
     "drift report starts one retraining (run keys); retrainings are spaced by "
-    f"${ENV_RETRAIN_COOLDOWN_HOURS} (default {DEFAULT_RETRAIN_COOLDOWN_HOURS:g} h).",
+    "$LLMFT_RETRAIN_COOLDOWN_HOURS (default 24 h).",
 )
 def drift_retrain_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
     cursor = RetrainCursor.parse(context.cursor)
@@ -612,7 +599,7 @@ def drop_source(backend: StorageBackend, drop: IncomingDrop) -> str:
 
 @dg.sensor(
     job=data_job,
-    minimum_interval_seconds=_interval_s(ENV_INCOMING_SENSOR_INTERVAL_S, 60),
+    minimum_interval_seconds=settings.get().incoming_sensor_interval_s,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Each new file or folder under <storage root>/incoming/ becomes a data_job run reading "
     f"just that drop (a dataset version). A folder with {DROP_READY_MARKER} is read at once; anything "

@@ -8,10 +8,11 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
+from llmft_assets import settings
 from llmft_assets.defs.data_assets import OWNERS
 from llmft_assets.defs.mlflow_resource import MlflowResource
 from llmft_assets.defs.storage_resources import ArtifactHandle, StagedArtifact, StorageResource
-from llmft_assets.defs.training_assets import ADAPTER_SUBDIR, BOM_FILE, DATASET_LICENSE
+from llmft_assets.defs.training_assets import ADAPTER_SUBDIR, BOM_FILE
 
 SERVING_GROUP = "serving"
 BENTOS_DIR = Path(__file__).resolve().parents[2] / "bentos"
@@ -68,7 +69,7 @@ def model_bento(
         "storage_uri": lora_adapter.uri,
         "base_model_uri": base_model.uri,
         "eval_report_uri": eval_report.uri,
-        "license": DATASET_LICENSE,
+        "license": settings.get().dataset_license,
         "bill_of_materials": bom,
     }
     model_tag = save_model_to_bentoml(

@@ -16,6 +16,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
+from llmft_assets import settings
 from llmft_assets.defs.data_assets import OWNERS, split_file
 from llmft_assets.defs.k8s_tags import gpu_op_tags
 from llmft_assets.defs.mlflow_resource import MlflowResource
@@ -28,7 +29,6 @@ ADAPTER_SUBDIR = "adapter"
 BOM_FILE = "bill_of_materials.json"
 RESULT_FILE = "train_result.json"
 LOSS_PNG = "loss_curve.png"
-DATASET_LICENSE = os.environ.get("LLMFT_DATASET_LICENSE", "CC-BY-NC-SA-4.0")
 
 
 class LoraAdapterConfig(dg.Config):
@@ -156,7 +156,7 @@ def lora_adapter(
     bom = bill_of_materials(
         base_model_info={**base_info, "artifact_version": base_model.version, "artifact_uri": base_model.uri},
         dataset_version=dataset_splits.version,
-        dataset_license=DATASET_LICENSE,
+        dataset_license=settings.get().dataset_license,
         config=training_config,
         seed=training_config.seed,
     )
@@ -372,15 +372,12 @@ def _report_markdown(report: Any) -> str:
     return "\n".join(lines)
 
 
-GATE_TOLERANCE = float(os.environ.get("LLMFT_GATE_TOLERANCE", "0.02"))
-
-
 @dg.asset_check(
     asset=eval_report,
     blocking=True,
     description=(
         "Promotion gate: the adapter beats the base model and does not fall behind the champion by more "
-        f"than LLMFT_GATE_TOLERANCE (default {GATE_TOLERANCE}); on pass the version becomes `champion`."
+        "than LLMFT_GATE_TOLERANCE (default 0.02); on pass the version becomes `champion`."
     ),
 )
 def eval_gate(eval_report: ArtifactHandle, mlflow: MlflowResource) -> dg.AssetCheckResult:
@@ -392,7 +389,8 @@ def eval_gate(eval_report: ArtifactHandle, mlflow: MlflowResource) -> dg.AssetCh
     champion_metrics = None
     if champion_version is not None and "llmft.eval" in (champion_version.tags or {}):
         champion_metrics = json.loads(champion_version.tags["llmft.eval"])
-    decision = decide_gate_for_report(report, tolerance=GATE_TOLERANCE, champion=champion_metrics)
+    tolerance = settings.get().gate_tolerance
+    decision = decide_gate_for_report(report, tolerance=tolerance, champion=champion_metrics)
     candidate = eval_report.metadata.get("registered_version")
     promoted = False
     if decision.passed and candidate:
@@ -405,6 +403,6 @@ def eval_gate(eval_report: ArtifactHandle, mlflow: MlflowResource) -> dg.AssetCh
             "candidate_version": str(candidate),
             "previous_champion": str(champion_version.version) if champion_version else "none",
             "promoted": promoted,
-            "tolerance": GATE_TOLERANCE,
+            "tolerance": tolerance,
         },
     )
