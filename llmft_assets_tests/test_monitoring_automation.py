@@ -144,6 +144,54 @@ def test_incoming_drops_each_start_one_data_run(
     assert json.loads(cursor or "{}")["pending"] == {}
 
 
+def test_incoming_drops_run_through_a_bounded_pool_without_rebuilding_the_base_model(
+    tmp_path: Path,
+    instance: dg.DagsterInstance,
+    repository: dg.RepositoryDefinition,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LLMFT_INCOMING_MAX_RUNS", "2")
+    root = tmp_path / "storage"
+    incoming = Path(incoming_uri(str(root)))
+    incoming.mkdir(parents=True)
+    for name in ("d1", "d2", "d3"):
+        (incoming / name).mkdir()
+        (incoming / name / "part-0.jsonl").write_text('{"id": "a"}\n')
+        (incoming / name / "_SUCCESS").write_text("")
+    # No base model yet: the first data run builds it too.
+    requests, cursor, _ = _evaluate_incoming(instance, str(root), None, repository)
+    assert [r.tags["llmft/incoming_drop"] for r in requests] == ["d1", "d2"]  # two slots, three drops
+    assert dg.AssetKey("base_model") in requests[0].asset_selection
+    for request in requests:
+        _add_data_run(instance, request, dg.DagsterRunStatus.STARTED)
+    _report_materialization(instance, "base_model", version="b1")
+
+    # Both slots busy: d3 waits, with the reason, and is not forgotten.
+    requests, cursor, skip = _evaluate_incoming(instance, str(root), cursor, repository)
+    assert requests == [] and "wait for a free slot" in str(skip) and "LLMFT_INCOMING_MAX_RUNS" in str(skip)
+    assert json.loads(cursor or "{}")["pending"].keys() == {"d3"}
+
+    # One run finishes: d3 starts at once, without base_model (read from storage, not rebuilt).
+    finished = instance.get_run_by_id("run-" + f"incoming-d1-{json.loads(cursor or '{}')['processed']['d1']}")
+    assert finished is not None
+    instance.delete_run(finished.run_id)
+    instance.add_run(finished.with_status(dg.DagsterRunStatus.SUCCESS))
+    requests, cursor, _ = _evaluate_incoming(instance, str(root), cursor, repository)
+    (request,) = requests
+    assert request.tags["llmft/incoming_drop"] == "d3"
+    assert dg.AssetKey("base_model") not in request.asset_selection
+    assert set(request.asset_selection) == {
+        dg.AssetKey(name)
+        for name in (
+            "raw_dataset",
+            "cleaned_dataset",
+            "validated_dataset",
+            "tokenized_dataset",
+            "dataset_splits",
+        )
+    }
+
+
 def test_incoming_drop_without_data_files_is_left_alone(
     tmp_path: Path, instance: dg.DagsterInstance, repository: dg.RepositoryDefinition
 ) -> None:

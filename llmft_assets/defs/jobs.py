@@ -6,6 +6,21 @@ from llmft_assets import settings
 from llmft_assets.defs.k8s_tags import gpu_run_tags
 
 DATA_SELECTION = dg.AssetSelection.groups("data", "model")
+# What a new data drop or a drift retraining refreshes: the data chain, not the base model (its own version
+# is read from storage; rebuilding or re-downloading it per drop would be waste, and a new base model
+# version would retrain everything).
+FRESH_DATA_ASSETS = tuple(
+    dg.AssetKey(name)
+    for name in ("raw_dataset", "cleaned_dataset", "validated_dataset", "tokenized_dataset", "dataset_splits")
+)
+
+
+def fresh_data_selection(instance: dg.DagsterInstance) -> list[dg.AssetKey]:
+    """The assets a data refresh materializes: the data chain, plus base_model only if it has never been."""
+    has_base_model = instance.get_latest_materialization_event(dg.AssetKey("base_model")) is not None
+    return list(FRESH_DATA_ASSETS) if has_base_model else [*FRESH_DATA_ASSETS, dg.AssetKey("base_model")]
+
+
 TRAIN_SELECTION = dg.AssetSelection.assets("lora_adapter")
 RELEASE_SELECTION = dg.AssetSelection.groups("evaluation", "serving")
 

@@ -30,7 +30,7 @@ import pyarrow as pa
 from llmft_assets import settings
 from llmft_assets.data.raw_sources import SUPPORTED_SUFFIXES
 from llmft_assets.defs.data_assets import OWNERS, split_file
-from llmft_assets.defs.jobs import data_job, train_job
+from llmft_assets.defs.jobs import data_job, fresh_data_selection, train_job
 from llmft_assets.defs.storage_resources import ArtifactHandle, StagedArtifact, StorageResource, asset_prefix
 from llmft_assets.storage import StorageBackend
 from llmft_assets.storage.publish import content_version, describe_directory
@@ -526,6 +526,7 @@ def drift_retrain_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult
                 job_name=data_job.name,
                 run_key=f"drift-{report_version}-data",
                 run_config=_fresh_data_run_config(context.instance),
+                asset_selection=fresh_data_selection(context.instance),
                 tags={TAG_TRIGGER: "drift", TAG_DRIFT_REPORT: report_version, TAG_RETRAIN_STAGE: "data"},
             )
         ],
@@ -588,6 +589,19 @@ def drop_fingerprint(backend: StorageBackend, drop: IncomingDrop) -> str:
     return digest.hexdigest()[:16]
 
 
+_IN_FLIGHT = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+]
+
+
+def incoming_runs_in_flight(instance: dg.DagsterInstance) -> int:
+    return instance.get_runs_count(filters=dg.RunsFilter(tags={TAG_TRIGGER: "incoming"}, statuses=_IN_FLIGHT))
+
+
 def drop_source(backend: StorageBackend, drop: IncomingDrop) -> str:
     """What raw_dataset reads for the drop: a local path, or an s3:// URI (folders end with '/')."""
     key = f"{INCOMING_PREFIX}/{drop.name}"
@@ -603,7 +617,8 @@ def drop_source(backend: StorageBackend, drop: IncomingDrop) -> str:
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Each new file or folder under <storage root>/incoming/ becomes a data_job run reading "
     f"just that drop (a dataset version). A folder with {DROP_READY_MARKER} is read at once; anything "
-    "else once it is unchanged between two evaluations.",
+    "else once it is unchanged between two evaluations. At most LLMFT_INCOMING_MAX_RUNS such runs are "
+    "in flight at once (the rest wait for a later tick); base_model is not re-materialized.",
 )
 def incoming_data_sensor(
     context: dg.SensorEvaluationContext, storage: StorageResource
@@ -614,12 +629,21 @@ def incoming_data_sensor(
     previous_pending: dict[str, str] = dict(state.get("pending", {}))
     pending: dict[str, str] = {}
     run_requests: list[dg.RunRequest] = []
+    max_runs = settings.get().incoming_max_runs
+    free_slots = max(0, max_runs - incoming_runs_in_flight(context.instance))
+    waiting_for_slot: list[str] = []
+    selection = fresh_data_selection(context.instance)
     for drop in list_incoming_drops(backend):
         fingerprint = drop_fingerprint(backend, drop)
         if processed.get(drop.name) == fingerprint:
             continue
         if not drop.ready_marked and previous_pending.get(drop.name) != fingerprint:
             pending[drop.name] = fingerprint  # still settling (or just seen): look again next time
+            continue
+        if drop.data_keys and len(run_requests) >= free_slots:
+            # Ready, but the pool is full: keep it as settled so a later tick starts it at once.
+            pending[drop.name] = fingerprint
+            waiting_for_slot.append(drop.name)
             continue
         processed[drop.name] = fingerprint
         if not drop.data_keys:
@@ -633,6 +657,7 @@ def incoming_data_sensor(
             dg.RunRequest(
                 run_key=f"incoming-{drop.name}-{fingerprint}",
                 run_config={"ops": {"raw_dataset": {"config": {"source": source, "config": None}}}},
+                asset_selection=selection,
                 tags={
                     TAG_TRIGGER: "incoming",
                     TAG_INCOMING_DROP: drop.name,
@@ -642,13 +667,23 @@ def incoming_data_sensor(
         )
         context.log.info(f"new data drop {drop.name!r} ({len(drop.keys)} files): {source}")
     new_cursor = json.dumps({"processed": processed, "pending": pending}, sort_keys=True)
+    if waiting_for_slot:
+        context.log.info(
+            f"{len(waiting_for_slot)} drop(s) wait for a free slot (at most {max_runs} incoming data "
+            f"runs at once): {', '.join(waiting_for_slot)}"
+        )
     if run_requests:
         return dg.SensorResult(run_requests=run_requests, cursor=new_cursor)
-    reason = (
-        f"waiting for {len(pending)} drop(s) to settle: {', '.join(sorted(pending))}"
-        if pending
-        else f"no new data under {incoming_uri(backend.root_uri)}/"
-    )
+    settling = sorted(set(pending) - set(waiting_for_slot))
+    if waiting_for_slot:
+        reason = (
+            f"{len(waiting_for_slot)} drop(s) wait for a free slot: {max_runs} incoming data run(s) "
+            f"already in flight (LLMFT_INCOMING_MAX_RUNS)"
+        )
+    elif settling:
+        reason = f"waiting for {len(settling)} drop(s) to settle: {', '.join(settling)}"
+    else:
+        reason = f"no new data under {incoming_uri(backend.root_uri)}/"
     return dg.SensorResult(skip_reason=reason, cursor=new_cursor)
 
 
