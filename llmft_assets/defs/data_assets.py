@@ -351,30 +351,40 @@ def dataset_splits(
     tokenized_dataset: ArtifactHandle,
     storage: StorageResource,
 ) -> dg.Output[StagedArtifact]:
-    """train / validation / test by a stable hash of the conversation id: adding rows never moves an
-    existing row to another split."""
-    from llmft_assets.data.splits import assign_split, validate_fractions
+    """train / validation / test by a stable hash of the normalized problem (the first user turn), so the
+    same problem under two ids never crosses splits; near-duplicate prompts (MinHash) are kept together,
+    with train winning. Adding rows never moves an existing row, except an evaluation row into train."""
+    from llmft_assets.data.splits import first_user_turn, plan_leak_free_splits
 
-    validate_fractions(config.validation_fraction, config.test_fraction)
+    data_file = tokenized_dataset.file(DATA_FILE)
+
+    def read_prompts():
+        for rows in iter_parquet_rows(data_file, columns=["id", "messages"]):
+            yield [(row["id"], first_user_turn(row["messages"])) for row in rows]
+
+    try:
+        plan = plan_leak_free_splits(
+            read_prompts,
+            validation_fraction=config.validation_fraction,
+            test_fraction=config.test_fraction,
+            salt=config.salt,
+        )
+    except ValueError as exc:
+        raise dg.Failure(description=f"dataset_splits: {exc}", allow_retries=False) from exc
     staging = storage.staging_dir("dataset_splits")
     sinks = {name: ParquetSink(staging / f"{name}.parquet", TOKENIZED_SCHEMA) for name in SPLIT_NAMES}
     tokens = dict.fromkeys(SPLIT_NAMES, 0)
     rows_in = 0
     try:
-        for rows in iter_parquet_rows(tokenized_dataset.file(DATA_FILE)):
+        for rows in iter_parquet_rows(data_file):
             by_split: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLIT_NAMES}
             for row in rows:
-                split = assign_split(
-                    row["id"],
-                    validation_fraction=config.validation_fraction,
-                    test_fraction=config.test_fraction,
-                    salt=config.salt,
-                )
+                split = plan.assignments[rows_in]
                 by_split[split].append(row)
                 tokens[split] += row["num_tokens"]
+                rows_in += 1
             for name, split_rows in by_split.items():
                 sinks[name].write_rows(split_rows)
-            rows_in += len(rows)
     finally:
         for sink in sinks.values():
             sink.close()
@@ -388,6 +398,8 @@ def dataset_splits(
             "rows": sizes,
             "tokens": tokens,
             "salt": config.salt,
+            "split_key": "normalized first user turn",
+            "near_duplicates_moved_to_train": plan.moved_to_train,
             "upstream": tokenized_dataset.version,
         },
     )
@@ -397,7 +409,10 @@ def dataset_splits(
             **{f"{name}_rows": sizes[name] for name in SPLIT_NAMES},
             **{f"{name}_tokens": tokens[name] for name in SPLIT_NAMES},
             "rows_in": rows_in,
-            "split_rule": f"sha256(salt={config.salt!r}, id): test {config.test_fraction}, validation {config.validation_fraction}",
+            "split_rule": f"sha256(salt={config.salt!r}, normalized first user turn): test "
+            f"{config.test_fraction}, validation {config.validation_fraction}; near duplicates kept together",
+            "near_duplicates_moved_to_train": plan.moved_to_train,
+            "near_duplicates_joined_eval_split": plan.joined_eval_group,
             "upstream_version": tokenized_dataset.version,
         },
     )

@@ -92,25 +92,34 @@ def tokenized_masks(tokenized_dataset: ArtifactHandle, base_model: ArtifactHandl
 
 
 @dg.asset_check(
-    asset="dataset_splits", blocking=True, description="No conversation content is shared between splits."
+    asset="dataset_splits",
+    blocking=True,
+    description="No problem crosses splits: normalized first user turns, content hashes and near-duplicate "
+    "prompts (MinHash) are each in one split only.",
 )
 def splits_disjoint(dataset_splits: ArtifactHandle) -> dg.AssetCheckResult:
-    from llmft_assets.data.splits import find_cross_split_overlap
+    from llmft_assets.data.splits import split_isolation_problems
 
-    hashes = {}
+    prompts, hashes = {}, {}
     for name in SPLIT_NAMES:
-        hashes[name] = [
-            row["content_hash"]
-            for rows in iter_parquet_rows(split_file(dataset_splits, name), columns=["content_hash"])
-            for row in rows
+        rows = [
+            row
+            for batch in iter_parquet_rows(
+                split_file(dataset_splits, name), columns=["messages", "content_hash"]
+            )
+            for row in batch
         ]
-    overlap = find_cross_split_overlap(hashes)
+        prompts[name] = [row["messages"] for row in rows]
+        hashes[name] = [row["content_hash"] for row in rows]
+    report = split_isolation_problems(prompts, hashes)
     return dg.AssetCheckResult(
-        passed=not overlap,
+        passed=not any(report["counts"].values()),
         metadata={
-            "shared_hashes": len(overlap),
+            "shared_problem_keys": report["counts"]["shared_problem_keys"],
+            "shared_content_hashes": report["counts"]["shared_content_hashes"],
+            "near_duplicates": report["counts"]["near_duplicates"],
             "rows": dg.MetadataValue.json({name: len(values) for name, values in hashes.items()}),
-            "examples": dg.MetadataValue.json(dict(list(overlap.items())[:5])),
+            "examples": dg.MetadataValue.json(report["examples"]),
         },
     )
 
