@@ -31,10 +31,9 @@ DATA_CONFIG = {
     "tokenized_dataset": {"config": {"max_seq_len": 384}},
     "dataset_splits": {"config": {"validation_fraction": 0.1, "test_fraction": 0.1}},
 }
-TRAIN_CONFIG = {
+TRAIN_CONFIG = {  # no max_seq_len: training takes tokenized_dataset's (384)
     "max_steps": 8,
     "save_steps": 2,
-    "max_seq_len": 384,
     "per_device_train_batch_size": 4,
     "logging_steps": 1,
 }
@@ -107,6 +106,7 @@ def test_train_evaluate_gate_and_registry(workspace: dict[str, str]) -> None:
     run = client.get_run(adapter["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["lora_r"] == "16" and run.data.params["max_steps"] == "8"
+    assert run.data.params["max_seq_len"] == "384"  # read from the tokenized manifest
     losses = client.get_metric_history(run.info.run_id, "loss")
     assert len(losses) >= 4 and all(point.step > 0 for point in losses)
     artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
@@ -182,6 +182,15 @@ def test_invalid_training_config_is_a_clear_failure(workspace: dict[str, str]) -
     assert not result.success
     message = result.get_step_failure_events()[0].event_specific_data.error.message
     assert "lora_r" in message
+
+
+def test_a_training_max_seq_len_other_than_the_tokenized_one_is_refused(workspace: dict[str, str]) -> None:
+    result = _materialize(
+        ["lora_adapter"], {"lora_adapter": {"config": {**TRAIN_CONFIG, "max_seq_len": 1024}}}
+    )
+    assert not result.success
+    message = result.get_step_failure_events()[0].event_specific_data.error.message
+    assert "asks for 1024 but tokenized_dataset was built with max_seq_len 384" in message
 
 
 def test_two_process_training_through_the_asset(workspace: dict[str, str]) -> None:

@@ -28,6 +28,21 @@ DEFAULT_SALT = "llmft-v1"
 _HASH_SCALE = float(2**64)
 
 
+@dataclass(frozen=True)
+class SplitSettings:
+    """How dataset_splits divides the data (the home of these defaults; the Dagster config derives)."""
+
+    validation_fraction: float = 0.05
+    test_fraction: float = 0.05
+    salt: str = DEFAULT_SALT
+    near_duplicate_jaccard: float = 0.8
+
+    def __post_init__(self) -> None:
+        validate_fractions(self.validation_fraction, self.test_fraction)
+        if not 0.0 < self.near_duplicate_jaccard <= 1.0:
+            raise ValueError(f"near_duplicate_jaccard must be in (0, 1], got {self.near_duplicate_jaccard!r}")
+
+
 def validate_fractions(validation_fraction: float, test_fraction: float) -> None:
     """Raise ValueError unless both fractions are finite numbers in [0, 1) leaving room for train."""
     for name, value in (("validation_fraction", validation_fraction), ("test_fraction", test_fraction)):
@@ -96,7 +111,7 @@ def problem_key(messages: Sequence[Mapping[str, Any]], fallback: str = "") -> st
 
 MINHASH_PERMUTATIONS = 64
 MINHASH_BANDS = 16  # 16 bands x 4 rows: a pair at Jaccard 0.8 shares some band with p ~ 0.9998
-NEAR_DUPLICATE_JACCARD = 0.8
+NEAR_DUPLICATE_JACCARD = SplitSettings.near_duplicate_jaccard
 _MERSENNE = np.uint64((1 << 61) - 1)
 _SHINGLE_WORDS = 3
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")

@@ -18,6 +18,9 @@ from llmft_assets.data.schema import (
     TOKENIZED_SCHEMA,
     StageCounts,
 )
+from llmft_assets.data.splits import SplitSettings
+from llmft_assets.data.validation import ValidationLimits
+from llmft_assets.defs.config_models import dagster_config
 from llmft_assets.defs.storage_resources import ArtifactHandle, StagedArtifact, StorageResource
 from llmft_assets.storage.tables import ParquetSink, iter_parquet_rows
 
@@ -51,11 +54,7 @@ class CleanConfig(dg.Config):
     """v1 rows: train on `reannotated_messages` (the R1 reasoning traces) rather than the short `messages`."""
 
 
-class ValidationConfig(dg.Config):
-    min_chars: int = 16
-    max_chars: int = 65_536
-    max_turns: int = 64
-    require_answer: bool = True
+ValidationConfig = dagster_config(ValidationLimits, "ValidationConfig")
 
 
 class BaseModelConfig(dg.Config):
@@ -73,10 +72,7 @@ class TokenizeConfig(dg.Config):
     """Tokenizer worker processes: 0 = one per CPU, 1 = in the step's own process."""
 
 
-class SplitConfig(dg.Config):
-    validation_fraction: float = 0.05
-    test_fraction: float = 0.05
-    salt: str = "llmft-v1"
+SplitConfig = dagster_config(SplitSettings, "SplitConfig")
 
 
 def _counts_metadata(counts: StageCounts) -> dict[str, Any]:
@@ -217,14 +213,9 @@ def validated_dataset(
 ) -> dg.Output[StagedArtifact]:
     """Conversations that pass the rules (role order, non-empty turns, balanced <think>, length bounds,
     answer present, unique ids); every rejected row is in quarantine.parquet with its reason."""
-    from llmft_assets.data.validation import ValidationLimits, validate_rows
+    from llmft_assets.data.validation import validate_rows
 
-    limits = ValidationLimits(
-        min_chars=config.min_chars,
-        max_chars=config.max_chars,
-        max_turns=config.max_turns,
-        require_answer=config.require_answer,
-    )
+    limits = config.to_domain(asset="validated_dataset")
     staging = storage.staging_dir("validated_dataset")
     counts = StageCounts(stage="validated")
     seen_ids: set[str] = set()
@@ -362,15 +353,14 @@ def dataset_splits(
         for rows in iter_parquet_rows(data_file, columns=["id", "messages"]):
             yield [(row["id"], first_user_turn(row["messages"])) for row in rows]
 
-    try:
-        plan = plan_leak_free_splits(
-            read_prompts,
-            validation_fraction=config.validation_fraction,
-            test_fraction=config.test_fraction,
-            salt=config.salt,
-        )
-    except ValueError as exc:
-        raise dg.Failure(description=f"dataset_splits: {exc}", allow_retries=False) from exc
+    rule = config.to_domain(asset="dataset_splits")
+    plan = plan_leak_free_splits(
+        read_prompts,
+        validation_fraction=rule.validation_fraction,
+        test_fraction=rule.test_fraction,
+        salt=rule.salt,
+        threshold=rule.near_duplicate_jaccard,
+    )
     staging = storage.staging_dir("dataset_splits")
     sinks = {name: ParquetSink(staging / f"{name}.parquet", TOKENIZED_SCHEMA) for name in SPLIT_NAMES}
     tokens = dict.fromkeys(SPLIT_NAMES, 0)
@@ -397,8 +387,9 @@ def dataset_splits(
         metadata={
             "rows": sizes,
             "tokens": tokens,
-            "salt": config.salt,
+            "salt": rule.salt,
             "split_key": "normalized first user turn",
+            "near_duplicate_jaccard": rule.near_duplicate_jaccard,
             "near_duplicates_moved_to_train": plan.moved_to_train,
             "upstream": tokenized_dataset.version,
         },

@@ -98,7 +98,7 @@ def tokenized_masks(tokenized_dataset: ArtifactHandle, base_model: ArtifactHandl
     "prompts (MinHash) are each in one split only.",
 )
 def splits_disjoint(dataset_splits: ArtifactHandle) -> dg.AssetCheckResult:
-    from llmft_assets.data.splits import split_isolation_problems
+    from llmft_assets.data.splits import NEAR_DUPLICATE_JACCARD, split_isolation_problems
 
     prompts, hashes = {}, {}
     for name in SPLIT_NAMES:
@@ -111,7 +111,8 @@ def splits_disjoint(dataset_splits: ArtifactHandle) -> dg.AssetCheckResult:
         ]
         prompts[name] = [row["messages"] for row in rows]
         hashes[name] = [row["content_hash"] for row in rows]
-    report = split_isolation_problems(prompts, hashes)
+    threshold = float(dataset_splits.metadata.get("near_duplicate_jaccard", NEAR_DUPLICATE_JACCARD))
+    report = split_isolation_problems(prompts, hashes, threshold=threshold)
     return dg.AssetCheckResult(
         passed=not any(report["counts"].values()),
         metadata={

@@ -17,10 +17,12 @@ import dagster as dg
 from pydantic import Field
 
 from llmft_assets import settings
+from llmft_assets.defs.config_models import dagster_config
 from llmft_assets.defs.data_assets import OWNERS, split_file
 from llmft_assets.defs.k8s_tags import gpu_op_tags
 from llmft_assets.defs.mlflow_resource import MlflowResource
 from llmft_assets.defs.storage_resources import ArtifactHandle, StagedArtifact, StorageResource, asset_prefix
+from llmft_assets.training.config import TrainingConfig
 
 TRAINING_GROUP = "training"
 EVALUATION_GROUP = "evaluation"
@@ -31,49 +33,29 @@ RESULT_FILE = "train_result.json"
 LOSS_PNG = "loss_curve.png"
 
 
-class LoraAdapterConfig(dg.Config):
-    """Hyper-parameters of the LoRA / QLoRA run (validated by `TrainingConfig`; errors name the field)."""
-
-    lora_r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    target_modules: list[str] = Field(default=["all-linear"], description='["all-linear"] or module names')
-    qlora: bool = Field(default=False, description="4-bit NF4 base weights with double quantization")
-    learning_rate: float = 5e-4
-    lr_scheduler_type: str = "cosine"
-    warmup_ratio: float = 0.03
-    num_train_epochs: float = 2.0
-    max_steps: int = -1
-    per_device_train_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    max_seq_len: int = 1024
-    packing: bool = Field(default=True, description="padding-free batches (DataCollatorWithFlattening)")
-    max_tokens_per_batch: int | None = None
-    gradient_checkpointing: bool = False
-    seed: int = 42
-    precision: str = "auto"
-    save_steps: int = 50
-    logging_steps: int = 5
-    num_processes: int = Field(
-        default=1, description=">1 runs the same entry point under `accelerate launch` (DDP/FSDP)"
-    )
-
-    def training_config(self) -> Any:
-        from pydantic import ValidationError
-
-        from llmft_assets.training.config import TrainingConfig
-
-        values = self.model_dump(exclude={"num_processes"})
-        values["target_modules"] = (
-            "all-linear" if values["target_modules"] == ["all-linear"] else values["target_modules"]
+LoraAdapterConfig = dagster_config(
+    TrainingConfig,
+    "LoraAdapterConfig",
+    doc="Hyper-parameters of the LoRA / QLoRA run: the fields of llmft_assets.training.config.TrainingConfig "
+    "(validated there; errors name the field), plus how many processes run it.",
+    extra_fields={
+        "num_processes": (
+            int,
+            Field(default=1, description=">1 runs the same entry point under `accelerate launch` (DDP/FSDP)"),
         )
-        try:
-            return TrainingConfig(**values)
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise dg.Failure(
-                description=f"lora_adapter config is invalid: {problems}", allow_retries=False
-            ) from exc
+    },
+)
+
+
+def _tokenized_max_seq_len(storage: StorageResource, dataset_splits: ArtifactHandle) -> int:
+    """The max_seq_len the splits' rows were tokenized with, from the tokenized_dataset manifest."""
+    from llmft_assets.storage.publish import read_manifest
+
+    tokenized_version = dataset_splits.metadata.get("upstream")
+    manifest = read_manifest(
+        storage.backend(), asset_prefix(dg.AssetKey("tokenized_dataset")), str(tokenized_version)
+    )
+    return int(manifest.metadata["max_seq_len"])
 
 
 def _run_key(*parts: str) -> str:
@@ -148,7 +130,12 @@ def lora_adapter(
     from llmft_assets.training.tracking import log_loss_curve
     from llmft_assets.training.trainer import TrainResult, train_lora
 
-    training_config = config.training_config()
+    try:
+        training_config = config.to_domain(asset="lora_adapter").with_max_seq_len(
+            _tokenized_max_seq_len(storage, dataset_splits)
+        )
+    except ValueError as exc:
+        raise dg.Failure(description=f"lora_adapter config is invalid: {exc}", allow_retries=False) from exc
     backend = storage.backend()
     run_key = _run_key(base_model.version, dataset_splits.version, training_config.model_dump_json())
     checkpoints = StorageCheckpointStore(backend, f"checkpoints/lora_adapter/{run_key}", storage.cache_dir())

@@ -118,7 +118,7 @@ def load_lora_model(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=config.target_modules,
+        target_modules=config.peft_target_modules,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -247,6 +247,13 @@ def _make_progress_callback(
     return ProgressCallback()
 
 
+def _longest_row(path: Path) -> int:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    return int(pc.max(pq.read_table(path, columns=["num_tokens"]).column("num_tokens")).as_py() or 0)
+
+
 def train_lora(
     *,
     base_model_dir: Path,
@@ -276,6 +283,10 @@ def train_lora(
     output_dir.mkdir(parents=True, exist_ok=True)
     store: CheckpointStore = checkpoints or LocalCheckpointStore(output_dir / "checkpoints")
 
+    if config.max_seq_len is None:
+        # Called without the tokenized manifest (CLI, tests): the data is already truncated, its
+        # longest row is the limit it was built with (or shorter).
+        config = config.with_max_seq_len(max(2, _longest_row(Path(train_path))), source=str(train_path))
     train_split = TokenizedSplit(Path(train_path), config.max_seq_len)
     if len(train_split) == 0:
         raise ValueError(f"train split {train_path} has no usable rows: {train_split.stats.to_dict()}")
