@@ -21,12 +21,19 @@ from llmft_assets.data.schema import (
 from llmft_assets.data.splits import SplitSettings
 from llmft_assets.data.validation import ValidationLimits
 from llmft_assets.defs.config_models import dagster_config
-from llmft_assets.defs.storage_resources import ArtifactHandle, StagedArtifact, StorageResource
+from llmft_assets.defs.storage_resources import (
+    ArtifactHandle,
+    StagedArtifact,
+    StorageResource,
+    artifact_output,
+)
 from llmft_assets.storage.tables import ParquetSink, iter_parquet_rows
 
 DATA_GROUP = "data"
 MODEL_GROUP = "model"
 OWNERS = ["team:llmft"]
+# code_version on each asset: bump it when the step's output for the same inputs changes, so Dagster
+# marks what was built by the old code as stale.
 RAW_SCHEMA = pa.schema(
     [
         pa.field("origin", pa.string(), nullable=False),
@@ -117,7 +124,7 @@ def _stage_result(
     return artifact, _counts_metadata(counts)
 
 
-@dg.asset(group_name=DATA_GROUP, owners=OWNERS, kinds={"parquet"})
+@dg.asset(group_name=DATA_GROUP, owners=OWNERS, kinds={"parquet"}, code_version="2")
 def raw_dataset(
     context: dg.AssetExecutionContext, config: RawDatasetConfig, storage: StorageResource
 ) -> dg.Output[StagedArtifact]:
@@ -159,10 +166,12 @@ def raw_dataset(
     for warning in counts.warnings:
         context.log.warning(warning)
     artifact, metadata = _stage_result(staging, counts, {"source": config.source, "config": config.config})
-    return dg.Output(artifact, metadata={**metadata, "source": config.source, "config": str(config.config)})
+    return artifact_output(
+        artifact, metadata={**metadata, "source": config.source, "config": str(config.config)}
+    )
 
 
-@dg.asset(group_name=DATA_GROUP, owners=OWNERS, kinds={"parquet"})
+@dg.asset(group_name=DATA_GROUP, owners=OWNERS, kinds={"parquet"}, code_version="1")
 def cleaned_dataset(
     context: dg.AssetExecutionContext,
     config: CleanConfig,
@@ -193,7 +202,7 @@ def cleaned_dataset(
             _log_progress(context, counts, last)
     dropped = always_null_columns(counts)
     artifact, metadata = _stage_result(staging, counts, {"dropped_null_columns": dropped})
-    return dg.Output(
+    return artifact_output(
         artifact,
         metadata={
             **metadata,
@@ -204,7 +213,7 @@ def cleaned_dataset(
     )
 
 
-@dg.asset(group_name=DATA_GROUP, owners=OWNERS, kinds={"parquet"})
+@dg.asset(group_name=DATA_GROUP, owners=OWNERS, kinds={"parquet"}, code_version="2")
 def validated_dataset(
     context: dg.AssetExecutionContext,
     config: ValidationConfig,
@@ -231,13 +240,13 @@ def validated_dataset(
             _log_progress(context, counts, last)
     artifact, metadata = _stage_result(staging, counts)
     reject_rate = counts.quarantined / counts.rows_in if counts.rows_in else 0.0
-    return dg.Output(
+    return artifact_output(
         artifact,
         metadata={**metadata, "reject_rate": reject_rate, "upstream_version": cleaned_dataset.version},
     )
 
 
-@dg.asset(group_name=MODEL_GROUP, owners=OWNERS, kinds={"pytorch", "safetensors"})
+@dg.asset(group_name=MODEL_GROUP, owners=OWNERS, kinds={"pytorch", "safetensors"}, code_version="1")
 def base_model(
     context: dg.AssetExecutionContext, config: BaseModelConfig, storage: StorageResource
 ) -> dg.Output[StagedArtifact]:
@@ -256,10 +265,10 @@ def base_model(
         if isinstance(value, str | int | float) and value is not None
     }
     metadata["info"] = dg.MetadataValue.json(info)
-    return dg.Output(StagedArtifact(staging, metadata={"model_info": info}), metadata=metadata)
+    return artifact_output(StagedArtifact(staging, metadata={"model_info": info}), metadata=metadata)
 
 
-@dg.asset(group_name=DATA_GROUP, owners=OWNERS, kinds={"parquet"})
+@dg.asset(group_name=DATA_GROUP, owners=OWNERS, kinds={"parquet"}, code_version="1")
 def tokenized_dataset(
     context: dg.AssetExecutionContext,
     config: TokenizeConfig,
@@ -304,7 +313,7 @@ def tokenized_dataset(
             "base_model_version": base_model.version,
         },
     )
-    return dg.Output(
+    return artifact_output(
         artifact,
         metadata={
             **metadata,
@@ -335,7 +344,7 @@ def _histogram_md(histogram: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@dg.asset(group_name=DATA_GROUP, owners=OWNERS, kinds={"parquet"})
+@dg.asset(group_name=DATA_GROUP, owners=OWNERS, kinds={"parquet"}, code_version="2")
 def dataset_splits(
     context: dg.AssetExecutionContext,
     config: SplitConfig,
@@ -394,7 +403,7 @@ def dataset_splits(
             "upstream": tokenized_dataset.version,
         },
     )
-    return dg.Output(
+    return artifact_output(
         artifact,
         metadata={
             **{f"{name}_rows": sizes[name] for name in SPLIT_NAMES},

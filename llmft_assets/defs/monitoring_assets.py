@@ -31,7 +31,13 @@ from llmft_assets import settings
 from llmft_assets.data.raw_sources import SUPPORTED_SUFFIXES
 from llmft_assets.defs.data_assets import OWNERS, split_file
 from llmft_assets.defs.jobs import data_job, fresh_data_selection, train_job
-from llmft_assets.defs.storage_resources import ArtifactHandle, StagedArtifact, StorageResource, asset_prefix
+from llmft_assets.defs.storage_resources import (
+    ArtifactHandle,
+    StagedArtifact,
+    StorageResource,
+    artifact_output,
+    asset_prefix,
+)
 from llmft_assets.storage import StorageBackend
 from llmft_assets.storage.publish import content_version, describe_directory
 from llmft_assets.storage.tables import count_rows, iter_parquet_batches
@@ -249,7 +255,7 @@ def drift_report(
     artifact = StagedArtifact(
         staging, metadata={"summary": summary, "report_html": html_uri, "report_json": json_uri}
     )
-    return dg.Output(artifact, metadata=metadata)
+    return artifact_output(artifact, metadata=metadata)
 
 
 # --------------------------------------------------------------------------------- drift_check + alert

@@ -21,7 +21,13 @@ from llmft_assets.defs.config_models import dagster_config
 from llmft_assets.defs.data_assets import OWNERS, split_file
 from llmft_assets.defs.k8s_tags import gpu_op_tags
 from llmft_assets.defs.mlflow_resource import MlflowResource
-from llmft_assets.defs.storage_resources import ArtifactHandle, StagedArtifact, StorageResource, asset_prefix
+from llmft_assets.defs.storage_resources import (
+    ArtifactHandle,
+    StagedArtifact,
+    StorageResource,
+    artifact_output,
+    asset_prefix,
+)
 from llmft_assets.training.config import TrainingConfig
 
 TRAINING_GROUP = "training"
@@ -111,6 +117,7 @@ def _train_with_accelerate(
     owners=OWNERS,
     kinds={"pytorch", "mlflow"},
     pool=GPU_POOL,
+    code_version="2",
     retry_policy=dg.RetryPolicy(max_retries=2, delay=15),
     # Read by k8s_job_executor for this step's pod (dagster issue 22865); ignored in-process.
     op_tags=gpu_op_tags(),
@@ -252,7 +259,7 @@ def lora_adapter(
             "train_loss": result.train_loss,
         },
     )
-    return dg.Output(artifact, metadata=metadata)
+    return artifact_output(artifact, metadata=metadata)
 
 
 class EvalReportConfig(dg.Config):
@@ -336,7 +343,7 @@ def eval_report(
     metadata["adapter_version"] = adapter_version
     metadata["registered_version"] = str(version)
     metadata["report_preview"] = dg.MetadataValue.md(_report_markdown(report))
-    return dg.Output(
+    return artifact_output(
         StagedArtifact(
             staging,
             metadata={
