@@ -321,6 +321,33 @@ def test_drift_starts_fresh_data_then_training_once(
     assert requests == [] and "no drift_check evaluation since" in str(skip)
 
 
+def test_drift_with_nothing_new_to_train_on_is_skipped_with_a_reason(
+    instance: dg.DagsterInstance, repository: dg.RepositoryDefinition, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLMFT_RETRAIN_COOLDOWN_HOURS", "0")
+    _report_materialization(instance, "dataset_splits", version="splits-1")
+    _report_materialization(instance, "base_model", version="base-1")
+    _report_materialization(
+        instance, "lora_adapter", version="a1", dataset_version="splits-1", base_model_version="base-1"
+    )
+    _report_check(instance, passed=False, report_version="r1")
+    (data_request,), cursor, _ = _evaluate_drift(instance, None, repository)
+    _add_data_run(instance, data_request, dg.DagsterRunStatus.SUCCESS)
+    # The fresh data is the same (splits-1) and the adapter was trained on it with this base model.
+    requests, cursor, skip = _evaluate_drift(instance, cursor, repository)
+    assert requests == []
+    assert "same dataset_splits splits-1" in str(skip) and "Nothing to retrain" in str(skip)
+    assert RetrainCursor.parse(cursor).pending is None
+
+    # Same splits, but a new base model since that adapter: that is something new, so it trains.
+    _report_materialization(instance, "base_model", version="base-2")
+    _report_check(instance, passed=False, report_version="r2")
+    (data_request,), cursor, _ = _evaluate_drift(instance, cursor, repository)
+    _add_data_run(instance, data_request, dg.DagsterRunStatus.SUCCESS)
+    (train_request,), cursor, _ = _evaluate_drift(instance, cursor, repository)
+    assert train_request.job_name == "train_job" and train_request.run_key == "drift-r2-train"
+
+
 def test_after_the_cooldown_a_new_drift_retrains_and_new_splits_go_to_train_sensor(
     instance: dg.DagsterInstance, repository: dg.RepositoryDefinition, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -401,6 +401,15 @@ def _latest_version_of(instance: dg.DagsterInstance, asset: str) -> str | None:
     return _metadata_text(dict(event.asset_materialization.metadata), "version")
 
 
+def _latest_adapter_inputs(instance: dg.DagsterInstance) -> tuple[str | None, str | None] | None:
+    """(dataset_version, base_model_version) the latest lora_adapter was trained on, if any."""
+    event = instance.get_latest_materialization_event(dg.AssetKey("lora_adapter"))
+    if event is None or event.asset_materialization is None:
+        return None
+    metadata = dict(event.asset_materialization.metadata)
+    return _metadata_text(metadata, "dataset_version"), _metadata_text(metadata, "base_model_version")
+
+
 def _fresh_data_run_config(instance: dg.DagsterInstance) -> dict[str, Any]:
     """Re-read the source the current raw_dataset came from (an S3 prefix, a drop...), else defaults."""
     event = instance.get_latest_materialization_event(dg.AssetKey("raw_dataset"))
@@ -459,6 +468,16 @@ def _follow_pending(
             skip_reason=f"new dataset_splits {splits_after}: train_sensor starts the training",
             cursor=cursor.dump(),
         )
+    trained_on = _latest_adapter_inputs(context.instance)
+    current = (splits_after, _latest_version_of(context.instance, "base_model"))
+    if trained_on == current:
+        reason = (
+            f"drift report {report_version}: the fresh data gave the same dataset_splits {splits_after} and "
+            f"the base model is unchanged ({current[1]}); the current lora_adapter was trained on exactly "
+            "these, so retraining would reproduce it. Nothing to retrain: drop new data under incoming/."
+        )
+        context.log.info(reason)
+        return dg.SensorResult(skip_reason=reason, cursor=cursor.dump())
     return dg.SensorResult(
         run_requests=[
             dg.RunRequest(

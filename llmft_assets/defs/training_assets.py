@@ -68,6 +68,73 @@ def _run_key(*parts: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
+FINISHED_RECORD = "FINISHED.json"
+# Metadata of the finished run repeated when its adapter is reused (what a person compares runs by).
+_REUSED_METADATA = (
+    "mlflow_run_id",
+    "registered_model",
+    "registered_version",
+    "train_loss",
+    "eval_loss",
+    "global_step",
+    "dataset_version",
+    "base_model_version",
+    "checkpoints_uri",
+)
+
+
+def _finished_key(run_key: str) -> str:
+    return f"checkpoints/lora_adapter/{run_key}/{FINISHED_RECORD}"
+
+
+def _finished_training(backend: Any, run_key: str) -> dict[str, Any] | None:
+    """The record a completed training of `run_key` left, if its adapter is still in storage."""
+    from llmft_assets.storage.backend import ObjectNotFound
+
+    try:
+        record = json.loads(backend.get_bytes(_finished_key(run_key)))
+    except ObjectNotFound:
+        return None
+    manifest = f"{asset_prefix(dg.AssetKey('lora_adapter'))}/{record['adapter_version']}/_MANIFEST.json"
+    return record if backend.exists(manifest) else None
+
+
+def _record_finished_training(
+    backend: Any, run_key: str, artifact: StagedArtifact, metadata: dict[str, Any], dagster_run_id: str
+) -> None:
+    """Written after registration: from now on this run key is answered by reuse, never retrained."""
+    record = {
+        "adapter_version": artifact.content_version(),
+        "dagster_run_id": dagster_run_id,
+        "metadata": {key: metadata[key] for key in _REUSED_METADATA if key in metadata},
+    }
+    backend.put_bytes(_finished_key(run_key), json.dumps(record, default=str).encode())
+
+
+def _reused_adapter(
+    context: dg.AssetExecutionContext, storage: StorageResource, finished: dict[str, Any], run_key: str
+) -> dg.Output:
+    from llmft_assets.storage import fetch_artifact
+
+    version = finished["adapter_version"]
+    previous = finished["metadata"]
+    reason = (
+        f"same base model, splits and config as Dagster run {finished['dagster_run_id']} (run key {run_key}): "
+        f"adapter {version} (MLflow version {previous.get('registered_version')}) reused; nothing trained "
+        "or registered"
+    )
+    context.log.info(f"lora_adapter: {reason}")
+    published, path = fetch_artifact(
+        storage.backend(), asset_prefix(dg.AssetKey("lora_adapter")), storage.cache_dir(), version=version
+    )
+    staging = storage.staging_dir("lora_adapter")
+    for entry in published.files:  # the same files give the same content version, so nothing is re-uploaded
+        (staging / entry.path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path / entry.path, staging / entry.path)
+    metadata = {**previous, "reused": True, "skip_reason": reason, "run_key": run_key}
+    return artifact_output(StagedArtifact(staging, metadata=dict(published.metadata)), metadata=metadata)
+
+
 def _loss_markdown(history: list[tuple[int, float]], points: int = 12) -> str:
     if not history:
         return "no loss logged"
@@ -144,7 +211,16 @@ def lora_adapter(
     except ValueError as exc:
         raise dg.Failure(description=f"lora_adapter config is invalid: {exc}", allow_retries=False) from exc
     backend = storage.backend()
-    run_key = _run_key(base_model.version, dataset_splits.version, training_config.model_dump_json())
+    run_key = _run_key(
+        base_model.version,
+        dataset_splits.version,
+        training_config.model_dump_json(),
+        *([f"num_processes={config.num_processes}"] if config.num_processes > 1 else []),
+    )
+    finished = _finished_training(backend, run_key)
+    if finished is not None:
+        # Same inputs + same config = the same adapter: hand back the one already trained and registered.
+        return _reused_adapter(context, storage, finished, run_key)
     checkpoints = StorageCheckpointStore(backend, f"checkpoints/lora_adapter/{run_key}", storage.cache_dir())
     base_info = base_model.metadata.get("model_info", {})
     bom = bill_of_materials(
@@ -170,14 +246,16 @@ def lora_adapter(
         if config.num_processes > 1:
             config_file = work / "training_config.json"
             config_file.write_text(training_config.model_dump_json())
-            local_checkpoints = storage.cache_dir() / "checkpoints" / run_key
             args = [
                 "--base-model", str(base_model.path),
                 "--train", str(split_file(dataset_splits, "train")),
                 "--eval", str(split_file(dataset_splits, "validation")),
                 "--output", str(work),
                 "--config", str(config_file),
-                "--checkpoint-dir", str(local_checkpoints),
+                # Checkpoints go to storage as in one process: rank 0 publishes, resume fetches from there.
+                "--checkpoint-storage", storage.root_uri(),
+                "--checkpoint-prefix", f"checkpoints/lora_adapter/{run_key}",
+                "--cache-dir", str(storage.cache_dir()),
                 "--mlflow-run-id", run_id,
             ]  # fmt: skip
             result = TrainResult.from_dict(
@@ -249,9 +327,11 @@ def lora_adapter(
     }
     if loss_png:
         metadata["loss_curve_artifact"] = loss_png
+    metadata["reused"] = False
     artifact = StagedArtifact(
         staging,
         metadata={
+            "run_key": run_key,
             "mlflow_run_id": run_id,
             "registered_version": str(version),
             "base_model_version": base_model.version,
@@ -259,6 +339,7 @@ def lora_adapter(
             "train_loss": result.train_loss,
         },
     )
+    _record_finished_training(backend, run_key, artifact, metadata, context.run.run_id)
     return artifact_output(artifact, metadata=metadata)
 
 

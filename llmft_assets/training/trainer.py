@@ -21,6 +21,7 @@ from llmft_assets.training.checkpoints import (
     CheckpointStore,
     LocalCheckpointStore,
     checkpoint_step,
+    finished_checkpoint,
     make_checkpoint_callback,
 )
 from llmft_assets.training.config import TrainingConfig
@@ -367,7 +368,17 @@ def train_lora(
     trainer_ref["trainer"] = trainer
     is_main = trainer.is_world_process_zero()
 
-    resume_dir = store.latest()
+    # One process per host fetches the newest checkpoint (from storage) first; the others then find it in
+    # the local cache, so ranks never download into the same folder at once.
+    with args.main_process_first(local=True, desc="fetch the latest checkpoint"):
+        resume_dir = store.latest()
+    if resume_dir is not None and finished_checkpoint(resume_dir):
+        # Resuming the last step of a finished run would train zero steps and pass the old weights off
+        # as a new result; the caller reuses finished results, so this one starts over (same seed).
+        log(
+            f"{resume_dir.name} ends a finished run: not resuming into a zero-step run, training from the start"
+        )
+        resume_dir = None
     resumed_from_step = checkpoint_step(resume_dir) if resume_dir is not None else None
     if is_main:
         log(
