@@ -28,7 +28,7 @@ demo: install
 	$(PY) -m llmft_assets.demo
 
 test: install
-	mkdir -p $(DAGSTER_HOME)
+	# The tests use their own temporary homes (llmft_assets_tests/conftest.py) and fail if .llmft/ changes.
 	bash scripts/ensure_postgres.sh
 	bash scripts/ensure_chromium.sh
 	$(BIN)/pytest -ra

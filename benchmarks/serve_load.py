@@ -43,6 +43,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from llmft_assets import settings  # noqa: E402  (after the path set-up above)
+from llmft_assets.serving.auth import load_api_key  # noqa: E402
+
 MODEL_NAME = "llmft-chat"
 
 
@@ -146,7 +149,7 @@ def run_baseline(model_dir: Path, prompts: list[str], max_tokens: int) -> dict[s
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     # The same intra-op thread rule as the service's engine, so both sides run the model alike.
-    torch.set_num_threads(cpu_threads_for(model, int(os.environ.get("LLMFT_TORCH_THREADS", "0")) or None))
+    torch.set_num_threads(cpu_threads_for(model, settings.get().torch_threads or None))
     encoded = [
         tokenizer.apply_chat_template(
             [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=True
@@ -442,7 +445,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--url", help="an already running service (default: start one on the tiny model)")
-    parser.add_argument("--api-key", default=os.environ.get("LLMFT_API_KEY", ""))
+    parser.add_argument("--api-key", default=load_api_key() or "")
     parser.add_argument("--model-dir", type=Path, help="model served (default: the tiny offline model)")
     parser.add_argument("--storage", help="the running service's LLMFT_STORAGE, to count its request log")
     parser.add_argument("--concurrency", default="1,8,32")

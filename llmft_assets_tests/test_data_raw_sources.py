@@ -266,3 +266,39 @@ def test_s3_through_a_real_server(s3_bucket: str) -> None:
     client.put_object(Bucket=s3_bucket, Key="incoming/part-0.jsonl", Body=body.encode())
     rows, quarantine, _ = read_all(f"s3://{s3_bucket}/incoming", s3_client=client, batch_size=8)
     assert len(rows) == 30 and quarantine == []
+
+
+def test_pathological_lines_are_quarantined_with_a_reason_and_reading_goes_on(tmp_path: Path) -> None:
+    path = tmp_path / "hostile.jsonl"
+    deep_beyond_parser = b'{"id": "deep", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    deep_but_parseable = b'{"id": "deep2", "x": ' + b"[" * 200 + b"]" * 200 + b"}"
+    lines = [
+        json.dumps({"id": "a", "problem": "p"}).encode(),
+        deep_beyond_parser,
+        b'{"id": "huge", "n": ' + b"9" * 50_000 + b"}",  # beyond Python's int digit limit
+        deep_but_parseable,
+        b'{"id": "surrogate", "problem": "x\\ud800y"}',  # valid JSON, not valid Unicode
+        json.dumps({"id": "b", "problem": "q", "n": 1e308}).encode(),
+    ]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+
+    rows, quarantine, counts = read_all(str(path))
+
+    assert [row["id"] for row in rows] == ["a", "b"]
+    reasons = {row["origin"]: row["reason"] for row in quarantine}
+    assert reasons[f"{path}#1"].startswith("too_deep:")
+    assert reasons[f"{path}#2"].startswith("unparseable_value:") and "digit" in reasons[f"{path}#2"]
+    assert reasons[f"{path}#3"].startswith("too_deep: nested more than")
+    assert reasons[f"{path}#4"].startswith("invalid_unicode:")
+    assert counts.reasons == {"too_deep": 2, "unparseable_value": 1, "invalid_unicode": 1}
+    # The quarantine keeps what a person needs to find the row, and fits Parquet as UTF-8.
+    by_origin = {row["origin"]: row for row in quarantine}
+    assert by_origin[f"{path}#4"]["id"] == "surrogate" and "\\ud800" in by_origin[f"{path}#4"]["payload"]
+    assert by_origin[f"{path}#3"]["id"] == "deep2"
+
+
+def test_a_deep_json_array_file_is_one_quarantine_row(tmp_path: Path) -> None:
+    path = tmp_path / "deep.json"
+    path.write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    rows, quarantine, _ = read_all(str(path))
+    assert rows == [] and len(quarantine) == 1 and quarantine[0]["reason"].startswith("too_deep:")

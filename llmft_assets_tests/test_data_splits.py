@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from llmft_assets.data.splits import assign_split, find_cross_split_overlap, validate_fractions
+from llmft_assets.data.splits import (
+    assign_split,
+    find_cross_split_overlap,
+    problem_key_of_prompt,
+    validate_fractions,
+)
 
 
 def splits_of(ids: list[str], **kwargs: float) -> dict[str, str]:
@@ -53,7 +58,7 @@ def test_bad_fractions(validation: float, test: float, message: str) -> None:
 
 
 def test_bad_id() -> None:
-    with pytest.raises(ValueError, match="conversation_id"):
+    with pytest.raises(ValueError, match="split key"):
         assign_split("", validation_fraction=0.1, test_fraction=0.1)
 
 
@@ -61,3 +66,104 @@ def test_cross_split_overlap() -> None:
     assert find_cross_split_overlap({"train": ["a", "b"], "validation": ["c"], "test": []}) == {}
     overlap = find_cross_split_overlap({"train": ["a", "b"], "validation": ["b"], "test": ["a", "b"]})
     assert overlap == {"a": ["test", "train"], "b": ["test", "train", "validation"]}
+
+
+# ---- leak-free splits: the normalized problem is the key; near duplicates stay together ---------------
+
+from llmft_assets.data.splits import (  # noqa: E402
+    NearDuplicateIndex,
+    plan_leak_free_splits,
+    problem_key,
+    split_isolation_problems,
+)
+
+
+def _conv(prompt: str, answer: str = "\\boxed{4}") -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+
+
+def test_problem_key_normalizes_unicode_whitespace_and_case() -> None:
+    base = problem_key(_conv("What is 2 + 2?"))
+    variants = [
+        _conv("  What is 2 +\n 2?  "),  # whitespace
+        _conv("WHAT IS 2 + 2?", answer="different re-annotation"),  # case, another answer text
+        _conv("What\u00a0is \uff12 + \uff12?"),  # no-break space and full-width digits (NFKC)
+        [{"role": "system", "content": "Be brief."}, *_conv("What is 2 + 2?")],  # the first *user* turn
+    ]
+    assert {problem_key(v) for v in variants} == {base}
+    assert problem_key(_conv("What is 2 + 3?")) != base
+    assert problem_key([], fallback="id-1") != problem_key([], fallback="id-2")
+
+
+def _plan(rows: list[tuple[str, str]], **kwargs):
+    return plan_leak_free_splits(lambda: iter([rows]), validation_fraction=0.3, test_fraction=0.3, **kwargs)
+
+
+def test_the_same_problem_under_other_ids_never_crosses_splits() -> None:
+    problems = [f"A box holds {i} apples and {i + 7} pears. How many fruits?" for i in range(60)]
+    rows = [(f"v0-{i}", p) for i, p in enumerate(problems)]
+    rows += [(f"v1-{i}", "  " + p.upper() + " ") for i, p in enumerate(problems)]  # twins, new ids
+    plan = _plan(rows)
+    assert plan.assignments[:60] == plan.assignments[60:]
+    assert {"train", "validation", "test"} == set(plan.assignments)
+    # The old rule (hash of the id) splits such twins apart: the key is what makes this hold.
+    by_id = [assign_split(row_id, validation_fraction=0.3, test_fraction=0.3) for row_id, _ in rows]
+    assert by_id[:60] != by_id[60:]
+
+
+def test_near_duplicates_are_pulled_into_train_and_template_variants_are_not() -> None:
+    prompt = "A car travels at a constant speed of 93 kilometers per hour for 6 hours. How far does it go?"
+    variants = [prompt.replace("car", vehicle) for vehicle in ("train", "bus", "truck", "cyclist", "boat")]
+    other_numbers = [prompt.replace("93", str(n)) for n in range(10, 40)]  # other problems, same template
+    rows = [(f"r{i}", p) for i, p in enumerate([prompt, *variants, *other_numbers])]
+    plain = [
+        assign_split(problem_key_of_prompt(p, i), validation_fraction=0.3, test_fraction=0.3) for i, p in rows
+    ]
+    plan = _plan(rows)
+    # The key alone scatters the reworded copies of one problem over all three splits...
+    assert plain[:6] == ["train", "validation", "test", "test", "test", "train"]
+    # ...the plan keeps them together, in train (a train copy pulls its evaluation twins in).
+    assert plan.assignments[:6] == ["train"] * 6
+    assert plan.moved_to_train == 4 and plan.joined_eval_group >= 1
+    # Different numbers are different problems: their key decides, untouched.
+    assert plan.assignments[6:] == plain[6:]
+    # Stable: adding rows never moves an existing row, except an evaluation row into train.
+    more = _plan(
+        rows + [(f"n{i}", f"Completely new question number {i} about {i * 3} cats?") for i in range(40)]
+    )
+    for before, after in zip(plan.assignments, more.assignments[: len(rows)], strict=True):
+        assert after == before or after == "train"
+
+
+def test_isolation_check_passes_on_planned_splits_and_fails_on_planted_leaks() -> None:
+    prompts = [f"Tom has {i} marbles and buys {2 * i + 1} more. How many marbles now?" for i in range(80)]
+    plan = _plan([(str(i), p) for i, p in enumerate(prompts)])
+    by_split: dict[str, list] = {"train": [], "validation": [], "test": []}
+    for prompt, split in zip(prompts, plan.assignments, strict=True):
+        by_split[split].append(_conv(prompt))
+    clean = split_isolation_problems(by_split)
+    assert clean["counts"] == {"shared_problem_keys": 0, "shared_content_hashes": 0, "near_duplicates": 0}
+
+    test_prompt = by_split["test"][0][0]["content"]
+    leaked_key = {**by_split, "train": [*by_split["train"], _conv("  " + test_prompt.lower())]}
+    report = split_isolation_problems(leaked_key)
+    assert report["counts"] == {"shared_problem_keys": 1, "shared_content_hashes": 0, "near_duplicates": 0}
+    assert report["examples"][0]["kind"] == "problem_key"
+
+    reworded = test_prompt.replace("Tom has", "Tommy has")
+    leaked_near = {**by_split, "train": [*by_split["train"], _conv(reworded)]}
+    report = split_isolation_problems(leaked_near)
+    assert report["counts"] == {"shared_problem_keys": 0, "shared_content_hashes": 0, "near_duplicates": 1}
+    assert report["examples"][0]["kind"] == "near_duplicate" and report["examples"][0]["jaccard"] >= 0.8
+
+    hashes = {"train": ["h1", "h2"], "validation": ["h3"], "test": ["h2"]}
+    assert split_isolation_problems(by_split, hashes)["counts"]["shared_content_hashes"] == 1
+
+
+def test_near_duplicate_index_needs_the_same_numbers() -> None:
+    index = NearDuplicateIndex()
+    index.add("a", "A set of pens costs $460. It is on sale for 75% off. What is the sale price in dollars?")
+    same = "A set of notebooks costs $460. It is on sale for 75% off. What is the sale price in dollars?"
+    other = "A set of pens costs $460. It is on sale for 25% off. What is the sale price in dollars?"
+    assert [item for item, _ in index.query(same)] == ["a"]
+    assert index.query(other) == []

@@ -172,3 +172,24 @@ def test_limits_are_frozen() -> None:
     limits = ValidationLimits()
     with pytest.raises(AttributeError):
         limits.max_chars = 5  # type: ignore[misc]
+
+
+def test_reasoning_without_a_final_answer_has_its_own_reason() -> None:
+    only_reasoning = conversation(
+        [("user", "What is 2 + 2?"), ("assistant", "<think>2 + 2 = 4, so \\boxed{4}</think>  \n")],
+        reference=None,
+    )
+    reason = reason_of(only_reasoning)
+    assert reason == "no_final_answer: turn 1: nothing after the last </think> (reasoning only)"
+    # With an answer after the reasoning, the same turn passes; without reasoning, the rule does not apply.
+    answered = conversation(
+        [("user", "What is 2 + 2?"), ("assistant", "<think>2 + 2 = 4</think> 4")], reference=None
+    )
+    plain = conversation([("user", "What is 2 + 2?"), ("assistant", "It is 4, plainly.")], reference=None)
+    valid, quarantine, counts = validate([answered, {**plain, "id": "c2"}])
+    assert len(valid) == 2 and quarantine == []
+    # The reason code is counted on its own, apart from missing_answer.
+    _, _, counts = validate([only_reasoning])
+    assert counts.reasons == {"no_final_answer": 1}
+    valid, _, _ = validate([only_reasoning], ValidationLimits(require_final_answer=False))
+    assert len(valid) == 1

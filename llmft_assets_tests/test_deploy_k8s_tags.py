@@ -279,10 +279,10 @@ def test_builtin_defaults_without_environment(monkeypatch: pytest.MonkeyPatch) -
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"LLMFT_GPU_COUNT": "two"}, "LLMFT_GPU_COUNT must be an integer"),
-        ({"LLMFT_GPU_COUNT": "0"}, "positive integer"),
-        ({"LLMFT_GPU_NODE_SELECTOR": "{not json"}, "LLMFT_GPU_NODE_SELECTOR must be JSON"),
-        ({"LLMFT_GPU_NODE_SELECTOR": '["a"]'}, "must be a JSON dict"),
+        ({"LLMFT_GPU_COUNT": "two"}, "LLMFT_GPU_COUNT='two': Input should be a valid integer"),
+        ({"LLMFT_GPU_COUNT": "0"}, "LLMFT_GPU_COUNT='0': Input should be greater than or equal to 1"),
+        ({"LLMFT_GPU_NODE_SELECTOR": "{not json"}, "LLMFT_GPU_NODE_SELECTOR=.*not valid JSON"),
+        ({"LLMFT_GPU_NODE_SELECTOR": '["a"]'}, "LLMFT_GPU_NODE_SELECTOR=.*valid dictionary"),
         ({"LLMFT_GPU_TOLERATIONS": '[{"key": "x", "operater": "Exists"}]'}, "unknown toleration fields"),
         ({"LLMFT_GPU_MEMORY_REQUEST": "lots"}, "not a Kubernetes quantity"),
         ({"LLMFT_TRAINING_SERVICE_ACCOUNT": "Train Job"}, "must be a Kubernetes name"),

@@ -144,6 +144,54 @@ def test_incoming_drops_each_start_one_data_run(
     assert json.loads(cursor or "{}")["pending"] == {}
 
 
+def test_incoming_drops_run_through_a_bounded_pool_without_rebuilding_the_base_model(
+    tmp_path: Path,
+    instance: dg.DagsterInstance,
+    repository: dg.RepositoryDefinition,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LLMFT_INCOMING_MAX_RUNS", "2")
+    root = tmp_path / "storage"
+    incoming = Path(incoming_uri(str(root)))
+    incoming.mkdir(parents=True)
+    for name in ("d1", "d2", "d3"):
+        (incoming / name).mkdir()
+        (incoming / name / "part-0.jsonl").write_text('{"id": "a"}\n')
+        (incoming / name / "_SUCCESS").write_text("")
+    # No base model yet: the first data run builds it too.
+    requests, cursor, _ = _evaluate_incoming(instance, str(root), None, repository)
+    assert [r.tags["llmft/incoming_drop"] for r in requests] == ["d1", "d2"]  # two slots, three drops
+    assert dg.AssetKey("base_model") in requests[0].asset_selection
+    for request in requests:
+        _add_data_run(instance, request, dg.DagsterRunStatus.STARTED)
+    _report_materialization(instance, "base_model", version="b1")
+
+    # Both slots busy: d3 waits, with the reason, and is not forgotten.
+    requests, cursor, skip = _evaluate_incoming(instance, str(root), cursor, repository)
+    assert requests == [] and "wait for a free slot" in str(skip) and "LLMFT_INCOMING_MAX_RUNS" in str(skip)
+    assert json.loads(cursor or "{}")["pending"].keys() == {"d3"}
+
+    # One run finishes: d3 starts at once, without base_model (read from storage, not rebuilt).
+    finished = instance.get_run_by_id("run-" + f"incoming-d1-{json.loads(cursor or '{}')['processed']['d1']}")
+    assert finished is not None
+    instance.delete_run(finished.run_id)
+    instance.add_run(finished.with_status(dg.DagsterRunStatus.SUCCESS))
+    requests, cursor, _ = _evaluate_incoming(instance, str(root), cursor, repository)
+    (request,) = requests
+    assert request.tags["llmft/incoming_drop"] == "d3"
+    assert dg.AssetKey("base_model") not in request.asset_selection
+    assert set(request.asset_selection) == {
+        dg.AssetKey(name)
+        for name in (
+            "raw_dataset",
+            "cleaned_dataset",
+            "validated_dataset",
+            "tokenized_dataset",
+            "dataset_splits",
+        )
+    }
+
+
 def test_incoming_drop_without_data_files_is_left_alone(
     tmp_path: Path, instance: dg.DagsterInstance, repository: dg.RepositoryDefinition
 ) -> None:
@@ -271,6 +319,33 @@ def test_drift_starts_fresh_data_then_training_once(
     assert requests == [] and "cooling down" in str(skip)
     requests, cursor, skip = _evaluate_drift(instance, cursor, repository)
     assert requests == [] and "no drift_check evaluation since" in str(skip)
+
+
+def test_drift_with_nothing_new_to_train_on_is_skipped_with_a_reason(
+    instance: dg.DagsterInstance, repository: dg.RepositoryDefinition, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLMFT_RETRAIN_COOLDOWN_HOURS", "0")
+    _report_materialization(instance, "dataset_splits", version="splits-1")
+    _report_materialization(instance, "base_model", version="base-1")
+    _report_materialization(
+        instance, "lora_adapter", version="a1", dataset_version="splits-1", base_model_version="base-1"
+    )
+    _report_check(instance, passed=False, report_version="r1")
+    (data_request,), cursor, _ = _evaluate_drift(instance, None, repository)
+    _add_data_run(instance, data_request, dg.DagsterRunStatus.SUCCESS)
+    # The fresh data is the same (splits-1) and the adapter was trained on it with this base model.
+    requests, cursor, skip = _evaluate_drift(instance, cursor, repository)
+    assert requests == []
+    assert "same dataset_splits splits-1" in str(skip) and "Nothing to retrain" in str(skip)
+    assert RetrainCursor.parse(cursor).pending is None
+
+    # Same splits, but a new base model since that adapter: that is something new, so it trains.
+    _report_materialization(instance, "base_model", version="base-2")
+    _report_check(instance, passed=False, report_version="r2")
+    (data_request,), cursor, _ = _evaluate_drift(instance, cursor, repository)
+    _add_data_run(instance, data_request, dg.DagsterRunStatus.SUCCESS)
+    (train_request,), cursor, _ = _evaluate_drift(instance, cursor, repository)
+    assert train_request.job_name == "train_job" and train_request.run_key == "drift-r2-train"
 
 
 def test_after_the_cooldown_a_new_drift_retrains_and_new_splits_go_to_train_sensor(

@@ -31,10 +31,9 @@ DATA_CONFIG = {
     "tokenized_dataset": {"config": {"max_seq_len": 384}},
     "dataset_splits": {"config": {"validation_fraction": 0.1, "test_fraction": 0.1}},
 }
-TRAIN_CONFIG = {
+TRAIN_CONFIG = {  # no max_seq_len: training takes tokenized_dataset's (384)
     "max_steps": 8,
     "save_steps": 2,
-    "max_seq_len": 384,
     "per_device_train_batch_size": 4,
     "logging_steps": 1,
 }
@@ -116,6 +115,7 @@ def test_train_evaluate_gate_and_registry(workspace: dict[str, str]) -> None:
     run = client.get_run(adapter["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["lora_r"] == "16" and run.data.params["max_steps"] == "8"
+    assert run.data.params["max_seq_len"] == "384"  # read from the tokenized manifest
     losses = client.get_metric_history(run.info.run_id, "loss")
     assert len(losses) >= 4 and all(point.step > 0 for point in losses)
     artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
@@ -214,6 +214,51 @@ def test_invalid_training_config_is_a_clear_failure(workspace: dict[str, str]) -
     assert "lora_r" in message
 
 
+def test_a_training_max_seq_len_other_than_the_tokenized_one_is_refused(workspace: dict[str, str]) -> None:
+    result = _materialize(
+        ["lora_adapter"], {"lora_adapter": {"config": {**TRAIN_CONFIG, "max_seq_len": 1024}}}
+    )
+    assert not result.success
+    message = result.get_step_failure_events()[0].event_specific_data.error.message
+    assert "asks for 1024 but tokenized_dataset was built with max_seq_len 384" in message
+
+
+def test_same_inputs_and_config_reuse_the_adapter_and_never_reregister(workspace: dict[str, str]) -> None:
+    from mlflow import MlflowClient
+
+    from llmft_assets.storage import open_storage
+
+    client = MlflowClient(workspace["MLFLOW_TRACKING_URI"])
+    config = {**TRAIN_CONFIG, "max_steps": 4, "save_steps": 2, "seed": 11}
+    first = _materialize(["lora_adapter"], {"lora_adapter": {"config": config}})
+    assert first.success
+    trained = _metadata(first, "lora_adapter")
+    assert trained["reused"] is False and trained["global_step"] == 4
+    versions_before = {v.version for v in client.search_model_versions("name='llmft-adapter'")}
+
+    again = _materialize(["lora_adapter"], {"lora_adapter": {"config": config}})
+    assert again.success
+    reused = _metadata(again, "lora_adapter")
+    assert reused["reused"] is True and "nothing trained or registered" in reused["skip_reason"]
+    assert reused["version"] == trained["version"]  # the same bytes, the same data version
+    assert reused["registered_version"] == trained["registered_version"]
+    assert reused["mlflow_run_id"] == trained["mlflow_run_id"]
+    assert {v.version for v in client.search_model_versions("name='llmft-adapter'")} == versions_before
+
+    # Without the record of the finished run (a crash right after training), the finished checkpoint in
+    # storage is not resumed into a zero-step run: training starts over and does all its steps.
+    backend = open_storage(str(Path(workspace["LLMFT_HOME"]) / "storage"))
+    backend.delete(f"checkpoints/lora_adapter/{reused['run_key']}/FINISHED.json")
+    assert any(
+        "checkpoint-4/" in key for key in backend.list(f"checkpoints/lora_adapter/{reused['run_key']}/")
+    )
+    retrained = _metadata(
+        _materialize(["lora_adapter"], {"lora_adapter": {"config": config}}), "lora_adapter"
+    )
+    assert retrained["reused"] is False and retrained["resumed_from_step"] == -1
+    assert retrained["global_step"] == 4
+
+
 def test_two_process_training_through_the_asset(workspace: dict[str, str]) -> None:
     """`num_processes: 2` runs the same entry point under `accelerate launch` (DDP over gloo on CPU)."""
     result = _materialize(
@@ -270,3 +315,42 @@ def test_sigkilled_training_resumes_from_the_storage_checkpoint(workspace: dict[
     metadata = _metadata(result, "lora_adapter")
     assert metadata["resumed_from_step"] in (3, 6, 9)
     assert metadata["global_step"] == 12
+
+
+def test_killed_two_process_training_resumes_from_storage_in_a_fresh_working_directory(
+    workspace: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`num_processes: 2` publishes checkpoints to storage (rank 0); a new pod, with nothing local, resumes."""
+    config = {**TRAIN_CONFIG, "max_steps": 12, "save_steps": 3, "seed": 5, "num_processes": 2}
+    storage_root = Path(workspace["LLMFT_HOME"]) / "storage"
+    checkpoints = storage_root / "checkpoints" / "lora_adapter"
+    before = set(checkpoints.rglob("_MANIFEST.json")) if checkpoints.exists() else set()
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILLABLE_RUN % json.dumps(config)],
+        env={**os.environ, **workspace},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: accelerate and both ranks die together
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and process.poll() is None:
+            new = set(checkpoints.rglob("_MANIFEST.json")) - before if checkpoints.exists() else set()
+            if any("checkpoint-3/" in str(path) or "checkpoint-6/" in str(path) for path in new):
+                break
+            time.sleep(0.5)
+        assert process.poll() is None, "training ended before a checkpoint could be interrupted"
+        os.killpg(process.pid, signal.SIGKILL)
+    finally:
+        process.wait(timeout=60)
+    # A fresh working directory (a new pod): another LLMFT_HOME, no cache, no staging; only storage is shared.
+    fresh_home = tmp_path / "fresh_home"
+    fresh_home.mkdir()
+    monkeypatch.setenv("LLMFT_HOME", str(fresh_home))
+    monkeypatch.setenv("LLMFT_STORAGE", str(storage_root))
+    result = _materialize(["lora_adapter"], {"lora_adapter": {"config": config}})
+    assert result.success, [e.event_specific_data.error.message for e in result.get_step_failure_events()]
+    metadata = _metadata(result, "lora_adapter")
+    assert metadata["world_size"] == 2 and metadata["global_step"] == 12
+    assert metadata["resumed_from_step"] in (3, 6, 9)
+    assert str(metadata["checkpoints_uri"]).startswith(str(storage_root))

@@ -62,3 +62,20 @@ def test_bad_inputs_raise(tmp_path: Path) -> None:
         LocalCheckpointStore(tmp_path, keep_last=0)
     with pytest.raises(ValueError, match="not a checkpoint"):
         checkpoint_step(tmp_path / "adapter")
+
+
+def test_finished_checkpoint_is_told_from_an_intermediate_one(tmp_path: Path) -> None:
+    import json
+
+    from llmft_assets.training.checkpoints import finished_checkpoint
+
+    for name, state, expected in [
+        ("checkpoint-4", {"global_step": 4, "max_steps": 4}, True),
+        ("checkpoint-2", {"global_step": 2, "max_steps": 4}, False),
+        ("checkpoint-9", {"global_step": 9}, False),  # no plan recorded: never called finished
+    ]:
+        path = tmp_path / name
+        path.mkdir()
+        (path / "trainer_state.json").write_text(json.dumps(state))
+        assert finished_checkpoint(path) is expected
+    assert finished_checkpoint(tmp_path / "missing") is False

@@ -40,7 +40,7 @@ def test_nonsense_is_a_value_error_naming_the_field(overrides: dict, field: str)
 
 def test_defaults_and_derived_values() -> None:
     config = TrainingConfig(per_device_train_batch_size=4, max_seq_len=512)
-    assert config.target_modules == "all-linear"
+    assert config.target_modules == ["all-linear"] and config.peft_target_modules == "all-linear"
     assert config.attn_implementation == "sdpa"
     assert config.token_budget == 512  # packed: one max-length sequence per micro-batch
     assert (

@@ -39,6 +39,9 @@ SUPPORTED_SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".parquet", ".jsonl.gz
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_data"
 _GLOB_CHARS = frozenset("*?[")
 _UTF8_BOM = b"\xef\xbb\xbf"
+# A conversation row nests a few levels (row -> messages -> message); anything far deeper is not data,
+# and Python's json recursion would fail on it further down the pipeline.
+MAX_NESTING_DEPTH = 32
 
 
 class DataSourceError(Exception):
@@ -109,6 +112,12 @@ def _parse_json_line(origin: str, raw_line: bytes, line_number: int) -> _Record:
         value = json.loads(text)
     except json.JSONDecodeError as error:
         return _bad(origin, f"malformed_json: {error.msg} at line {line_number} column {error.colno}", text)
+    except RecursionError:
+        return _bad(
+            origin, f"too_deep: line {line_number} nests deeper than Python's JSON parser allows", text
+        )
+    except ValueError as error:  # e.g. an integer literal beyond Python's digit limit
+        return _bad(origin, f"unparseable_value: {error} at line {line_number}", text)
     if not isinstance(value, dict):
         return _bad(origin, f"not_an_object: line {line_number} holds a JSON {type(value).__name__}", value)
     value["origin"] = origin
@@ -138,6 +147,14 @@ def _iter_json_array(origin_name: str, handle: IO[bytes]) -> Iterator[_Record]:
             f"malformed_json: {error.msg} at line {error.lineno} column {error.colno}; "
             "the whole JSON array is unreadable",
         )
+        return
+    except (RecursionError, ValueError) as error:
+        reason = (
+            "too_deep: nested deeper than Python's JSON parser allows"
+            if isinstance(error, RecursionError)
+            else f"unparseable_value: {error}"
+        )
+        yield _bad(f"{origin_name}#0", f"{reason}; the whole JSON array is unreadable")
         return
     for index, item in enumerate(value):
         origin = f"{origin_name}#{index}"
@@ -417,12 +434,40 @@ def _map_columns(records: Iterator[_Record], columns: Mapping[str, str]) -> Iter
             yield _bad(origin, str(rejection), row)
 
 
+def row_problem(row: dict[str, Any]) -> str | None:
+    """Why a parsed row cannot travel down the pipeline as a JSON payload in Parquet; None when it can.
+
+    Checked iteratively (no recursion): nesting depth, then one JSON encoding of the whole row, which
+    also catches text that is not valid Unicode (lone surrogates from ``\\ud800`` escapes) and values
+    JSON cannot hold.
+    """
+    stack: list[tuple[Any, int]] = [(row, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_NESTING_DEPTH:
+            return f"too_deep: nested more than {MAX_NESTING_DEPTH} levels"
+        if isinstance(value, dict):
+            stack.extend((item, depth + 1) for item in value.values())
+        elif isinstance(value, list | tuple):
+            stack.extend((item, depth + 1) for item in value)
+    try:
+        json.dumps(row, ensure_ascii=False, default=str).encode("utf-8")
+    except UnicodeEncodeError as error:
+        return f"invalid_unicode: {error.reason} at character {error.start} of the row"
+    except (ValueError, TypeError, RecursionError) as error:
+        return f"unencodable_value: {type(error).__name__}: {error}"
+    return None
+
+
 def _batched(
     records: Iterator[_Record], *, max_rows: int | None, batch_size: int, counts: StageCounts
 ) -> Iterator[RawBatch]:
     batch = RawBatch()
-    for records_read, (_origin, row, bad) in enumerate(records, start=1):
+    for records_read, (origin, row, bad) in enumerate(records, start=1):
         counts.rows_in += 1
+        problem = row_problem(row) if row is not None else None
+        if problem is not None:
+            row, bad = None, quarantine_row(origin=origin, stage=STAGE, reason=problem, row=row)
         if row is not None:
             counts.rows_out += 1
             batch.rows.append(row)

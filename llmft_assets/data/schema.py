@@ -136,9 +136,12 @@ def payload_json(row: Any, max_chars: int = MAX_PAYLOAD_CHARS) -> str | None:
         text = json.dumps(row, ensure_ascii=False, default=repr)
     except (TypeError, ValueError):
         text = repr(row)
+    except RecursionError:  # nested too deep to show; the reason says so
+        text = f"<{type(row).__name__} nested too deep to show>"
     if len(text) > max_chars:
         text = text[:max_chars] + f"...[truncated {len(text) - max_chars} chars]"
-    return text
+    # Lone surrogates cannot be stored as UTF-8: show them escaped.
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def quarantine_row(

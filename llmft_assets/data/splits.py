@@ -1,20 +1,46 @@
-"""Stable train/validation/test assignment by hash, and the cross-split overlap check.
+"""Stable train/validation/test assignment by hash, and the cross-split leak checks.
 
-A row's split depends only on its id (and the salt), never on the other rows, so adding rows to the
-dataset never moves an existing row to another split and evaluation numbers stay comparable.
+A row's split depends only on its *problem key* (and the salt), never on the other rows, so adding rows
+never moves an existing row to another split and evaluation numbers stay comparable. The key is the first
+user turn, Unicode- (NFKC) and whitespace-normalized and case-folded: the same problem under two ids (a v0
+and a v1 twin, a re-annotation, a whitespace variant) gets one key and so one split.
+
+The isolation check compares those keys across splits, and near-duplicate prompts with MinHash (word
+shingles, banded LSH, estimated Jaccard verified per candidate pair): a problem reworded by a character or
+two is still the same problem.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Mapping
-from typing import Literal
+import re
+import unicodedata
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
 
 Split = Literal["train", "validation", "test"]
 SPLITS: tuple[Split, ...] = ("train", "validation", "test")
 DEFAULT_SALT = "llmft-v1"
 _HASH_SCALE = float(2**64)
+
+
+@dataclass(frozen=True)
+class SplitSettings:
+    """How dataset_splits divides the data (the home of these defaults; the Dagster config derives)."""
+
+    validation_fraction: float = 0.05
+    test_fraction: float = 0.05
+    salt: str = DEFAULT_SALT
+    near_duplicate_jaccard: float = 0.8
+
+    def __post_init__(self) -> None:
+        validate_fractions(self.validation_fraction, self.test_fraction)
+        if not 0.0 < self.near_duplicate_jaccard <= 1.0:
+            raise ValueError(f"near_duplicate_jaccard must be in (0, 1], got {self.near_duplicate_jaccard!r}")
 
 
 def validate_fractions(validation_fraction: float, test_fraction: float) -> None:
@@ -31,24 +57,26 @@ def validate_fractions(validation_fraction: float, test_fraction: float) -> None
         )
 
 
-def split_point(conversation_id: str, salt: str = DEFAULT_SALT) -> float:
-    """The id's position in [0, 1): the first 8 bytes of sha256(salt:id)."""
-    digest = hashlib.sha256(f"{salt}:{conversation_id}".encode()).digest()
+def split_point(key: str, salt: str = DEFAULT_SALT) -> float:
+    """The key's position in [0, 1): the first 8 bytes of sha256(salt:key)."""
+    digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / _HASH_SCALE
 
 
 def assign_split(
-    conversation_id: str,
+    key: str,
     *,
     validation_fraction: float,
     test_fraction: float,
     salt: str = DEFAULT_SALT,
 ) -> Split:
-    """'test' for the lowest test_fraction of hash space, then 'validation', the rest 'train'."""
-    if not isinstance(conversation_id, str) or not conversation_id:
-        raise ValueError(f"conversation_id must be a non-empty string, got {conversation_id!r}")
+    """'test' for the lowest test_fraction of hash space, then 'validation', the rest 'train'.
+
+    `key` is the row's `problem_key` in the pipeline (any non-empty string works)."""
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"split key must be a non-empty string, got {key!r}")
     validate_fractions(validation_fraction, test_fraction)
-    point = split_point(conversation_id, salt)
+    point = split_point(key, salt)
     if point < test_fraction:
         return "test"
     if point < test_fraction + validation_fraction:
@@ -56,10 +84,251 @@ def assign_split(
     return "train"
 
 
+_WHITESPACE = re.compile(r"\s+")
+
+
+def normalize_problem(text: str) -> str:
+    """NFKC, case-folded, every run of whitespace one space, trimmed."""
+    return _WHITESPACE.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+
+
+def first_user_turn(messages: Sequence[Mapping[str, Any]]) -> str:
+    return next((str(m.get("content") or "") for m in messages if m.get("role") == "user"), "")
+
+
+def problem_key_of_prompt(prompt: str, fallback: str = "") -> str:
+    """sha256 of the normalized prompt (`fallback`, e.g. the row id, when the prompt is empty)."""
+    problem = normalize_problem(prompt) or f"\0id:{fallback}"
+    return hashlib.sha256(problem.encode()).hexdigest()[:32]
+
+
+def problem_key(messages: Sequence[Mapping[str, Any]], fallback: str = "") -> str:
+    """The split key of a conversation: its normalized first user turn, hashed."""
+    return problem_key_of_prompt(first_user_turn(messages), fallback)
+
+
+# ---- near duplicates: MinHash over word shingles of the normalized prompt ----------------------------
+
+MINHASH_PERMUTATIONS = 64
+MINHASH_BANDS = 16  # 16 bands x 4 rows: a pair at Jaccard 0.8 shares some band with p ~ 0.9998
+NEAR_DUPLICATE_JACCARD = SplitSettings.near_duplicate_jaccard
+_MERSENNE = np.uint64((1 << 61) - 1)
+_SHINGLE_WORDS = 3
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+
+
+def _permutations(seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    # a < 2^29 and x < 2^32 keep a*x + b below 2^63: exact in uint64 before the modulo.
+    a = rng.integers(1, 1 << 29, size=MINHASH_PERMUTATIONS, dtype=np.uint64)
+    b = rng.integers(0, 1 << 61, size=MINHASH_PERMUTATIONS, dtype=np.uint64)
+    return a, b
+
+
+_A, _B = _permutations()
+
+
+def minhash_signature(text: str) -> np.ndarray:
+    """MINHASH_PERMUTATIONS minimum hashes of the prompt's word 3-shingles (uint64)."""
+    words = normalize_problem(text).split(" ")
+    count = max(1, len(words) - _SHINGLE_WORDS + 1)
+    shingles = {" ".join(words[i : i + _SHINGLE_WORDS]) for i in range(count)}
+    values = np.array(
+        [int.from_bytes(hashlib.blake2b(s.encode(), digest_size=4).digest(), "big") for s in shingles],
+        dtype=np.uint64,
+    )
+    return ((values[:, None] * _A[None, :] + _B[None, :]) % _MERSENNE).min(axis=0)
+
+
+class NearDuplicateIndex:
+    """Banded-LSH index of prompts; `query` returns the indexed items whose prompt is a near duplicate.
+
+    Near duplicate: estimated Jaccard of word 3-shingles >= `threshold` *and* the same numbers in the
+    same order. Math problems from one template differ only in their numbers and are different
+    problems; the same numbers in nearly the same words are the same problem (and the same answer).
+    """
+
+    def __init__(self, threshold: float = NEAR_DUPLICATE_JACCARD) -> None:
+        self.threshold = threshold
+        self._items: list[tuple[Any, np.ndarray, tuple[str, ...]]] = []
+        self._buckets: dict[tuple[int, bytes], list[int]] = {}
+
+    @staticmethod
+    def _bands(signature: np.ndarray) -> list[tuple[int, bytes]]:
+        rows = MINHASH_PERMUTATIONS // MINHASH_BANDS
+        return [(band, signature[band * rows : (band + 1) * rows].tobytes()) for band in range(MINHASH_BANDS)]
+
+    @staticmethod
+    def _numbers(prompt: str) -> tuple[str, ...]:
+        return tuple(_NUMBER.findall(normalize_problem(prompt)))
+
+    def query(self, prompt: str, signature: np.ndarray | None = None) -> list[tuple[Any, float]]:
+        signature = minhash_signature(prompt) if signature is None else signature
+        numbers = self._numbers(prompt)
+        candidates = {i for band in self._bands(signature) for i in self._buckets.get(band, ())}
+        found = []
+        for i in sorted(candidates):
+            item, other, other_numbers = self._items[i]
+            jaccard = float(np.mean(signature == other))
+            if jaccard >= self.threshold and numbers == other_numbers:
+                found.append((item, jaccard))
+        return found
+
+    def add(self, item: Any, prompt: str, signature: np.ndarray | None = None) -> None:
+        signature = minhash_signature(prompt) if signature is None else signature
+        self._items.append((item, signature, self._numbers(prompt)))
+        for band in self._bands(signature):
+            self._buckets.setdefault(band, []).append(len(self._items) - 1)
+
+
+@dataclass(frozen=True)
+class NearDuplicate:
+    split_a: str
+    index_a: int
+    split_b: str
+    index_b: int
+    jaccard: float
+
+
+def find_near_duplicates(
+    prompts_by_split: Mapping[str, Sequence[str]], threshold: float = NEAR_DUPLICATE_JACCARD
+) -> list[NearDuplicate]:
+    """Pairs of prompts in *different* splits that are near duplicates (see NearDuplicateIndex)."""
+    index = NearDuplicateIndex(threshold)
+    found: list[NearDuplicate] = []
+    for split, prompts in prompts_by_split.items():
+        for position, prompt in enumerate(prompts):
+            signature = minhash_signature(prompt)
+            for (other_split, other_position), jaccard in index.query(prompt, signature):
+                if other_split != split:
+                    found.append(NearDuplicate(other_split, other_position, split, position, jaccard))
+        for position, prompt in enumerate(prompts):
+            index.add((split, position), prompt)
+    return found
+
+
+@dataclass
+class SplitPlan:
+    """The split of every row, by position in the table, and what leak prevention changed."""
+
+    assignments: list[Split]
+    joined_eval_group: int = 0
+    moved_to_train: int = 0
+
+
+def plan_leak_free_splits(
+    read_prompts: Callable[[], Iterable[list[tuple[str, str]]]],
+    *,
+    validation_fraction: float,
+    test_fraction: float,
+    salt: str = DEFAULT_SALT,
+    threshold: float = NEAR_DUPLICATE_JACCARD,
+) -> SplitPlan:
+    """Assign rows by problem key, then keep near duplicates together. Two streaming passes over
+    `read_prompts()` (batches of (row id, first user turn)); only evaluation rows are held in the index.
+
+    Pass 1: split by `problem_key`; an evaluation row that is a near duplicate of an evaluation row of
+    the other evaluation split joins that row's split. Pass 2: a train row that is a near duplicate of
+    an evaluation row pulls that row (and its group) into train: the model never sees a test problem.
+    Deterministic for a given dataset; adding rows can only move evaluation rows into train.
+    """
+    validate_fractions(validation_fraction, test_fraction)
+    assignments: list[Split] = []
+    index = NearDuplicateIndex(threshold)
+    group_of: dict[int, int] = {}
+    members: dict[int, list[int]] = {}
+    plan = SplitPlan(assignments)
+    for batch in read_prompts():
+        for row_id, prompt in batch:
+            position = len(assignments)
+            split = assign_split(
+                problem_key_of_prompt(prompt, row_id),
+                validation_fraction=validation_fraction,
+                test_fraction=test_fraction,
+                salt=salt,
+            )
+            if split != "train":
+                signature = minhash_signature(prompt)
+                matches = index.query(prompt, signature)
+                group = group_of[matches[0][0]] if matches else position
+                if matches and assignments[matches[0][0]] != split:
+                    split = assignments[matches[0][0]]
+                    plan.joined_eval_group += 1
+                group_of[position] = group
+                members.setdefault(group, []).append(position)
+                index.add(position, prompt, signature)
+            assignments.append(split)
+    if not members:
+        return plan
+    position = 0
+    for batch in read_prompts():
+        for _row_id, prompt in batch:
+            if assignments[position] == "train" and position not in group_of:
+                for match, _ in index.query(prompt):
+                    for member in members.get(group_of[match], ()):
+                        if assignments[member] != "train":
+                            assignments[member] = "train"
+                            plan.moved_to_train += 1
+            position += 1
+    if position != len(assignments):
+        raise ValueError(
+            f"read_prompts gave {position} rows on the second pass, {len(assignments)} on the first"
+        )
+    return plan
+
+
 def find_cross_split_overlap(hashes_by_split: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:
-    """content_hash -> the splits it appears in, for every hash found in more than one split."""
+    """key -> the splits it appears in, for every key (problem key, content hash) in more than one split."""
     splits_of: dict[str, set[str]] = {}
     for split, hashes in hashes_by_split.items():
         for value in hashes:
             splits_of.setdefault(value, set()).add(split)
     return {value: sorted(splits) for value, splits in splits_of.items() if len(splits) > 1}
+
+
+def split_isolation_problems(
+    messages_by_split: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]],
+    content_hashes_by_split: Mapping[str, Iterable[str]] | None = None,
+    *,
+    threshold: float = NEAR_DUPLICATE_JACCARD,
+    max_examples: int = 5,
+) -> dict[str, Any]:
+    """Every way a problem crosses splits: shared problem keys, shared content hashes, near duplicates."""
+    prompts = {split: [first_user_turn(m) for m in rows] for split, rows in messages_by_split.items()}
+    keys = {
+        split: [problem_key_of_prompt(prompt, f"{split}#{i}") for i, prompt in enumerate(values)]
+        for split, values in prompts.items()
+    }
+    shared_keys = find_cross_split_overlap(keys)
+    shared_hashes = find_cross_split_overlap(content_hashes_by_split or {})
+    near = [
+        pair
+        for pair in find_near_duplicates(prompts, threshold)
+        if keys[pair.split_a][pair.index_a] != keys[pair.split_b][pair.index_b]  # counted as shared keys
+    ]
+    examples: list[dict[str, Any]] = []
+    for key, splits in list(shared_keys.items())[:max_examples]:
+        split = splits[0]
+        examples.append(
+            {"kind": "problem_key", "splits": splits, "prompt": prompts[split][keys[split].index(key)][:200]}
+        )
+    for pair in near[:max_examples]:
+        examples.append(
+            {
+                "kind": "near_duplicate",
+                "splits": [pair.split_a, pair.split_b],
+                "jaccard": round(pair.jaccard, 3),
+                "prompts": [
+                    prompts[pair.split_a][pair.index_a][:200],
+                    prompts[pair.split_b][pair.index_b][:200],
+                ],
+            }
+        )
+    return {
+        "counts": {
+            "shared_problem_keys": len(shared_keys),
+            "shared_content_hashes": len(shared_hashes),
+            "near_duplicates": len(near),
+        },
+        "examples": examples,
+    }

@@ -12,6 +12,8 @@ Rules (all are checked; a rejected row's reason lists every rule it broke, the f
 - ``missing_answer``: when the source has a reference answer, the final assistant turn holds a
   non-empty ``\\boxed{}`` (cleaning gives non-R1 formats a reference answer only from that turn, so
   ordinary chat data without one is never rejected by this rule);
+- ``no_final_answer``: an assistant turn that reasons (``<think>...</think>``) says something after its
+  last ``</think>``: a trace that is only reasoning would teach the model to stop before answering;
 - ``duplicate_id``: an id already accepted earlier in the stream (``seen_ids``).
 """
 
@@ -39,6 +41,7 @@ class ValidationLimits:
     max_turns: int = 64
     require_answer: bool = True
     require_balanced_think: bool = True
+    require_final_answer: bool = True
 
     def __post_init__(self) -> None:
         for name in ("min_chars", "max_chars", "max_turns"):
@@ -57,7 +60,7 @@ class ValidationLimits:
             raise ValueError(
                 f"ValidationLimits.max_turns must be >= 2 (a user and an assistant turn), got {self.max_turns}"
             )
-        for name in ("require_answer", "require_balanced_think"):
+        for name in ("require_answer", "require_balanced_think", "require_final_answer"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ValidationLimits.{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -106,6 +109,17 @@ def think_balance_problem(text: str) -> str | None:
     return None
 
 
+def final_answer_problem(text: str) -> str | None:
+    """Why an assistant turn with reasoning has no final answer after it; None when it has one (or no
+    reasoning at all)."""
+    close_at = text.rfind(THINK_CLOSE)
+    if close_at == -1:
+        return None
+    if not text[close_at + len(THINK_CLOSE) :].strip():
+        return f"nothing after the last {THINK_CLOSE} (reasoning only)"
+    return None
+
+
 def conversation_problems(row: dict[str, Any], limits: ValidationLimits) -> list[str]:
     """Every rule the conversation breaks (duplicate ids aside), as 'code: detail' strings."""
     messages = row.get("messages")
@@ -142,6 +156,12 @@ def conversation_problems(row: dict[str, Any], limits: ValidationLimits) -> list
                 problem = think_balance_problem(message["content"])
                 if problem:
                     problems.append(f"unbalanced_think: turn {index}: {problem}")
+    if limits.require_final_answer:
+        for index, message in enumerate(messages):
+            if message["role"] == "assistant":
+                problem = final_answer_problem(message["content"])
+                if problem:
+                    problems.append(f"no_final_answer: turn {index}: {problem}")
     if limits.require_answer and row.get("reference_answer") is not None:
         final = messages[-1] if messages and messages[-1]["role"] == "assistant" else None
         if final is None or extract_boxed_answer(final["content"]) is None:

@@ -18,12 +18,22 @@ from llmft_assets.data.schema import (
     TOKENIZED_SCHEMA,
     StageCounts,
 )
-from llmft_assets.defs.storage_resources import ArtifactHandle, StagedArtifact, StorageResource
+from llmft_assets.data.splits import SplitSettings
+from llmft_assets.data.validation import ValidationLimits
+from llmft_assets.defs.config_models import dagster_config
+from llmft_assets.defs.storage_resources import (
+    ArtifactHandle,
+    StagedArtifact,
+    StorageResource,
+    artifact_output,
+)
 from llmft_assets.storage.tables import ParquetSink, iter_parquet_rows
 
 DATA_GROUP = "data"
 MODEL_GROUP = "model"
 OWNERS = ["team:llmft"]
+# code_version on each asset: bump it when the step's output for the same inputs changes, so Dagster
+# marks what was built by the old code as stale.
 RAW_SCHEMA = pa.schema(
     [
         pa.field("origin", pa.string(), nullable=False),
@@ -55,11 +65,7 @@ class CleanConfig(dg.Config):
     """v1 rows: train on `reannotated_messages` (the R1 reasoning traces) rather than the short `messages`."""
 
 
-class ValidationConfig(dg.Config):
-    min_chars: int = 16
-    max_chars: int = 65_536
-    max_turns: int = 64
-    require_answer: bool = True
+ValidationConfig = dagster_config(ValidationLimits, "ValidationConfig")
 
 
 class BaseModelConfig(dg.Config):
@@ -79,10 +85,7 @@ class TokenizeConfig(dg.Config):
     """Tokenizer worker processes: 0 = one per CPU, 1 = in the step's own process."""
 
 
-class SplitConfig(dg.Config):
-    validation_fraction: float = 0.05
-    test_fraction: float = 0.05
-    salt: str = "llmft-v1"
+SplitConfig = dagster_config(SplitSettings, "SplitConfig")
 
 
 def _counts_metadata(counts: StageCounts) -> dict[str, Any]:
@@ -139,7 +142,7 @@ def _stage_result(
     return artifact, _counts_metadata(counts)
 
 
-@dg.asset(group_name=DATA_GROUP, owners=OWNERS, kinds={"parquet"})
+@dg.asset(group_name=DATA_GROUP, owners=OWNERS, kinds={"parquet"}, code_version="2")
 def raw_dataset(
     context: dg.AssetExecutionContext, config: RawDatasetConfig, storage: StorageResource
 ) -> dg.Output[StagedArtifact]:
@@ -189,7 +192,7 @@ def raw_dataset(
     artifact, metadata = _stage_result(
         staging, counts, {"source": config.source, "config": config.config, DATASET_KEY: dataset}
     )
-    return dg.Output(
+    return artifact_output(
         artifact,
         metadata={
             **metadata,
@@ -200,7 +203,7 @@ def raw_dataset(
     )
 
 
-@dg.asset(group_name=DATA_GROUP, owners=OWNERS, kinds={"parquet"})
+@dg.asset(group_name=DATA_GROUP, owners=OWNERS, kinds={"parquet"}, code_version="1")
 def cleaned_dataset(
     context: dg.AssetExecutionContext,
     config: CleanConfig,
@@ -235,7 +238,7 @@ def cleaned_dataset(
     artifact, metadata = _stage_result(
         staging, counts, {"dropped_null_columns": dropped, "formats": formats, **_carried(raw_dataset)}
     )
-    return dg.Output(
+    return artifact_output(
         artifact,
         metadata={
             **metadata,
@@ -247,7 +250,7 @@ def cleaned_dataset(
     )
 
 
-@dg.asset(group_name=DATA_GROUP, owners=OWNERS, kinds={"parquet"})
+@dg.asset(group_name=DATA_GROUP, owners=OWNERS, kinds={"parquet"}, code_version="2")
 def validated_dataset(
     context: dg.AssetExecutionContext,
     config: ValidationConfig,
@@ -257,14 +260,9 @@ def validated_dataset(
     """Conversations that pass the rules (role order, non-empty turns, balanced <think>, length bounds,
     answer present, unique ids); every rejected row is in quarantine.parquet with its reason."""
     from llmft_assets.data.formats import format_counts
-    from llmft_assets.data.validation import ValidationLimits, validate_rows
+    from llmft_assets.data.validation import validate_rows
 
-    limits = ValidationLimits(
-        min_chars=config.min_chars,
-        max_chars=config.max_chars,
-        max_turns=config.max_turns,
-        require_answer=config.require_answer,
-    )
+    limits = config.to_domain(asset="validated_dataset")
     staging = storage.staging_dir("validated_dataset")
     counts = StageCounts(stage="validated")
     seen_ids: set[str] = set()
@@ -281,7 +279,7 @@ def validated_dataset(
     formats = format_counts(counts)
     artifact, metadata = _stage_result(staging, counts, {"formats": formats, **_carried(cleaned_dataset)})
     reject_rate = counts.quarantined / counts.rows_in if counts.rows_in else 0.0
-    return dg.Output(
+    return artifact_output(
         artifact,
         metadata={
             **metadata,
@@ -292,7 +290,7 @@ def validated_dataset(
     )
 
 
-@dg.asset(group_name=MODEL_GROUP, owners=OWNERS, kinds={"pytorch", "safetensors"})
+@dg.asset(group_name=MODEL_GROUP, owners=OWNERS, kinds={"pytorch", "safetensors"}, code_version="1")
 def base_model(
     context: dg.AssetExecutionContext, config: BaseModelConfig, storage: StorageResource
 ) -> dg.Output[StagedArtifact]:
@@ -314,10 +312,10 @@ def base_model(
         if isinstance(value, str | int | float) and value is not None
     }
     metadata["info"] = dg.MetadataValue.json(info)
-    return dg.Output(StagedArtifact(staging, metadata={"model_info": info}), metadata=metadata)
+    return artifact_output(StagedArtifact(staging, metadata={"model_info": info}), metadata=metadata)
 
 
-@dg.asset(group_name=DATA_GROUP, owners=OWNERS, kinds={"parquet"})
+@dg.asset(group_name=DATA_GROUP, owners=OWNERS, kinds={"parquet"}, code_version="1")
 def tokenized_dataset(
     context: dg.AssetExecutionContext,
     config: TokenizeConfig,
@@ -363,7 +361,7 @@ def tokenized_dataset(
             **_carried(validated_dataset),
         },
     )
-    return dg.Output(
+    return artifact_output(
         artifact,
         metadata={
             **metadata,
@@ -394,37 +392,46 @@ def _histogram_md(histogram: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@dg.asset(group_name=DATA_GROUP, owners=OWNERS, kinds={"parquet"})
+@dg.asset(group_name=DATA_GROUP, owners=OWNERS, kinds={"parquet"}, code_version="2")
 def dataset_splits(
     context: dg.AssetExecutionContext,
     config: SplitConfig,
     tokenized_dataset: ArtifactHandle,
     storage: StorageResource,
 ) -> dg.Output[StagedArtifact]:
-    """train / validation / test by a stable hash of the conversation id: adding rows never moves an
-    existing row to another split."""
-    from llmft_assets.data.splits import assign_split, validate_fractions
+    """train / validation / test by a stable hash of the normalized problem (the first user turn), so the
+    same problem under two ids never crosses splits; near-duplicate prompts (MinHash) are kept together,
+    with train winning. Adding rows never moves an existing row, except an evaluation row into train."""
+    from llmft_assets.data.splits import first_user_turn, plan_leak_free_splits
 
-    validate_fractions(config.validation_fraction, config.test_fraction)
+    data_file = tokenized_dataset.file(DATA_FILE)
+
+    def read_prompts():
+        for rows in iter_parquet_rows(data_file, columns=["id", "messages"]):
+            yield [(row["id"], first_user_turn(row["messages"])) for row in rows]
+
+    rule = config.to_domain(asset="dataset_splits")
+    plan = plan_leak_free_splits(
+        read_prompts,
+        validation_fraction=rule.validation_fraction,
+        test_fraction=rule.test_fraction,
+        salt=rule.salt,
+        threshold=rule.near_duplicate_jaccard,
+    )
     staging = storage.staging_dir("dataset_splits")
     sinks = {name: ParquetSink(staging / f"{name}.parquet", TOKENIZED_SCHEMA) for name in SPLIT_NAMES}
     tokens = dict.fromkeys(SPLIT_NAMES, 0)
     rows_in = 0
     try:
-        for rows in iter_parquet_rows(tokenized_dataset.file(DATA_FILE)):
+        for rows in iter_parquet_rows(data_file):
             by_split: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLIT_NAMES}
             for row in rows:
-                split = assign_split(
-                    row["id"],
-                    validation_fraction=config.validation_fraction,
-                    test_fraction=config.test_fraction,
-                    salt=config.salt,
-                )
+                split = plan.assignments[rows_in]
                 by_split[split].append(row)
                 tokens[split] += row["num_tokens"]
+                rows_in += 1
             for name, split_rows in by_split.items():
                 sinks[name].write_rows(split_rows)
-            rows_in += len(rows)
     finally:
         for sink in sinks.values():
             sink.close()
@@ -437,18 +444,24 @@ def dataset_splits(
         metadata={
             "rows": sizes,
             "tokens": tokens,
-            "salt": config.salt,
+            "salt": rule.salt,
+            "split_key": "normalized first user turn",
+            "near_duplicate_jaccard": rule.near_duplicate_jaccard,
+            "near_duplicates_moved_to_train": plan.moved_to_train,
             "upstream": tokenized_dataset.version,
             **_carried(tokenized_dataset),
         },
     )
-    return dg.Output(
+    return artifact_output(
         artifact,
         metadata={
             **{f"{name}_rows": sizes[name] for name in SPLIT_NAMES},
             **{f"{name}_tokens": tokens[name] for name in SPLIT_NAMES},
             "rows_in": rows_in,
-            "split_rule": f"sha256(salt={config.salt!r}, id): test {config.test_fraction}, validation {config.validation_fraction}",
+            "split_rule": f"sha256(salt={config.salt!r}, normalized first user turn): test "
+            f"{config.test_fraction}, validation {config.validation_fraction}; near duplicates kept together",
+            "near_duplicates_moved_to_train": plan.moved_to_train,
+            "near_duplicates_joined_eval_split": plan.joined_eval_group,
             "upstream_version": tokenized_dataset.version,
         },
     )

@@ -1,19 +1,15 @@
 """Asset checks on the data assets: schema, unique ids, reject rate, loss masks, split isolation."""
 
-import os
 from collections import Counter
 
 import dagster as dg
 import pyarrow.parquet as pq
 
+from llmft_assets import settings
 from llmft_assets.data.schema import CONVERSATION_SCHEMA, TOKENIZED_SCHEMA
 from llmft_assets.defs.data_assets import DATA_FILE, SPLIT_NAMES, split_file
 from llmft_assets.defs.storage_resources import ArtifactHandle
 from llmft_assets.storage.tables import iter_parquet_rows
-
-# The highest share of cleaned rows validation may reject before the pipeline stops.
-MAX_REJECT_RATE = float(os.environ.get("LLMFT_MAX_REJECT_RATE", "0.2"))
-MASK_CHECK_ROWS = int(os.environ.get("LLMFT_MASK_CHECK_ROWS", "64"))
 
 
 def _schema_problems(path, expected) -> list[str]:
@@ -54,16 +50,17 @@ def validated_unique_ids(validated_dataset: ArtifactHandle) -> dg.AssetCheckResu
 @dg.asset_check(
     asset="validated_dataset",
     blocking=True,
-    description=f"Validation rejects at most LLMFT_MAX_REJECT_RATE (default {MAX_REJECT_RATE:.0%}) of its input.",
+    description="Validation rejects at most LLMFT_MAX_REJECT_RATE (default 20%) of its input.",
 )
 def validated_reject_rate(validated_dataset: ArtifactHandle) -> dg.AssetCheckResult:
     counts = validated_dataset.metadata["counts"]
     rate = counts["quarantined"] / counts["rows_in"] if counts["rows_in"] else 0.0
+    max_reject_rate = settings.get().max_reject_rate
     return dg.AssetCheckResult(
-        passed=counts["rows_in"] > 0 and rate <= MAX_REJECT_RATE,
+        passed=counts["rows_in"] > 0 and rate <= max_reject_rate,
         metadata={
             "reject_rate": rate,
-            "max_reject_rate": MAX_REJECT_RATE,
+            "max_reject_rate": max_reject_rate,
             "rows_in": counts["rows_in"],
             "quarantine_reasons": dg.MetadataValue.json(counts["quarantine_reasons"]),
         },
@@ -83,7 +80,9 @@ def tokenized_masks(tokenized_dataset: ArtifactHandle, base_model: ArtifactHandl
     from llmft_assets.data.tokenization import verify_masks
 
     tokenizer = AutoTokenizer.from_pretrained(base_model.path)
-    sample = next(iter_parquet_rows(tokenized_dataset.file(DATA_FILE), batch_size=MASK_CHECK_ROWS), [])
+    sample = next(
+        iter_parquet_rows(tokenized_dataset.file(DATA_FILE), batch_size=settings.get().mask_check_rows), []
+    )
     problems = verify_masks(sample, tokenizer)
     problems += _schema_problems(tokenized_dataset.file(DATA_FILE), TOKENIZED_SCHEMA)
     return dg.AssetCheckResult(
@@ -93,25 +92,35 @@ def tokenized_masks(tokenized_dataset: ArtifactHandle, base_model: ArtifactHandl
 
 
 @dg.asset_check(
-    asset="dataset_splits", blocking=True, description="No conversation content is shared between splits."
+    asset="dataset_splits",
+    blocking=True,
+    description="No problem crosses splits: normalized first user turns, content hashes and near-duplicate "
+    "prompts (MinHash) are each in one split only.",
 )
 def splits_disjoint(dataset_splits: ArtifactHandle) -> dg.AssetCheckResult:
-    from llmft_assets.data.splits import find_cross_split_overlap
+    from llmft_assets.data.splits import NEAR_DUPLICATE_JACCARD, split_isolation_problems
 
-    hashes = {}
+    prompts, hashes = {}, {}
     for name in SPLIT_NAMES:
-        hashes[name] = [
-            row["content_hash"]
-            for rows in iter_parquet_rows(split_file(dataset_splits, name), columns=["content_hash"])
-            for row in rows
+        rows = [
+            row
+            for batch in iter_parquet_rows(
+                split_file(dataset_splits, name), columns=["messages", "content_hash"]
+            )
+            for row in batch
         ]
-    overlap = find_cross_split_overlap(hashes)
+        prompts[name] = [row["messages"] for row in rows]
+        hashes[name] = [row["content_hash"] for row in rows]
+    threshold = float(dataset_splits.metadata.get("near_duplicate_jaccard", NEAR_DUPLICATE_JACCARD))
+    report = split_isolation_problems(prompts, hashes, threshold=threshold)
     return dg.AssetCheckResult(
-        passed=not overlap,
+        passed=not any(report["counts"].values()),
         metadata={
-            "shared_hashes": len(overlap),
+            "shared_problem_keys": report["counts"]["shared_problem_keys"],
+            "shared_content_hashes": report["counts"]["shared_content_hashes"],
+            "near_duplicates": report["counts"]["near_duplicates"],
             "rows": dg.MetadataValue.json({name: len(values) for name, values in hashes.items()}),
-            "examples": dg.MetadataValue.json(dict(list(overlap.items())[:5])),
+            "examples": dg.MetadataValue.json(report["examples"]),
         },
     )
 

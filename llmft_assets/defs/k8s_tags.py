@@ -10,7 +10,8 @@ Two places read the same tag shape (dagster issue 22865):
   the job itself should stay on a CPU run pod.
 
 Values are JSON strings, which both run tags and op tags accept. Defaults come from environment
-variables read when the code location loads, so the Helm values decide where training lands:
+variables (`llmft_assets.settings`, where their defaults live) read when the code location loads, so
+the Helm values decide where training lands:
 
 =============================  ==========================================================  ===================
 variable                       meaning                                                     default
@@ -31,10 +32,11 @@ No Dagster import: this is plain data, unit-tested against dagster-k8s's own pod
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from llmft_assets import settings
 
 K8S_CONFIG_TAG = "dagster-k8s/config"  # dagster_k8s.job.USER_DEFINED_K8S_CONFIG_KEY
 GPU_RESOURCE_NAME = "nvidia.com/gpu"
@@ -46,27 +48,11 @@ DEFAULT_GPU_NODE_SELECTOR: dict[str, str] = {"nvidia.com/gpu.present": "true"}
 DEFAULT_GPU_TOLERATIONS: list[dict[str, str]] = [
     {"key": GPU_RESOURCE_NAME, "operator": "Exists", "effect": "NoSchedule"}
 ]
-DEFAULT_CPU_REQUEST = "4"
-DEFAULT_MEMORY_REQUEST = "32Gi"
-DEFAULT_SHM_SIZE = "8Gi"
 
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
 _TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds", "toleration_seconds"}
 _SHM_VOLUME = "dshm"
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-
-
-def _env_json(name: str, default: Any, expected_type: type) -> Any:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{name} must be JSON ({expected_type.__name__}), got {raw!r}: {error}") from None
-    if not isinstance(value, expected_type):
-        raise ValueError(f"{name} must be a JSON {expected_type.__name__}, got {type(value).__name__}")
-    return value
 
 
 def _quantity(name: str, value: str) -> str:
@@ -113,29 +99,23 @@ def gpu_k8s_config(
     Memory request and limit are equal so that the kubelet never evicts a training pod for
     overcommitted memory; CPU has no limit so that tokenization and data loading can burst.
     """
+    env = settings.get()  # LLMFT_GPU_*, LLMFT_TRAINING_*: the defaults of every argument left as None
     if gpus is None:
-        raw_gpus = os.environ.get("LLMFT_GPU_COUNT", "1").strip() or "1"
-        try:
-            gpus = int(raw_gpus)
-        except ValueError:
-            raise ValueError(f"LLMFT_GPU_COUNT must be an integer, got {raw_gpus!r}") from None
+        gpus = env.gpu_count
     if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
         raise ValueError(f"gpus must be a positive integer, got {gpus!r}")
 
     if node_selector is None:
-        node_selector = _env_json("LLMFT_GPU_NODE_SELECTOR", DEFAULT_GPU_NODE_SELECTOR, dict)
+        node_selector = (
+            env.gpu_node_selector if env.gpu_node_selector is not None else DEFAULT_GPU_NODE_SELECTOR
+        )
     if tolerations is None:
-        tolerations = _env_json("LLMFT_GPU_TOLERATIONS", DEFAULT_GPU_TOLERATIONS, list)
-    cpu = _quantity(
-        "cpu_request", cpu_request or os.environ.get("LLMFT_GPU_CPU_REQUEST") or DEFAULT_CPU_REQUEST
-    )
-    memory = _quantity(
-        "memory_request",
-        memory_request or os.environ.get("LLMFT_GPU_MEMORY_REQUEST") or DEFAULT_MEMORY_REQUEST,
-    )
-    shm = _quantity("shm_size", shm_size or os.environ.get("LLMFT_GPU_SHM_SIZE") or DEFAULT_SHM_SIZE)
-    image = image or os.environ.get("LLMFT_TRAINING_IMAGE") or None
-    service_account = service_account or os.environ.get("LLMFT_TRAINING_SERVICE_ACCOUNT") or None
+        tolerations = env.gpu_tolerations if env.gpu_tolerations is not None else DEFAULT_GPU_TOLERATIONS
+    cpu = _quantity("cpu_request", cpu_request or env.gpu_cpu_request)
+    memory = _quantity("memory_request", memory_request or env.gpu_memory_request)
+    shm = _quantity("shm_size", shm_size or env.gpu_shm_size)
+    image = image or env.training_image or None
+    service_account = service_account or env.training_service_account or None
     if service_account is not None and not _DNS_LABEL.match(service_account):
         raise ValueError(f"service account must be a Kubernetes name, got {service_account!r}")
 

@@ -17,7 +17,6 @@ Automation, end to end:
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,8 +30,14 @@ import pyarrow as pa
 from llmft_assets import settings
 from llmft_assets.data.raw_sources import SUPPORTED_SUFFIXES
 from llmft_assets.defs.data_assets import OWNERS, split_file
-from llmft_assets.defs.jobs import data_job, train_job
-from llmft_assets.defs.storage_resources import ArtifactHandle, StagedArtifact, StorageResource, asset_prefix
+from llmft_assets.defs.jobs import data_job, fresh_data_selection, train_job
+from llmft_assets.defs.storage_resources import (
+    ArtifactHandle,
+    StagedArtifact,
+    StorageResource,
+    artifact_output,
+    asset_prefix,
+)
 from llmft_assets.storage import StorageBackend
 from llmft_assets.storage.publish import content_version, describe_directory
 from llmft_assets.storage.tables import count_rows, iter_parquet_batches
@@ -50,11 +55,6 @@ DROP_READY_MARKER = "_SUCCESS"
 # Names a writer uses while a file is incomplete, or that are not data.
 _IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".filepart")
 
-ENV_RETRAIN_COOLDOWN_HOURS = "LLMFT_RETRAIN_COOLDOWN_HOURS"
-DEFAULT_RETRAIN_COOLDOWN_HOURS = 24.0
-ENV_INCOMING_SENSOR_INTERVAL_S = "LLMFT_INCOMING_SENSOR_INTERVAL_S"
-ENV_DRIFT_SENSOR_INTERVAL_S = "LLMFT_DRIFT_SENSOR_INTERVAL_S"
-DRIFT_SCHEDULE_CRON = os.environ.get("LLMFT_DRIFT_SCHEDULE_CRON", "0 6 * * *")
 # A drift retraining's data run that never shows up (e.g. deleted) is given up after this long.
 PENDING_RUN_TIMEOUT_S = 6 * 3600
 
@@ -74,15 +74,7 @@ def incoming_uri(storage_root: str) -> str:
 
 
 def retrain_cooldown_s() -> float:
-    raw = os.environ.get(ENV_RETRAIN_COOLDOWN_HOURS, "").strip()
-    hours = float(raw) if raw else DEFAULT_RETRAIN_COOLDOWN_HOURS
-    if hours < 0:
-        raise ValueError(f"{ENV_RETRAIN_COOLDOWN_HOURS} must be >= 0, got {raw!r}")
-    return hours * 3600
-
-
-def _interval_s(env: str, default: int) -> int:
-    return max(5, int(os.environ.get(env, "") or default))
+    return settings.get().retrain_cooldown_hours * 3600
 
 
 def _metadata_text(metadata: dict[str, Any], key: str) -> str | None:
@@ -267,7 +259,7 @@ def drift_report(
     artifact = StagedArtifact(
         staging, metadata={"summary": summary, "report_html": html_uri, "report_json": json_uri}
     )
-    return dg.Output(artifact, metadata=metadata)
+    return artifact_output(artifact, metadata=metadata)
 
 
 # --------------------------------------------------------------------------------- drift_check + alert
@@ -281,9 +273,10 @@ def send_alert_if_configured(summary: dict[str, Any], report_uri: str | None, lo
     """
     from llmft_assets.monitoring.alerts import WebhookError, send_drift_alert
 
-    webhook_url = os.environ.get(settings.ENV_ALERT_WEBHOOK, "").strip()
+    secret = settings.get().alert_webhook_url
+    webhook_url = secret.get_secret_value().strip() if secret is not None else ""
     if not webhook_url:
-        log.info(f"drift alert not sent: {settings.ENV_ALERT_WEBHOOK} is not set")
+        log.info("drift alert not sent: LLMFT_ALERT_WEBHOOK_URL is not set")
         return "skipped (no webhook configured)"
     try:
         send_drift_alert(webhook_url, summary, report_uri=report_uri)
@@ -352,7 +345,7 @@ drift_job = dg.define_asset_job(
 
 @dg.schedule(
     job=drift_job,
-    cron_schedule=DRIFT_SCHEDULE_CRON,
+    cron_schedule=settings.get().drift_schedule_cron,  # a schedule's cron is fixed when the code loads
     execution_timezone="UTC",
     default_status=dg.DefaultScheduleStatus.RUNNING,
     description="Daily drift report over the request log window ending at the tick time.",
@@ -410,6 +403,15 @@ def _latest_version_of(instance: dg.DagsterInstance, asset: str) -> str | None:
     if event is None or event.asset_materialization is None:
         return None
     return _metadata_text(dict(event.asset_materialization.metadata), "version")
+
+
+def _latest_adapter_inputs(instance: dg.DagsterInstance) -> tuple[str | None, str | None] | None:
+    """(dataset_version, base_model_version) the latest lora_adapter was trained on, if any."""
+    event = instance.get_latest_materialization_event(dg.AssetKey("lora_adapter"))
+    if event is None or event.asset_materialization is None:
+        return None
+    metadata = dict(event.asset_materialization.metadata)
+    return _metadata_text(metadata, "dataset_version"), _metadata_text(metadata, "base_model_version")
 
 
 def _fresh_data_run_config(instance: dg.DagsterInstance) -> dict[str, Any]:
@@ -470,6 +472,16 @@ def _follow_pending(
             skip_reason=f"new dataset_splits {splits_after}: train_sensor starts the training",
             cursor=cursor.dump(),
         )
+    trained_on = _latest_adapter_inputs(context.instance)
+    current = (splits_after, _latest_version_of(context.instance, "base_model"))
+    if trained_on == current:
+        reason = (
+            f"drift report {report_version}: the fresh data gave the same dataset_splits {splits_after} and "
+            f"the base model is unchanged ({current[1]}); the current lora_adapter was trained on exactly "
+            "these, so retraining would reproduce it. Nothing to retrain: drop new data under incoming/."
+        )
+        context.log.info(reason)
+        return dg.SensorResult(skip_reason=reason, cursor=cursor.dump())
     return dg.SensorResult(
         run_requests=[
             dg.RunRequest(
@@ -489,11 +501,11 @@ def _follow_pending(
 
 @dg.sensor(
     jobs=[data_job, train_job],
-    minimum_interval_seconds=_interval_s(ENV_DRIFT_SENSOR_INTERVAL_S, 60),
+    minimum_interval_seconds=settings.get().drift_sensor_interval_s,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="A failed drift_check starts a retraining: data_job (fresh data), then train_job. One "
     "drift report starts one retraining (run keys); retrainings are spaced by "
-    f"${ENV_RETRAIN_COOLDOWN_HOURS} (default {DEFAULT_RETRAIN_COOLDOWN_HOURS:g} h).",
+    "$LLMFT_RETRAIN_COOLDOWN_HOURS (default 24 h).",
 )
 def drift_retrain_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
     cursor = RetrainCursor.parse(context.cursor)
@@ -543,6 +555,7 @@ def drift_retrain_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult
                 job_name=data_job.name,
                 run_key=f"drift-{report_version}-data",
                 run_config=_fresh_data_run_config(context.instance),
+                asset_selection=fresh_data_selection(context.instance),
                 tags={TAG_TRIGGER: "drift", TAG_DRIFT_REPORT: report_version, TAG_RETRAIN_STAGE: "data"},
             )
         ],
@@ -605,6 +618,19 @@ def drop_fingerprint(backend: StorageBackend, drop: IncomingDrop) -> str:
     return digest.hexdigest()[:16]
 
 
+_IN_FLIGHT = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+]
+
+
+def incoming_runs_in_flight(instance: dg.DagsterInstance) -> int:
+    return instance.get_runs_count(filters=dg.RunsFilter(tags={TAG_TRIGGER: "incoming"}, statuses=_IN_FLIGHT))
+
+
 def drop_source(backend: StorageBackend, drop: IncomingDrop) -> str:
     """What raw_dataset reads for the drop: a local path, or an s3:// URI (folders end with '/')."""
     key = f"{INCOMING_PREFIX}/{drop.name}"
@@ -616,11 +642,12 @@ def drop_source(backend: StorageBackend, drop: IncomingDrop) -> str:
 
 @dg.sensor(
     job=data_job,
-    minimum_interval_seconds=_interval_s(ENV_INCOMING_SENSOR_INTERVAL_S, 60),
+    minimum_interval_seconds=settings.get().incoming_sensor_interval_s,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Each new file or folder under <storage root>/incoming/ becomes a data_job run reading "
     f"just that drop (a dataset version). A folder with {DROP_READY_MARKER} is read at once; anything "
-    "else once it is unchanged between two evaluations.",
+    "else once it is unchanged between two evaluations. At most LLMFT_INCOMING_MAX_RUNS such runs are "
+    "in flight at once (the rest wait for a later tick); base_model is not re-materialized.",
 )
 def incoming_data_sensor(
     context: dg.SensorEvaluationContext, storage: StorageResource
@@ -631,12 +658,21 @@ def incoming_data_sensor(
     previous_pending: dict[str, str] = dict(state.get("pending", {}))
     pending: dict[str, str] = {}
     run_requests: list[dg.RunRequest] = []
+    max_runs = settings.get().incoming_max_runs
+    free_slots = max(0, max_runs - incoming_runs_in_flight(context.instance))
+    waiting_for_slot: list[str] = []
+    selection = fresh_data_selection(context.instance)
     for drop in list_incoming_drops(backend):
         fingerprint = drop_fingerprint(backend, drop)
         if processed.get(drop.name) == fingerprint:
             continue
         if not drop.ready_marked and previous_pending.get(drop.name) != fingerprint:
             pending[drop.name] = fingerprint  # still settling (or just seen): look again next time
+            continue
+        if drop.data_keys and len(run_requests) >= free_slots:
+            # Ready, but the pool is full: keep it as settled so a later tick starts it at once.
+            pending[drop.name] = fingerprint
+            waiting_for_slot.append(drop.name)
             continue
         processed[drop.name] = fingerprint
         if not drop.data_keys:
@@ -650,6 +686,7 @@ def incoming_data_sensor(
             dg.RunRequest(
                 run_key=f"incoming-{drop.name}-{fingerprint}",
                 run_config={"ops": {"raw_dataset": {"config": {"source": source, "config": None}}}},
+                asset_selection=selection,
                 tags={
                     TAG_TRIGGER: "incoming",
                     TAG_INCOMING_DROP: drop.name,
@@ -659,13 +696,23 @@ def incoming_data_sensor(
         )
         context.log.info(f"new data drop {drop.name!r} ({len(drop.keys)} files): {source}")
     new_cursor = json.dumps({"processed": processed, "pending": pending}, sort_keys=True)
+    if waiting_for_slot:
+        context.log.info(
+            f"{len(waiting_for_slot)} drop(s) wait for a free slot (at most {max_runs} incoming data "
+            f"runs at once): {', '.join(waiting_for_slot)}"
+        )
     if run_requests:
         return dg.SensorResult(run_requests=run_requests, cursor=new_cursor)
-    reason = (
-        f"waiting for {len(pending)} drop(s) to settle: {', '.join(sorted(pending))}"
-        if pending
-        else f"no new data under {incoming_uri(backend.root_uri)}/"
-    )
+    settling = sorted(set(pending) - set(waiting_for_slot))
+    if waiting_for_slot:
+        reason = (
+            f"{len(waiting_for_slot)} drop(s) wait for a free slot: {max_runs} incoming data run(s) "
+            f"already in flight (LLMFT_INCOMING_MAX_RUNS)"
+        )
+    elif settling:
+        reason = f"waiting for {len(settling)} drop(s) to settle: {', '.join(settling)}"
+    else:
+        reason = f"no new data under {incoming_uri(backend.root_uri)}/"
     return dg.SensorResult(skip_reason=reason, cursor=new_cursor)
 
 

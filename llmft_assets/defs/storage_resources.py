@@ -1,12 +1,19 @@
 """Dagster resources and the IO manager over llmft's storage layer (local folder or S3).
 
-Assets write their outputs into a local staging folder and return a `StagedArtifact`; the IO manager
+Assets write their outputs into a local staging folder and return a `StagedArtifact` (through
+`artifact_output`, which makes the content hash the output's Dagster `DataVersion`); the IO manager
 publishes it atomically (files, manifest, pointer last) and records uri + version as metadata.
 Downstream assets receive an `ArtifactHandle`: a local folder with the verified files. Nothing is pickled.
+
+Which version an input is: the one *this run* materialized, else the one Dagster recorded for the input
+when the step started (the input data version in the lineage). The storage pointer (`LATEST.json`),
+which any concurrent run can move, is used only when this Dagster instance has no record of the asset
+at all (a fresh instance over existing storage).
 """
 
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +23,7 @@ from dagster_aws.s3 import S3Resource
 
 from llmft_assets import settings
 from llmft_assets.storage import StorageBackend, fetch_artifact, open_storage, publish_directory
+from llmft_assets.storage.publish import FileEntry, content_version, describe_directory
 
 
 @dataclass
@@ -24,6 +32,22 @@ class StagedArtifact:
 
     path: Path
     metadata: dict[str, Any] = field(default_factory=dict)
+    entries: list[FileEntry] | None = field(default=None, repr=False)
+
+    def content_version(self) -> str:
+        """The version storage will give these bytes (hashed once, reused by the IO manager)."""
+        if self.entries is None:
+            self.entries = describe_directory(self.path)
+        return content_version(self.entries)
+
+
+def artifact_output(artifact: StagedArtifact, metadata: dict[str, Any] | None = None) -> dg.Output:
+    """An asset's output whose Dagster DataVersion is the content hash its artifact is published under."""
+    with warnings.catch_warnings():  # `data_version` is marked beta; it is the documented way to set it
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        return dg.Output(
+            artifact, metadata=metadata or {}, data_version=dg.DataVersion(artifact.content_version())
+        )
 
 
 @dataclass(frozen=True)
@@ -77,7 +101,7 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
             )
         backend = self.storage.backend()
         published = publish_directory(
-            backend, asset_prefix(context.asset_key), obj.path, metadata=obj.metadata
+            backend, asset_prefix(context.asset_key), obj.path, metadata=obj.metadata, entries=obj.entries
         )
         context.add_output_metadata(
             {
@@ -91,7 +115,11 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
 
     def load_input(self, context: dg.InputContext) -> ArtifactHandle:
         key = context.upstream_output.asset_key if context.upstream_output else context.asset_key
-        artifact, path = fetch_artifact(self.storage.backend(), asset_prefix(key), self.storage.cache_dir())
+        version, pinned_by = pinned_input_version(context, key)
+        artifact, path = fetch_artifact(
+            self.storage.backend(), asset_prefix(key), self.storage.cache_dir(), version=version
+        )
+        context.add_input_metadata({"version": artifact.version, "pinned_by": pinned_by})
         return ArtifactHandle(
             asset=key.to_user_string(),
             version=artifact.version,
@@ -99,3 +127,44 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
             path=path,
             metadata=artifact.metadata,
         )
+
+
+def _version_of(record: Any) -> str | None:
+    materialization = record.asset_materialization if record is not None else None
+    value = materialization.metadata.get("version") if materialization is not None else None
+    return str(getattr(value, "value", value)) if value is not None else None
+
+
+def pinned_input_version(context: dg.InputContext, key: dg.AssetKey) -> tuple[str | None, str]:
+    """(version to read, why): this run's materialization of `key`, else the one Dagster recorded for
+    this step's input; (None, ...) only when the instance never recorded `key`."""
+    from dagster._core.errors import DagsterInvariantViolationError
+    from dagster._core.events import DagsterEventType
+
+    try:
+        step_context = context.step_context
+    except DagsterInvariantViolationError:  # an input context built outside a run (unit tests)
+        return None, "storage pointer (no run)"
+    instance, run_id = step_context.instance, step_context.run_id
+    produced = instance.get_records_for_run(
+        run_id=run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION
+    ).records
+    for record in reversed(produced):
+        materialization = record.event_log_entry.asset_materialization
+        if materialization is not None and materialization.asset_key == key:
+            version = _version_of(record.event_log_entry)
+            if version:
+                return version, f"materialized by this run ({run_id[:8]})"
+    info = step_context.maybe_fetch_and_get_input_asset_version_info(key)
+    if info is not None:
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=key, storage_ids=[info.storage_id]), limit=1
+        ).records
+        version = _version_of(records[0].event_log_entry) if records else None
+        if version:
+            return version, f"input version Dagster recorded (run {info.run_id[:8]})"
+    context.log.warning(
+        f"{key.to_user_string()}: no materialization recorded in this Dagster instance; reading the "
+        "storage pointer (LATEST.json)"
+    )
+    return None, "storage pointer (not recorded in this instance)"

@@ -14,15 +14,23 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from pydantic import BaseModel, Field, create_model
+from pydantic import Field
 
+from llmft_assets.defs.config_models import dagster_config
 from llmft_assets.defs.data_assets import OWNERS, split_file
 from llmft_assets.defs.k8s_tags import gpu_op_tags
 from llmft_assets.defs.mlflow_resource import MlflowResource
-from llmft_assets.defs.storage_resources import ArtifactHandle, StagedArtifact, StorageResource, asset_prefix
+from llmft_assets.defs.storage_resources import (
+    ArtifactHandle,
+    StagedArtifact,
+    StorageResource,
+    artifact_output,
+    asset_prefix,
+)
 from llmft_assets.evaluation.answer_check import DEFAULT_TIMEOUT_S as DEFAULT_ANSWER_TIMEOUT_S
 from llmft_assets.evaluation.gate import Criterion, GateThresholds, criteria_table
 from llmft_assets.evaluation.generate import DEFAULT_MAX_NEW_TOKENS
+from llmft_assets.training.config import TrainingConfig
 
 TRAINING_GROUP = "training"
 EVALUATION_GROUP = "evaluation"
@@ -33,60 +41,100 @@ RESULT_FILE = "train_result.json"
 LOSS_PNG = "loss_curve.png"
 
 
-class LoraAdapterConfig(dg.Config):
-    """Hyper-parameters of the LoRA / QLoRA run (validated by `TrainingConfig`; errors name the field)."""
-
-    lora_r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    target_modules: list[str] = Field(default=["all-linear"], description='["all-linear"] or module names')
-    qlora: bool = Field(default=False, description="4-bit NF4 base weights with double quantization")
-    learning_rate: float = 5e-4
-    lr_scheduler_type: str = "cosine"
-    warmup_ratio: float = 0.03
-    num_train_epochs: float = 2.0
-    max_steps: int = -1
-    per_device_train_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    max_seq_len: int = 1024
-    packing: bool = Field(default=True, description="padding-free batches (DataCollatorWithFlattening)")
-    max_tokens_per_batch: int | None = None
-    gradient_checkpointing: bool = False
-    seed: int = 42
-    precision: str = Field(default="auto", description="fp32 | bf16 | fp16 | auto (bf16 where supported)")
-    attn_implementation: str = Field(default="sdpa", description="sdpa | eager | flash_attention_2 (CUDA)")
-    use_liger_kernel: bool = Field(default=False, description="Liger fused kernels (CUDA, liger-kernel)")
-    optim: str = Field(default="adamw_torch", description="e.g. adamw_torch_fused, paged_adamw_8bit (CUDA)")
-    use_dora: bool = Field(default=False, description="DoRA (weight-decomposed LoRA)")
-    use_rslora: bool = Field(default=False, description="rank-stabilised LoRA scaling")
-    torch_compile: bool = False
-    strategy: str = Field(default="ddp", description="with num_processes > 1: ddp | fsdp (accelerate config)")
-    save_steps: int = 50
-    logging_steps: int = 5
-    num_processes: int = Field(
-        default=1, description=">1 runs the same entry point under `accelerate launch` (DDP/FSDP)"
-    )
-
-    def training_config(self) -> Any:
-        from pydantic import ValidationError
-
-        from llmft_assets.training.config import TrainingConfig
-
-        values = self.model_dump(exclude={"num_processes"})
-        values["target_modules"] = (
-            "all-linear" if values["target_modules"] == ["all-linear"] else values["target_modules"]
+LoraAdapterConfig = dagster_config(
+    TrainingConfig,
+    "LoraAdapterConfig",
+    doc="Hyper-parameters of the LoRA / QLoRA run: the fields of llmft_assets.training.config.TrainingConfig "
+    "(validated there; errors name the field), plus how many processes run it.",
+    extra_fields={
+        "num_processes": (
+            int,
+            Field(default=1, description=">1 runs the same entry point under `accelerate launch` (DDP/FSDP)"),
         )
-        try:
-            return TrainingConfig(**values)
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise dg.Failure(
-                description=f"lora_adapter config is invalid: {problems}", allow_retries=False
-            ) from exc
+    },
+)
+
+
+def _tokenized_max_seq_len(storage: StorageResource, dataset_splits: ArtifactHandle) -> int:
+    """The max_seq_len the splits' rows were tokenized with, from the tokenized_dataset manifest."""
+    from llmft_assets.storage.publish import read_manifest
+
+    tokenized_version = dataset_splits.metadata.get("upstream")
+    manifest = read_manifest(
+        storage.backend(), asset_prefix(dg.AssetKey("tokenized_dataset")), str(tokenized_version)
+    )
+    return int(manifest.metadata["max_seq_len"])
 
 
 def _run_key(*parts: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+FINISHED_RECORD = "FINISHED.json"
+# Metadata of the finished run repeated when its adapter is reused (what a person compares runs by).
+_REUSED_METADATA = (
+    "mlflow_run_id",
+    "registered_model",
+    "registered_version",
+    "train_loss",
+    "eval_loss",
+    "global_step",
+    "dataset_version",
+    "base_model_version",
+    "checkpoints_uri",
+)
+
+
+def _finished_key(run_key: str) -> str:
+    return f"checkpoints/lora_adapter/{run_key}/{FINISHED_RECORD}"
+
+
+def _finished_training(backend: Any, run_key: str) -> dict[str, Any] | None:
+    """The record a completed training of `run_key` left, if its adapter is still in storage."""
+    from llmft_assets.storage.backend import ObjectNotFound
+
+    try:
+        record = json.loads(backend.get_bytes(_finished_key(run_key)))
+    except ObjectNotFound:
+        return None
+    manifest = f"{asset_prefix(dg.AssetKey('lora_adapter'))}/{record['adapter_version']}/_MANIFEST.json"
+    return record if backend.exists(manifest) else None
+
+
+def _record_finished_training(
+    backend: Any, run_key: str, artifact: StagedArtifact, metadata: dict[str, Any], dagster_run_id: str
+) -> None:
+    """Written after registration: from now on this run key is answered by reuse, never retrained."""
+    record = {
+        "adapter_version": artifact.content_version(),
+        "dagster_run_id": dagster_run_id,
+        "metadata": {key: metadata[key] for key in _REUSED_METADATA if key in metadata},
+    }
+    backend.put_bytes(_finished_key(run_key), json.dumps(record, default=str).encode())
+
+
+def _reused_adapter(
+    context: dg.AssetExecutionContext, storage: StorageResource, finished: dict[str, Any], run_key: str
+) -> dg.Output:
+    from llmft_assets.storage import fetch_artifact
+
+    version = finished["adapter_version"]
+    previous = finished["metadata"]
+    reason = (
+        f"same base model, splits and config as Dagster run {finished['dagster_run_id']} (run key {run_key}): "
+        f"adapter {version} (MLflow version {previous.get('registered_version')}) reused; nothing trained "
+        "or registered"
+    )
+    context.log.info(f"lora_adapter: {reason}")
+    published, path = fetch_artifact(
+        storage.backend(), asset_prefix(dg.AssetKey("lora_adapter")), storage.cache_dir(), version=version
+    )
+    staging = storage.staging_dir("lora_adapter")
+    for entry in published.files:  # the same files give the same content version, so nothing is re-uploaded
+        (staging / entry.path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path / entry.path, staging / entry.path)
+    metadata = {**previous, "reused": True, "skip_reason": reason, "run_key": run_key}
+    return artifact_output(StagedArtifact(staging, metadata=dict(published.metadata)), metadata=metadata)
 
 
 def _loss_markdown(history: list[tuple[int, float]], points: int = 12) -> str:
@@ -143,6 +191,7 @@ def _train_with_accelerate(
     owners=OWNERS,
     kinds={"pytorch", "mlflow"},
     pool=GPU_POOL,
+    code_version="2",
     retry_policy=dg.RetryPolicy(max_retries=2, delay=15),
     # Read by k8s_job_executor for this step's pod (dagster issue 22865); ignored in-process.
     op_tags=gpu_op_tags(),
@@ -163,9 +212,23 @@ def lora_adapter(
     from llmft_assets.training.tracking import log_loss_curve
     from llmft_assets.training.trainer import TrainResult, train_lora
 
-    training_config = config.training_config()
+    try:
+        training_config = config.to_domain(asset="lora_adapter").with_max_seq_len(
+            _tokenized_max_seq_len(storage, dataset_splits)
+        )
+    except ValueError as exc:
+        raise dg.Failure(description=f"lora_adapter config is invalid: {exc}", allow_retries=False) from exc
     backend = storage.backend()
-    run_key = _run_key(base_model.version, dataset_splits.version, training_config.model_dump_json())
+    run_key = _run_key(
+        base_model.version,
+        dataset_splits.version,
+        training_config.model_dump_json(),
+        *([f"num_processes={config.num_processes}"] if config.num_processes > 1 else []),
+    )
+    finished = _finished_training(backend, run_key)
+    if finished is not None:
+        # Same inputs + same config = the same adapter: hand back the one already trained and registered.
+        return _reused_adapter(context, storage, finished, run_key)
     checkpoints = StorageCheckpointStore(backend, f"checkpoints/lora_adapter/{run_key}", storage.cache_dir())
     base_info = base_model.metadata.get("model_info", {})
     bom = bill_of_materials(
@@ -192,14 +255,16 @@ def lora_adapter(
         if config.num_processes > 1:
             config_file = work / "training_config.json"
             config_file.write_text(training_config.model_dump_json())
-            local_checkpoints = storage.cache_dir() / "checkpoints" / run_key
             args = [
                 "--base-model", str(base_model.path),
                 "--train", str(split_file(dataset_splits, "train")),
                 "--eval", str(split_file(dataset_splits, "validation")),
                 "--output", str(work),
                 "--config", str(config_file),
-                "--checkpoint-dir", str(local_checkpoints),
+                # Checkpoints go to storage as in one process: rank 0 publishes, resume fetches from there.
+                "--checkpoint-storage", storage.root_uri(),
+                "--checkpoint-prefix", f"checkpoints/lora_adapter/{run_key}",
+                "--cache-dir", str(storage.cache_dir()),
                 "--mlflow-run-id", run_id,
             ]  # fmt: skip
             result = TrainResult.from_dict(
@@ -274,9 +339,11 @@ def lora_adapter(
     }
     if loss_png:
         metadata["loss_curve_artifact"] = loss_png
+    metadata["reused"] = False
     artifact = StagedArtifact(
         staging,
         metadata={
+            "run_key": run_key,
             "mlflow_run_id": run_id,
             "registered_version": str(version),
             "base_model_version": base_model.version,
@@ -284,18 +351,13 @@ def lora_adapter(
             "train_loss": result.train_loss,
         },
     )
-    return dg.Output(artifact, metadata=metadata)
-
-
-def _derived_config(name: str, model: type[BaseModel], doc: str) -> type[dg.Config]:
-    """A Dagster config class with exactly the fields (types, defaults, bounds) of a pydantic model."""
-    fields: dict[str, Any] = {key: (info.annotation, info) for key, info in model.model_fields.items()}
-    return create_model(name, __base__=dg.Config, __doc__=doc, **fields)
+    _record_finished_training(backend, run_key, artifact, metadata, context.run.run_id)
+    return artifact_output(artifact, metadata=metadata)
 
 
 # The gate's thresholds have one home, GateThresholds; this run config is derived from it.
-GateConfig = _derived_config(
-    "GateConfig", GateThresholds, "Thresholds of the promotion gate (GateThresholds)."
+GateConfig = dagster_config(
+    GateThresholds, "GateConfig", doc="Thresholds of the promotion gate (GateThresholds)."
 )
 
 
@@ -445,7 +507,7 @@ def eval_report(
     metadata["registered_version"] = str(version)
     metadata["report_preview"] = dg.MetadataValue.md(_report_markdown(report))
     metadata.update(_gate_metadata(report.gate))
-    return dg.Output(
+    return artifact_output(
         StagedArtifact(
             staging,
             metadata={

@@ -14,10 +14,11 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+
+from llmft_assets import settings
 
 API_KEY_ENV = "LLMFT_API_KEY"
 API_KEY_FILE_ENV = "LLMFT_API_KEY_FILE"
@@ -71,11 +72,11 @@ def load_api_keys(environ: Mapping[str, str] | None = None) -> dict[str, str] | 
     None is only allowed on a loopback address. A named but empty or unreadable file is an error
     rather than silently running without a key.
     """
-    env = os.environ if environ is None else environ
-    key = env.get(API_KEY_ENV, "").strip()
+    env = settings.get(environ)
+    key = env.api_key.get_secret_value().strip() if env.api_key is not None else ""
     if key:
         return {DEFAULT_KEY_NAME: key}
-    key_file = env.get(API_KEY_FILE_ENV, "").strip()
+    key_file = (env.api_key_file or "").strip()
     if not key_file:
         return None
     try:

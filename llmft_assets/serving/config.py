@@ -2,52 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from llmft_assets import settings
 from llmft_assets.serving.openai_schema import ServingLimits
 from llmft_assets.settings import llmft_home
 from llmft_assets.settings import storage_root as default_storage_root
 
-DEFAULT_BENTO_MODEL = "llmft-chat:latest"
-
-
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _float(env: Mapping[str, str], name: str, default: float, *, allow_zero: bool = False) -> float:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a number, got {raw!r}") from None
-    if value < 0 or (value == 0 and not allow_zero) or value != value:
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-    return value
-
-
-def _share(env: Mapping[str, str], name: str) -> float:
-    value = _float(env, name, 0.0, allow_zero=True)
-    if value > 1.0:
-        raise ValueError(f"{name} must be within [0, 1], got {value}")
-    return value
-
-
-def _bool(env: Mapping[str, str], name: str) -> bool:
-    return env.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+DEFAULT_BENTO_MODEL = settings.Settings.model_fields["bento_model"].default
 
 
 @dataclass(frozen=True)
@@ -78,38 +41,35 @@ class ServerSettings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServerSettings:
-        env = os.environ if environ is None else environ
+        env = settings.get(environ)  # types, ranges and defaults of every LLMFT_* variable live there
         limits = ServingLimits(
-            max_prompt_tokens=_int(env, "LLMFT_MAX_PROMPT_TOKENS", 4096),
-            # R1-style answers think for thousands of tokens before answering: a request without
-            # max_tokens gets what fits in the context, up to LLMFT_DEFAULT_MAX_TOKENS.
-            max_completion_tokens=_int(env, "LLMFT_MAX_TOKENS", 32768),
-            max_request_bytes=_int(env, "LLMFT_MAX_REQUEST_BYTES", 1 << 20),
-            default_completion_tokens=_int(env, "LLMFT_DEFAULT_MAX_TOKENS", 8192),
+            max_prompt_tokens=env.max_prompt_tokens,
+            max_completion_tokens=env.max_tokens,
+            max_request_bytes=env.max_request_bytes,
+            default_completion_tokens=env.default_max_tokens,
         )
         return cls(
-            model_dir=env.get("LLMFT_MODEL_DIR") or None,
-            bento_model=env.get("LLMFT_BENTO_MODEL") or DEFAULT_BENTO_MODEL,
-            storage_root=env.get("LLMFT_STORAGE") or default_storage_root(),
-            served_model_name=env.get("LLMFT_SERVED_MODEL_NAME") or None,
-            model_version=env.get("LLMFT_MODEL_VERSION") or None,
+            model_dir=env.model_dir,
+            bento_model=env.bento_model,
+            storage_root=env.storage or default_storage_root(),
+            served_model_name=env.served_model_name,
+            model_version=env.model_version,
             limits=limits,
-            max_batch_size=_int(env, "LLMFT_MAX_BATCH_SIZE", 32),
-            log_prompts=_bool(env, "LLMFT_LOG_PROMPTS"),
-            request_log_batch_rows=_int(env, "LLMFT_REQUEST_LOG_BATCH_ROWS", 256),
-            request_log_flush_s=_float(env, "LLMFT_REQUEST_LOG_FLUSH_S", 5.0),
-            torch_threads=_int(env, "LLMFT_TORCH_THREADS", 0, minimum=0) or None,
-            request_log_spool=env.get("LLMFT_REQUEST_LOG_SPOOL")
-            or str(llmft_home() / "serving" / "request_log_spool"),
-            request_log_fsync_s=_float(env, "LLMFT_REQUEST_LOG_FSYNC_S", 0.1),
-            max_queued_requests=_int(env, "LLMFT_MAX_QUEUED_REQUESTS", 32, minimum=0),
-            max_queued_tokens=_int(env, "LLMFT_MAX_QUEUED_TOKENS", 262_144),
-            rate_limit_rps=_float(env, "LLMFT_RATE_LIMIT_RPS", 0.0, allow_zero=True),
-            rate_limit_burst=_int(env, "LLMFT_RATE_LIMIT_BURST", 20),
-            body_timeout_s=_float(env, "LLMFT_BODY_TIMEOUT_S", 30.0),
-            reasoning_parser=env.get("LLMFT_REASONING_PARSER", "think").strip().lower() != "none",
-            registry_model=env.get("LLMFT_REGISTRY_MODEL") or None,
-            registry_poll_s=_float(env, "LLMFT_REGISTRY_POLL_S", 2.0),
-            canary_share=_share(env, "LLMFT_CANARY_SHARE"),
-            adapter_cache=env.get("LLMFT_ADAPTER_CACHE") or str(llmft_home() / "serving" / "adapters"),
+            max_batch_size=env.max_batch_size,
+            log_prompts=env.log_prompts,
+            request_log_batch_rows=env.request_log_batch_rows,
+            request_log_flush_s=env.request_log_flush_s,
+            torch_threads=env.torch_threads or None,
+            request_log_spool=env.request_log_spool or str(llmft_home() / "serving" / "request_log_spool"),
+            request_log_fsync_s=env.request_log_fsync_s,
+            max_queued_requests=env.max_queued_requests,
+            max_queued_tokens=env.max_queued_tokens,
+            rate_limit_rps=env.rate_limit_rps,
+            rate_limit_burst=env.rate_limit_burst,
+            body_timeout_s=env.body_timeout_s,
+            reasoning_parser=env.reasoning_parser != "none",
+            registry_model=env.registry_model,
+            registry_poll_s=env.registry_poll_s,
+            canary_share=env.canary_share,
+            adapter_cache=env.adapter_cache or str(llmft_home() / "serving" / "adapters"),
         )

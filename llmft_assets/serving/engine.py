@@ -20,7 +20,6 @@ import contextlib
 import importlib.util
 import json
 import logging
-import os
 import queue
 import threading
 import time
@@ -28,6 +27,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+from llmft_assets import settings
 
 if TYPE_CHECKING:
     import torch
@@ -837,7 +838,7 @@ class VLLMEngine:
 
 
 def vllm_available() -> bool:
-    if os.environ.get("LLMFT_ENGINE", "").lower() == "transformers":
+    if settings.get().engine == "transformers":
         return False
     if importlib.util.find_spec("vllm") is None:
         return False

@@ -17,6 +17,8 @@ from typing import Any
 
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
+from llmft_assets import settings
+
 
 class StorageError(RuntimeError):
     """A storage operation failed; the message names the URI and the cause."""
@@ -151,7 +153,8 @@ def _is_transient(exc: BaseException) -> bool:
 
 _s3_retry = retry(
     retry=retry_if_exception(_is_transient),
-    stop=stop_after_attempt(int(os.environ.get("LLMFT_S3_ATTEMPTS", "8"))),
+    # LLMFT_S3_ATTEMPTS, read at each call's first retry decision (not at import).
+    stop=lambda state: stop_after_attempt(settings.get().s3_attempts)(state),
     wait=wait_exponential(multiplier=0.5, max=8),
     reraise=True,
 )

@@ -94,10 +94,13 @@ def publish_directory(
     *,
     metadata: dict[str, Any] | None = None,
     update_pointer: bool = True,
+    entries: list[FileEntry] | None = None,
 ) -> PublishedArtifact:
-    """Upload `local_dir` under `<prefix>/<version>/`, then its manifest, then the pointer."""
+    """Upload `local_dir` under `<prefix>/<version>/`, then its manifest, then the pointer.
+
+    `entries`: the directory's description when the caller already hashed it (not re-read)."""
     prefix = prefix.strip("/")
-    entries = describe_directory(Path(local_dir))
+    entries = entries if entries is not None else describe_directory(Path(local_dir))
     version = content_version(entries)
     version_prefix = f"{prefix}/{version}"
     manifest_key = f"{version_prefix}/{MANIFEST_NAME}"

@@ -43,6 +43,17 @@ def checkpoint_step(path: Path) -> int:
     return int(match.group(1))
 
 
+def finished_checkpoint(path: Path) -> bool:
+    """True when the checkpoint is the end of its run (trainer_state: global_step >= max_steps)."""
+    state_file = Path(path) / "trainer_state.json"
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        return False
+    max_steps = int(state.get("max_steps") or 0)
+    return max_steps > 0 and int(state.get("global_step") or 0) >= max_steps
+
+
 def _fsync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*")):
         if path.is_file():

@@ -31,6 +31,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--checkpoint-dir", type=Path, default=None, help="checkpoint store root (default OUTPUT/checkpoints)"
     )
     parser.add_argument(
+        "--checkpoint-storage",
+        default=None,
+        help="publish checkpoints into this storage root (a path or s3://bucket/prefix; rank 0 publishes, "
+        "resume fetches from it); needs --checkpoint-prefix",
+    )
+    parser.add_argument("--checkpoint-prefix", default=None, help="key prefix of this run's checkpoints")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="local cache for fetched checkpoints")
+    parser.add_argument(
         "--sample-trace", type=Path, default=None, help="append the row ids of every step to this JSONL file"
     )
     parser.add_argument(
@@ -39,6 +47,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="log per-step metrics into this open MLflow run (MLFLOW_TRACKING_URI or the embedded store)",
     )
     return parser.parse_args(argv)
+
+
+def _checkpoint_store(args: argparse.Namespace) -> object | None:
+    from llmft_assets.training.checkpoints import LocalCheckpointStore
+
+    if args.checkpoint_storage:
+        if not args.checkpoint_prefix:
+            raise ValueError("--checkpoint-storage needs --checkpoint-prefix")
+        from llmft_assets.storage import open_storage
+        from llmft_assets.training.storage_checkpoints import StorageCheckpointStore
+
+        cache = args.cache_dir or args.output / "checkpoint-cache"
+        return StorageCheckpointStore(open_storage(args.checkpoint_storage), args.checkpoint_prefix, cache)
+    return LocalCheckpointStore(args.checkpoint_dir) if args.checkpoint_dir is not None else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,13 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(message: str) -> None:
         print(f"{prefix} {message}", flush=True)
 
-    from llmft_assets.training.checkpoints import LocalCheckpointStore
     from llmft_assets.training.config import TrainingConfig
     from llmft_assets.training.trainer import train_lora
 
     try:
         config = TrainingConfig.from_json_file(args.config)
-        store = LocalCheckpointStore(args.checkpoint_dir) if args.checkpoint_dir is not None else None
+        store = _checkpoint_store(args)
         callbacks = []
         if args.mlflow_run_id:
             from llmft_assets.training.tracking import MlflowTrainingCallback

@@ -30,6 +30,7 @@ _SCHEDULERS = {
     "cosine_with_min_lr",
     "warmup_stable_decay",
 }
+ALL_LINEAR = "all-linear"
 _ATTN_IMPLEMENTATIONS = {"sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"}
 # Optimizers offered (transformers' names). The bitsandbytes ones keep 8-bit / paged state on the GPU.
 _TORCH_OPTIMIZERS = {"adamw_torch", "adamw_torch_fused", "adafactor", "sgd"}
@@ -40,7 +41,12 @@ Strategy = Literal["ddp", "fsdp"]
 
 
 class TrainingConfig(BaseModel):
-    """Hyper-parameters of one LoRA/QLoRA fine-tuning run."""
+    """Hyper-parameters of one LoRA/QLoRA fine-tuning run.
+
+    The one home of every training field and default: `lora_adapter`'s Dagster config is derived from
+    this class (llmft_assets/defs/config_models.py), so a field added here is a run-config field there.
+    Field types stay within what Dagster config can express (no unions other than `X | None`).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -48,7 +54,9 @@ class TrainingConfig(BaseModel):
     lora_r: int = Field(16, gt=0, description="LoRA rank")
     lora_alpha: float = Field(32.0, gt=0)
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: str | list[str] = Field("all-linear", description='"all-linear" or module names')
+    target_modules: list[str] = Field(
+        default_factory=lambda: [ALL_LINEAR], description='["all-linear"] or module names'
+    )
     use_dora: bool = Field(False, description="weight-decomposed LoRA (DoRA): magnitude + direction")
     use_rslora: bool = Field(
         False, description="rank-stabilised LoRA: scale alpha/sqrt(r) instead of alpha/r"
@@ -58,18 +66,23 @@ class TrainingConfig(BaseModel):
     bnb_4bit_compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # optimisation
     optim: str = Field("adamw_torch", description="optimizer; paged_adamw_8bit (CUDA) saves memory in QLoRA")
-    learning_rate: float = Field(2e-4, gt=0.0, lt=1.0)
+    learning_rate: float = Field(5e-4, gt=0.0, lt=1.0)
     lr_scheduler_type: str = "cosine"
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, ge=0.0)
-    num_train_epochs: float = Field(1.0, ge=0.0)
+    num_train_epochs: float = Field(2.0, ge=0.0)
     max_steps: int = Field(-1, ge=-1, description="> 0 overrides num_train_epochs")
-    per_device_train_batch_size: int = Field(4, gt=0)
+    per_device_train_batch_size: int = Field(8, gt=0)
     per_device_eval_batch_size: int = Field(4, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
     # data
-    max_seq_len: int = Field(2048, gt=1)
+    max_seq_len: int | None = Field(
+        None,
+        gt=1,
+        description="tokenized_dataset's max_seq_len owns it: unset = the tokenized data's; a set value must "
+        "equal it",
+    )
     packing: bool = Field(True, description="padding-free batches (DataCollatorWithFlattening)")
     max_tokens_per_batch: int | None = Field(
         None,
@@ -98,17 +111,18 @@ class TrainingConfig(BaseModel):
     )
     save_steps: int = Field(50, gt=0)
     save_total_limit: int = Field(2, gt=0, description="local Trainer checkpoints kept on disk")
-    logging_steps: int = Field(10, gt=0)
+    logging_steps: int = Field(5, gt=0)
     eval_steps: int | None = Field(None, gt=0, description="evaluate every N steps; None: only at the end")
     dataloader_num_workers: int = Field(0, ge=0)
 
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _one_name_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value  # "all-linear" as JSON files used to say
+
     @field_validator("target_modules")
     @classmethod
-    def _check_target_modules(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, str):
-            if not value.strip():
-                raise ValueError("target_modules must be 'all-linear' or a non-empty list of module names")
-            return value
+    def _check_target_modules(cls, value: list[str]) -> list[str]:
         if not value or any(not name.strip() for name in value):
             raise ValueError("target_modules must be a non-empty list of non-empty module names")
         return value
@@ -160,9 +174,30 @@ class TrainingConfig(BaseModel):
         """
         if self.max_tokens_per_batch is not None:
             return self.max_tokens_per_batch
+        if self.max_seq_len is None:
+            raise ValueError("max_seq_len: unresolved; take it from the tokenized data (with_max_seq_len)")
         if self.packing:
             return self.max_seq_len
         return self.per_device_train_batch_size * self.max_seq_len
+
+    @property
+    def peft_target_modules(self) -> str | list[str]:
+        """What peft expects: the string "all-linear", or module names."""
+        return ALL_LINEAR if self.target_modules == [ALL_LINEAR] else list(self.target_modules)
+
+    def with_max_seq_len(
+        self, tokenized_max_seq_len: int, *, source: str = "tokenized_dataset"
+    ) -> TrainingConfig:
+        """This config with the tokenized data's max_seq_len; a different explicit value is an error, since
+        rows were truncated when they were tokenized and training cannot make them longer (or silently
+        cut them shorter)."""
+        if self.max_seq_len is not None and self.max_seq_len != tokenized_max_seq_len:
+            raise ValueError(
+                f"max_seq_len: the training config asks for {self.max_seq_len} but {source} was built with "
+                f"max_seq_len {tokenized_max_seq_len}; set it on tokenized_dataset (where rows are truncated) "
+                "and leave it unset for training"
+            )
+        return self.model_copy(update={"max_seq_len": tokenized_max_seq_len})
 
     def resolve_precision(self, device_type: str) -> ResolvedPrecision:
         """The precision actually used on `device_type` ("cpu" or "cuda"); "auto" picks bf16 where supported."""

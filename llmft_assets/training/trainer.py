@@ -21,6 +21,7 @@ from llmft_assets.training.checkpoints import (
     CheckpointStore,
     LocalCheckpointStore,
     checkpoint_step,
+    finished_checkpoint,
     make_checkpoint_callback,
 )
 from llmft_assets.training.config import TrainingConfig
@@ -118,7 +119,7 @@ def load_lora_model(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=config.target_modules,
+        target_modules=config.peft_target_modules,
         bias="none",
         task_type="CAUSAL_LM",
         use_dora=config.use_dora,
@@ -313,6 +314,13 @@ def _make_progress_callback(
     return ProgressCallback()
 
 
+def _longest_row(path: Path) -> int:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    return int(pc.max(pq.read_table(path, columns=["num_tokens"]).column("num_tokens")).as_py() or 0)
+
+
 def train_lora(
     *,
     base_model_dir: Path,
@@ -342,6 +350,10 @@ def train_lora(
     output_dir.mkdir(parents=True, exist_ok=True)
     store: CheckpointStore = checkpoints or LocalCheckpointStore(output_dir / "checkpoints")
 
+    if config.max_seq_len is None:
+        # Called without the tokenized manifest (CLI, tests): the data is already truncated, its
+        # longest row is the limit it was built with (or shorter).
+        config = config.with_max_seq_len(max(2, _longest_row(Path(train_path))), source=str(train_path))
     train_split = TokenizedSplit(Path(train_path), config.max_seq_len)
     if len(train_split) == 0:
         raise ValueError(f"train split {train_path} has no usable rows: {train_split.stats.to_dict()}")
@@ -426,7 +438,17 @@ def train_lora(
     trainer_ref["trainer"] = trainer
     is_main = trainer.is_world_process_zero()
 
-    resume_dir = store.latest()
+    # One process per host fetches the newest checkpoint (from storage) first; the others then find it in
+    # the local cache, so ranks never download into the same folder at once.
+    with args.main_process_first(local=True, desc="fetch the latest checkpoint"):
+        resume_dir = store.latest()
+    if resume_dir is not None and finished_checkpoint(resume_dir):
+        # Resuming the last step of a finished run would train zero steps and pass the old weights off
+        # as a new result; the caller reuses finished results, so this one starts over (same seed).
+        log(
+            f"{resume_dir.name} ends a finished run: not resuming into a zero-step run, training from the start"
+        )
+        resume_dir = None
     resumed_from_step = checkpoint_step(resume_dir) if resume_dir is not None else None
     if is_main:
         log(
