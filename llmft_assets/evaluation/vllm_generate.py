@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import importlib.util
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 from llmft_assets.evaluation.metrics import Generation
 
-ENV_EVAL_BACKEND = "LLMFT_EVAL_BACKEND"  # auto (default) | vllm | transformers
+ENV_EVAL_BACKEND = "LLMFT_EVAL_BACKEND"  # auto (default) | vllm | transformers (llmft_assets.settings)
 BACKENDS = ("auto", "vllm", "transformers")
 # vLLM accepts these LoRA ranks for `max_lora_rank`
 _VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -43,7 +42,9 @@ def select_generation_backend(
     "auto" takes vLLM only when it is installed and CUDA is present; asking for "vllm" where either is
     missing is a ValueError that says which.
     """
-    choice = (requested or os.environ.get(ENV_EVAL_BACKEND) or "auto").strip().lower()
+    from llmft_assets import settings
+
+    choice = (requested or settings.get().eval_backend).strip().lower()
     if choice not in BACKENDS:
         raise ValueError(f"generation backend {choice!r} is not one of {list(BACKENDS)} ({ENV_EVAL_BACKEND})")
     if choice == "transformers":

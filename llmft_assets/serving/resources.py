@@ -7,7 +7,6 @@ image (bentos/bentofile-gpu.yaml) and is built with the same value, the CPU bent
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,18 +16,14 @@ ENV_SERVE_GPU_TYPE = "LLMFT_SERVE_GPU_TYPE"  # optional BentoML gpu_type, e.g. n
 
 def service_resources(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """`{"gpu": n[, "gpu_type": t]}` for a GPU server, `{}` for a CPU one; ValueError names the variable."""
-    env = os.environ if environ is None else environ
-    raw = env.get(ENV_SERVE_GPUS, "").strip() or "0"
-    try:
-        gpus = int(raw)
-    except ValueError as error:
-        raise ValueError(f"{ENV_SERVE_GPUS} must be a whole number of GPUs, got {raw!r}") from error
-    if gpus < 0:
-        raise ValueError(f"{ENV_SERVE_GPUS} must be >= 0, got {gpus}")
+    from llmft_assets import settings
+
+    values = settings.get(environ)  # types and ranges live there; a bad value names the variable
+    gpus = values.serve_gpus
     if gpus == 0:
         return {}
     resources: dict[str, Any] = {"gpu": gpus}
-    gpu_type = env.get(ENV_SERVE_GPU_TYPE, "").strip()
+    gpu_type = (values.serve_gpu_type or "").strip()
     if gpu_type:
         resources["gpu_type"] = gpu_type
     return resources

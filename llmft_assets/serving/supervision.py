@@ -28,7 +28,6 @@ logger = logging.getLogger("bentoml.llmft.serving")
 
 WATCH_INTERVAL_S = 0.5
 HEADER_TIMEOUT_ENV = "LLMFT_HEADER_TIMEOUT_S"
-DEFAULT_HEADER_TIMEOUT_S = 10.0
 
 
 def _process_group(pid: int) -> int | None:
@@ -146,9 +145,11 @@ def supervise_serve_process(is_cli: bool) -> None:
         os.environ[ARBITER_PID_ENV] = str(os.getpid())
         watch_launcher()
         return
-    arbiter = os.environ.get(ARBITER_PID_ENV, "")
-    if arbiter.isdigit() and int(arbiter) != os.getpid():
-        watch_arbiter(int(arbiter))
+    from llmft_assets import settings
+
+    arbiter = settings.get().serve_arbiter_pid
+    if arbiter is not None and arbiter != os.getpid():
+        watch_arbiter(arbiter)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,13 +158,9 @@ def supervise_serve_process(is_cli: bool) -> None:
 
 
 def header_timeout_s() -> float:
-    raw = os.environ.get(HEADER_TIMEOUT_ENV, "").strip()
-    if not raw:
-        return DEFAULT_HEADER_TIMEOUT_S
-    value = float(raw)
-    if value <= 0:
-        raise ValueError(f"{HEADER_TIMEOUT_ENV} must be > 0, got {raw!r}")
-    return value
+    from llmft_assets import settings
+
+    return settings.get().header_timeout_s
 
 
 def _header_timeout_protocol() -> type:

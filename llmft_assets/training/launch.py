@@ -9,7 +9,6 @@ ranks over gloo (accelerate 1.15's `--cpu --num_processes N` would silently star
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,8 +20,9 @@ TRAINING_MODULE = "llmft_assets.training.cli"
 
 def accelerate_config_dir(environ: Mapping[str, str] | None = None) -> Path:
     """LLMFT_ACCELERATE_CONFIG_DIR, else `deploy/accelerate` of the checkout this package runs from."""
-    env = os.environ if environ is None else environ
-    configured = env.get(ENV_ACCELERATE_CONFIG_DIR, "").strip()
+    from llmft_assets import settings
+
+    configured = (settings.get(environ).accelerate_config_dir or "").strip()
     if configured:
         return Path(configured).expanduser()
     return Path(__file__).resolve().parents[2] / "deploy" / "accelerate"

@@ -9,11 +9,12 @@ may be packaged) or a comma-separated list of allowed licences; unset, nothing i
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from llmft_assets.settings import ENV_LICENSE_POLICY
+from llmft_assets import settings
+
+ENV_LICENSE_POLICY = settings.env_name("license_policy")
 
 UNKNOWN = "unknown"
 # The project's own licence (pyproject.toml): what the tiny model and the bundled synthetic sample carry.
@@ -104,7 +105,7 @@ class LicensePolicy:
     @classmethod
     def from_env(cls) -> LicensePolicy:
         """Read at use time, so a deployment's environment decides."""
-        return cls.parse(os.environ.get(ENV_LICENSE_POLICY))
+        return cls.parse(settings.get().license_policy or None)
 
     def describe(self) -> str:
         if self.commercial:
