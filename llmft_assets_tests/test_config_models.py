@@ -13,7 +13,7 @@ import pytest
 import yaml
 from pydantic import Field
 
-from llmft_assets.data.raw_sources import _local_files
+from llmft_assets.data.raw_sources import DataSourceError, _local_files
 from llmft_assets.data.splits import SplitSettings
 from llmft_assets.data.validation import ValidationLimits
 from llmft_assets.definitions import defs
@@ -131,4 +131,12 @@ def test_readme_yaml_example_validates_and_takes_effect(index: int) -> None:
         assert getattr(resolved, key) == value
     if "raw_dataset" in ops:
         source = ops["raw_dataset"]["config"]["source"]
-        assert _local_files(source, ops["raw_dataset"]["config"].get("config")) is None  # read from the hub
+        if source.startswith("s3://"):
+            pass  # read from the bucket (llmft_assets_tests/test_data_raw_sources.py, on moto)
+        elif Path(source).suffix in {".jsonl", ".json", ".parquet"}:
+            # A local file (the README's column-mapping example names the user's own file): read from
+            # disk, never looked up on the hub.
+            with pytest.raises(DataSourceError, match="no such file"):
+                _local_files(source, ops["raw_dataset"]["config"].get("config"))
+        else:
+            assert _local_files(source, ops["raw_dataset"]["config"].get("config")) is None  # from the hub

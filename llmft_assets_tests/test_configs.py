@@ -63,7 +63,7 @@ def test_config_validates_for_its_command(path: Path) -> None:
     assert {"raw_dataset", "base_model", "lora_adapter", "eval_report"} <= set(ops)
     assert ops["base_model"]["config"]["model"].startswith("Qwen/Qwen2.5-")
     # The training hyper-parameters also pass the training config's own rules (ranges, QLoRA precision).
-    LoraAdapterConfig(**ops["lora_adapter"]["config"]).training_config()
+    LoraAdapterConfig(**ops["lora_adapter"]["config"]).to_domain(asset="lora_adapter")
     assert path.name in README.read_text(), f"README does not point to {path.name}"
 
 

@@ -257,7 +257,7 @@ def test_service_resources_validation() -> None:
         "gpu_type": "nvidia-h100-80gb",
     }
     assert service_resources({ENV_SERVE_GPUS: " "}) == {}
-    with pytest.raises(ValueError, match="LLMFT_SERVE_GPUS must be a whole number"):
+    with pytest.raises(ValueError, match="LLMFT_SERVE_GPUS='one'"):
         service_resources({ENV_SERVE_GPUS: "one"})
-    with pytest.raises(ValueError, match="LLMFT_SERVE_GPUS must be >= 0"):
+    with pytest.raises(ValueError, match="LLMFT_SERVE_GPUS='-1'"):
         service_resources({ENV_SERVE_GPUS: "-1"})

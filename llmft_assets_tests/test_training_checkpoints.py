@@ -79,3 +79,8 @@ def test_finished_checkpoint_is_told_from_an_intermediate_one(tmp_path: Path) ->
         (path / "trainer_state.json").write_text(json.dumps(state))
         assert finished_checkpoint(path) is expected
     assert finished_checkpoint(tmp_path / "missing") is False
+    # A step budget: the new run's decides (a larger one extends training, the same one is zero steps).
+    assert finished_checkpoint(tmp_path / "checkpoint-4", max_steps=8) is False
+    assert finished_checkpoint(tmp_path / "checkpoint-4", max_steps=4) is True
+    assert finished_checkpoint(tmp_path / "checkpoint-9", max_steps=9) is True
+    assert finished_checkpoint(tmp_path / "checkpoint-2", max_steps=3) is False

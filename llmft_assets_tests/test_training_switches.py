@@ -110,7 +110,9 @@ def test_bf16_where_unsupported_is_a_clear_error(monkeypatch: pytest.MonkeyPatch
 
 def test_switches_are_recorded_in_the_bill_of_materials() -> None:
     config = TrainingConfig(**SWITCHES)
-    bom = bill_of_materials(base_model_info={"model_id": "tiny"}, dataset_version="v1", config=config, seed=1)
+    bom = bill_of_materials(
+        base_model_info={"model_id": "tiny"}, dataset_version="v1", dataset=None, config=config, seed=1
+    )
     recorded = bom["training_config"]
     assert {key: recorded[key] for key in SWITCHES} == SWITCHES
     json.dumps(bom)  # JSON-able as written into the adapter folder and MLflow
@@ -121,12 +123,12 @@ def test_dagster_config_passes_every_switch_through() -> None:
 
     from llmft_assets.defs.training_assets import LoraAdapterConfig
 
-    training = LoraAdapterConfig(**SWITCHES).training_config()
+    training = LoraAdapterConfig(**SWITCHES).to_domain(asset="lora_adapter")
     assert {key: getattr(training, key) for key in SWITCHES} == SWITCHES
     # the MLflow params of the run are this dump (see lora_adapter)
     assert {key: training.model_dump()[key] for key in SWITCHES} == SWITCHES
     with pytest.raises(dg.Failure, match="optim"):
-        LoraAdapterConfig(optim="adamw_magic").training_config()
+        LoraAdapterConfig(optim="adamw_magic").to_domain(asset="lora_adapter")
 
 
 # ---------------------------------------------------------------------------------------- two-step CPU runs

@@ -43,15 +43,23 @@ def checkpoint_step(path: Path) -> int:
     return int(match.group(1))
 
 
-def finished_checkpoint(path: Path) -> bool:
-    """True when the checkpoint is the end of its run (trainer_state: global_step >= max_steps)."""
+def finished_checkpoint(path: Path, max_steps: int = -1) -> bool:
+    """True when resuming from the checkpoint would train zero steps.
+
+    With a step budget (``max_steps > 0``, the new run's) that is when the checkpoint already reached it;
+    a larger budget resumes (training is extended). Without one (epochs) the run's own end counts
+    (trainer_state: global_step >= its max_steps): the same data and epochs give the same end.
+    """
     state_file = Path(path) / "trainer_state.json"
     try:
         state = json.loads(state_file.read_text())
     except (OSError, ValueError):
         return False
-    max_steps = int(state.get("max_steps") or 0)
-    return max_steps > 0 and int(state.get("global_step") or 0) >= max_steps
+    global_step = int(state.get("global_step") or 0)
+    if max_steps > 0:
+        return global_step >= max_steps
+    run_end = int(state.get("max_steps") or 0)
+    return run_end > 0 and global_step >= run_end
 
 
 def _fsync_tree(root: Path) -> None:

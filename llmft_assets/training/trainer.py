@@ -442,7 +442,7 @@ def train_lora(
     # the local cache, so ranks never download into the same folder at once.
     with args.main_process_first(local=True, desc="fetch the latest checkpoint"):
         resume_dir = store.latest()
-    if resume_dir is not None and finished_checkpoint(resume_dir):
+    if resume_dir is not None and finished_checkpoint(resume_dir, config.max_steps):
         # Resuming the last step of a finished run would train zero steps and pass the old weights off
         # as a new result; the caller reuses finished results, so this one starts over (same seed).
         log(
