@@ -233,7 +233,10 @@ def test_licence_policy_champion_packaging_and_broken_adapter_refused(workspace:
     broken_version = _publish_scrambled_adapter(workspace, str(adapter["uri"]))
     (release,) = _run_steps(workspace, [{"assets": ["eval_report", "model_bento"], "config": EVAL_CONFIG}])
     assert release["success"] is False
-    assert release["materialized"] == ["eval_report"]  # model_bento never ran: the blocking gate failed
+    # model_bento never ran: the only failure is the blocking gate (not model_bento refusing by itself).
+    assert release["materialized"] == ["eval_report"]
+    assert len(release["failures"]) == 1 and "blocking asset check failed" in release["failures"][0]
+    assert "eval_report: eval_gate" in release["failures"][0]
     gate = release["checks"]["eval_gate"]
     assert gate["passed"] is False and gate["metadata"]["promoted"] is False
     assert gate["metadata"]["previous_champion"] == str(champion_version)
