@@ -73,7 +73,7 @@ def test_good_adapter_without_champion_passes_every_criterion() -> None:
     assert decision.failed == []
     assert decision.reasons == [
         "accuracy_gain: 0.4 > 0 (adapter 0.5 - base 0.1 on 20 paired rows) -> pass",
-        "accuracy_significance: 0.003906 < 0.05 (exact McNemar, one-sided: adapter alone right on 8, "
+        "accuracy_significance: 0.003906 <= 0.05 (exact McNemar, one-sided: adapter alone right on 8, "
         "base alone right on 0 of 20 rows) -> pass",
         "format_compliance: 0.95 >= 0.8 (minimum format compliance) -> pass",
         "finish_rate: 0.95 >= 0.8 (minimum share of answers stopped at the end token) -> pass",
@@ -308,7 +308,7 @@ def test_gate_for_report_pairs_rows_and_prefers_the_champion_scored_on_the_same_
     report = _report(champion=False)
     decision = decide_gate_for_report(report)
     assert decision.passed
-    assert decision.reasons[1].startswith("accuracy_significance: 0.003906 < 0.05")
+    assert decision.reasons[1].startswith("accuracy_significance: 0.003906 <= 0.05")
     # A champion recorded elsewhere (registry tags) is used when the report did not score one...
     registry_champion = {"accuracy": 0.95, "format_compliance": 1.0, "finished_rate": 1.0, "perplexity": 4.0}
     from_registry = decide_gate_for_report(report, champion=registry_champion, champion_name="v0")
@@ -320,4 +320,37 @@ def test_gate_for_report_pairs_rows_and_prefers_the_champion_scored_on_the_same_
     assert decision.champion == "v1"
     assert (
         "champion_accuracy: 0.8 < 0.88 (champion's accuracy 0.9 - tolerance 0.02) -> fail" in decision.reasons
+    )
+
+
+def test_p_value_equal_to_alpha_passes_and_wide_open_thresholds_admit_a_no_gain_adapter() -> None:
+    candidate = model([True] * 5 + [False] * 15)
+    base = model([False] * 20, perplexity=8.0)  # 5 wins, 0 losses: p = 1/32
+    assert decide_gate(candidate, base, None, thresholds=GateThresholds(alpha=1 / 32)).passed
+    assert decide_gate(candidate, base, None, thresholds=GateThresholds(alpha=1 / 33)).failed == [
+        "accuracy_significance"
+    ]
+    # What a plumbing smoke test configures: no gain needed, the paired test off, no format or finish floor.
+    smoke = GateThresholds(alpha=1.0, min_accuracy_gain=-1.0, min_format_compliance=0.0, min_finish_rate=0.0)
+    nothing_learned = model([False] * 20, format_compliance=0.0, finished_rate=0.0, perplexity=8.0)
+    assert decide_gate(nothing_learned, base, None).failed == [
+        "accuracy_gain",
+        "accuracy_significance",
+        "format_compliance",
+        "finish_rate",
+    ]
+    assert decide_gate(nothing_learned, base, None, thresholds=smoke).passed
+
+
+def test_a_champion_without_recorded_metrics_fails_the_champion_criteria() -> None:
+    decision = decide_gate(GOOD, BASE, {}, champion_name="llmft-adapter v3")
+    assert decision.failed == [
+        "champion_accuracy",
+        "champion_format_compliance",
+        "champion_finish_rate",
+        "champion_perplexity",
+    ]
+    assert decision.reasons[5] == (
+        "champion_accuracy: the value it is compared with is missing or not a number "
+        "(champion's accuracy None - tolerance 0.02)"
     )

@@ -162,7 +162,7 @@ def test_model_card_has_ids_licences_config_eval_and_gate(tmp_path) -> None:
     assert "| Verified accuracy (math-verify) | 10.0% | 60.0% |" in card
     assert "| Stopped at the end token | 10.0% | 95.0% |" in card
     assert "Decision: **promoted**" in card
-    assert "| accuracy_significance | 0.03125 | < 0.05 | pass |" in card
+    assert "| accuracy_significance | 0.03125 | <= 0.05 | pass |" in card
     assert "| champion_accuracy | n/a | - | skipped |" in card
     assert str(tmp_path) not in card
     pending = render_model_card(
@@ -173,3 +173,51 @@ def test_model_card_has_ids_licences_config_eval_and_gate(tmp_path) -> None:
         training_config={"seed": 1},
     )
     assert "Not evaluated yet" in pending and "`local:local-base`" in pending and str(tmp_path) not in pending
+
+
+@pytest.mark.slow  # builds the tiny base model (about a minute on 2 busy cores)
+def test_readme_config_examples_reach_the_bom_and_the_gate(llmft_home) -> None:
+    """README: `raw_dataset: {config: {license: ...}}` and `eval_report: {config: {gate: {alpha: 0.01}}}`."""
+    import json
+
+    import dagster as dg
+
+    from llmft_assets.definitions import build_resources
+    from llmft_assets.defs.data_assets import raw_dataset
+    from llmft_assets.defs.training_assets import EvalReportConfig
+    from llmft_assets.evaluation.gate import GateThresholds
+
+    result = dg.materialize(
+        [raw_dataset],
+        resources=build_resources(),
+        run_config={
+            "ops": {"raw_dataset": {"config": {"source": "sample", "max_rows": 5, "license": "CC-BY-4.0"}}}
+        },
+        instance=dg.DagsterInstance.ephemeral(),
+    )
+    metadata = result.get_asset_materialization_events()[0].event_specific_data.materialization.metadata
+    assert metadata["license"].value == "cc-by-4.0"
+    manifest = json.loads(
+        next((llmft_home / "storage" / "assets" / "raw_dataset").glob("*/_MANIFEST.json")).read_text()
+    )
+    assert manifest["metadata"]["dataset"] == {
+        "source": "sample",
+        "config": "all",
+        "license": "cc-by-4.0",
+        "license_source": "config override",
+    }
+    from llmft_assets.defs.data_assets import base_model
+
+    built = dg.materialize(
+        [base_model],
+        resources=build_resources(),
+        run_config={"ops": {"base_model": {"config": {"pretrain_steps": 0, "license": "MIT"}}}},
+        instance=dg.DagsterInstance.ephemeral(),
+    )
+    info = (
+        built.get_asset_materialization_events()[0].event_specific_data.materialization.metadata["info"].value
+    )
+    assert (info["license"], info["license_source"]) == ("mit", "config override")
+    config = EvalReportConfig(gate={"alpha": 0.01})
+    assert GateThresholds(**config.gate.model_dump()) == GateThresholds(alpha=0.01)
+    assert EvalReportConfig().gate.model_dump() == GateThresholds().model_dump()

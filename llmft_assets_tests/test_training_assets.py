@@ -96,7 +96,14 @@ def test_train_evaluate_gate_and_registry(workspace: dict[str, str]) -> None:
     assert adapter["tokens_per_second"] > 0 and adapter["train_tokens"] > 0
     assert adapter["trainable_params"] < adapter["total_params"]
     bom = adapter["bill_of_materials"]
-    assert bom["dataset"] == {"version": adapter["dataset_version"], "license": "CC-BY-NC-SA-4.0"}
+    assert bom["dataset"] == {
+        "version": adapter["dataset_version"],
+        "source": "sample",
+        "config": "all",
+        "license": "apache-2.0",
+        "license_source": "per-source table (sample)",
+    }
+    assert bom["base_model"]["license"] == "apache-2.0" and "path" not in bom["base_model"]
     assert bom["base_model"]["chat_template_sha256"] and bom["base_model"]["tokenizer_sha256"]
     assert bom["base_model"]["artifact_version"] == adapter["base_model_version"]
     assert bom["seed"] == 42 and bom["training_config"]["lora_r"] == 16
@@ -182,8 +189,11 @@ def test_model_bento_packages_the_champion_with_lineage_labels(
     assert out["success"], out
     labels = out["labels"]
     assert labels["model_version"] == out["meta"]["model_version"]
-    assert labels["license"] == "CC-BY-NC-SA-4.0"
-    assert labels["mlflow_run_id"] and labels["storage_uri"].endswith(labels["model_version"])
+    assert labels["license"] == "apache-2.0" and labels["base_model_license"] == "apache-2.0"
+    assert labels["license_source"] == "per-source table (sample)"
+    assert (
+        labels["mlflow_run_id"] and labels["storage_uri"] == f"assets/lora_adapter/{labels['model_version']}"
+    )
     assert "base_model" in labels["bill_of_materials"]
     assert out["meta"]["bento_tag"] in out["bentos"]
     exported = list((Path(workspace["LLMFT_HOME"]) / "storage" / "assets" / "model_bento").rglob("*.bento"))

@@ -205,4 +205,6 @@ def test_bill_of_materials(tmp_path: Path) -> None:
     # Nothing recorded: unknown, never a guessed licence.
     assert explicit["dataset"]["license"] == "unknown" and explicit["base_model"]["license"] == "unknown"
     with pytest.raises(ValueError, match="dataset_version"):
-        bill_of_materials(base_model_info={"id": "m"}, dataset_version="", dataset=None, config=config, seed=1)
+        bill_of_materials(
+            base_model_info={"id": "m"}, dataset_version="", dataset=None, config=config, seed=1
+        )

@@ -38,7 +38,20 @@ SMALL_CONFIG: dict[str, dict[str, Any]] = {
     "tokenized_dataset": {"max_seq_len": 512},
     "dataset_splits": {"validation_fraction": 0.1, "test_fraction": 0.1},
     "lora_adapter": {"max_steps": 4, "per_device_train_batch_size": 4, "save_steps": 4, "logging_steps": 1},
-    "eval_report": {"max_rows": 8, "max_new_tokens": 32, "compare_champion": False},
+    # Four steps on an untrained tiny model learn nothing: this plumbing test opens the gate's thresholds
+    # wide (the gate's decisions are tested in test_eval_gate.py and test_release_gate_e2e.py).
+    "eval_report": {
+        "max_rows": 8,
+        "max_new_tokens": 32,
+        "compare_champion": False,
+        "gate": {
+            "alpha": 1.0,
+            "min_accuracy_gain": -1.0,
+            "min_format_compliance": 0.0,
+            "min_finish_rate": 0.0,
+            "max_perplexity_ratio": 1000.0,
+        },
+    },
     "model_bento": {"require_champion": False, "build_bento": False},
 }
 # Sensors that would start more work while the test runs (a second training after 'Materialize

@@ -394,10 +394,11 @@ def eval_report(
         adapter_name=f"adapter {adapter_version}",
         champion_name=champion_name if champion_dir is not None else None,
     )
-    # The champion not scored on these rows (same adapter, or compare_champion off): its registry metrics.
+    # The champion not scored on these rows (same adapter, or compare_champion off): its registry metrics;
+    # none recorded fails the champion criteria (nothing to compare with) rather than skipping them.
     registry_metrics = None
-    if champion is not None and champion_dir is None and "llmft.eval" in (champion.tags or {}):
-        registry_metrics = json.loads(champion.tags["llmft.eval"])
+    if champion is not None and champion_dir is None:
+        registry_metrics = json.loads((champion.tags or {}).get("llmft.eval", "{}"))
     decision = decide_gate_for_report(
         report,
         thresholds=GateThresholds(**config.gate.model_dump()),

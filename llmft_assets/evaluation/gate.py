@@ -6,7 +6,7 @@ below must pass (a champion criterion is ``skipped`` when there is no champion y
 ==============================  ====================================================================
 ``accuracy_gain``               verified accuracy minus the base model's, on the rows both can be checked
                                 on, is greater than ``min_accuracy_gain`` (0: strictly better)
-``accuracy_significance``       one-sided exact McNemar test on those paired rows: p < ``alpha``, so an
+``accuracy_significance``       one-sided exact McNemar test on those paired rows: p <= ``alpha``, so an
                                 adapter that wins by noise (a few rows either way) is not promoted
 ``format_compliance``           at least ``min_format_compliance`` (closed ``<think>``, answer, end token)
 ``finish_rate``                 at least ``min_finish_rate`` stopped at the end token
@@ -48,10 +48,16 @@ class GateThresholds(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     alpha: float = Field(
-        default=0.05, gt=0, lt=1, description="significance level of the one-sided exact McNemar test"
+        default=0.05,
+        gt=0,
+        le=1,
+        description="significance level of the one-sided exact McNemar test (1: off)",
     )
     min_accuracy_gain: float = Field(
-        default=0.0, ge=0, le=1, description="accuracy points the adapter must gain over the base (strictly)"
+        default=0.0,
+        ge=-1,
+        le=1,
+        description="accuracy the adapter must gain over the base, strictly (negative: may lose up to this)",
     )
     min_format_compliance: float = Field(default=0.8, ge=0, le=1, description="lowest format compliance")
     min_finish_rate: float = Field(
@@ -201,23 +207,27 @@ def _compare(
     )  # fmt: skip
 
 
+def _no_paired_test(reason: str, thresholds: GateThresholds) -> list[Criterion]:
+    return [
+        Criterion("accuracy_gain", None, thresholds.min_accuracy_gain, ">", FAIL, f"accuracy_gain: {reason}"),
+        Criterion("accuracy_significance", None, thresholds.alpha, "<=", FAIL, f"accuracy_significance: {reason}"),
+    ]  # fmt: skip
+
+
 def _accuracy_criteria(
     candidate: Mapping[str, Any], base: Mapping[str, Any], thresholds: GateThresholds
 ) -> list[Criterion]:
     ours, theirs = candidate.get(CORRECT_BY_ROW), base.get(CORRECT_BY_ROW)
     if not isinstance(ours, Mapping) or not isinstance(theirs, Mapping):
-        reason = "no per-row correctness for the adapter and the base model: a paired test is impossible"
-        return [
-            Criterion("accuracy_gain", None, thresholds.min_accuracy_gain, ">", FAIL, f"accuracy_gain: {reason}"),
-            Criterion("accuracy_significance", None, thresholds.alpha, "<", FAIL, f"accuracy_significance: {reason}"),
-        ]  # fmt: skip
+        return _no_paired_test(
+            "no per-row correctness for the adapter and the base model: a paired test is impossible",
+            thresholds,
+        )
     counts = paired_counts(ours, theirs)
     if counts.rows == 0:
-        reason = "no row has a checkable answer for both the adapter and the base model"
-        return [
-            Criterion("accuracy_gain", None, thresholds.min_accuracy_gain, ">", FAIL, f"accuracy_gain: {reason}"),
-            Criterion("accuracy_significance", None, thresholds.alpha, "<", FAIL, f"accuracy_significance: {reason}"),
-        ]  # fmt: skip
+        return _no_paired_test(
+            "no row has a checkable answer for both the adapter and the base model", thresholds
+        )
     adapter_acc = (counts.both + counts.only_candidate) / counts.rows
     base_acc = (counts.both + counts.only_reference) / counts.rows
     gain = _compare(
@@ -226,7 +236,7 @@ def _accuracy_criteria(
     )  # fmt: skip
     p_value = mcnemar_exact_p(counts.only_candidate, counts.only_reference)
     significance = _compare(
-        "accuracy_significance", p_value, "<", thresholds.alpha,
+        "accuracy_significance", p_value, "<=", thresholds.alpha,
         f"exact McNemar, one-sided: adapter alone right on {counts.only_candidate}, "
         f"base alone right on {counts.only_reference} of {counts.rows} rows",
     )  # fmt: skip
