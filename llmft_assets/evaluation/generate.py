@@ -183,7 +183,7 @@ def generate_continuous(
 
     Uses the serving engine (`llmft_assets.serving.engine.TransformersEngine`) on ``model`` as loaded
     (a base model or a PeftModel with its adapter unmerged), up to ``batch_size`` rows decoded together.
-    Measured on the tiny model on CPU (32 rows of uneven length, same run): the engine 24.6 s,
+    Measured on the tiny model on CPU (32 rows of uneven length, one run, load average ~10): the engine 24.6 s,
     transformers' built-in continuous batching (``init_continuous_batching``, paged cache) 156.7 s, static
     left-padded ``generate`` 47.4 s; so the engine it is. ``max_new_tokens`` is one budget for every row
     or one per row. Greedy results equal one-at-a-time ``generate`` (tested).
