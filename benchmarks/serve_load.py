@@ -404,7 +404,7 @@ def count_logged_requests(storage_root: str, since: datetime) -> int:
 def start_server(
     model_dir: Path, workdir: Path, api_key: str, extra_env: dict[str, str] | None = None
 ) -> tuple[Any, str]:
-    from llmft_assets_tests.servers import LOOPBACK, free_port, start_process
+    from llmft_assets_tests.servers import LOOPBACK, free_port, start_bentoml_serve
 
     port = free_port()
     env = dict(os.environ)
@@ -421,21 +421,12 @@ def start_server(
         }
     )
     env.update(extra_env or {})
-    server = start_process(
-        [
-            str(Path(sys.executable).parent / "bentoml"),
-            "serve",
-            "bentos.service:LLMChatService",
-            "--host",
-            LOOPBACK,
-            "--port",
-            str(port),
-        ],
-        f"http://{LOOPBACK}:{port}/readyz",
-        timeout=300,
+    server = start_bentoml_serve(
+        port,
         env=env,
         cwd=REPO_ROOT,
         log_path=workdir / f"server-{port}.log",
+        timeout=300,
     )
     return server, f"http://{LOOPBACK}:{port}"
 

@@ -141,6 +141,34 @@ def _executable(name: str) -> str:
     return found
 
 
+SERVICE = "bentos.service:LLMChatService"
+
+
+def bentoml_serve_command(port: int, target: str = SERVICE, host: str = LOOPBACK) -> list[str]:
+    """`bentoml serve` of the model server (or of a built bento, `target`) on host:port."""
+    return [_executable("bentoml"), "serve", target, "--host", host, "--port", str(port)]
+
+
+def start_bentoml_serve(
+    port: int,
+    *,
+    env: Mapping[str, str],
+    cwd: str | os.PathLike[str],
+    log_path: str | os.PathLike[str],
+    target: str = SERVICE,
+    timeout: float = 180,
+) -> ServerProcess:
+    """`bentoml serve` in its own process group, returned once /readyz answers."""
+    return start_process(
+        bentoml_serve_command(port, target),
+        f"http://{LOOPBACK}:{port}/readyz",
+        timeout=timeout,
+        env=env,
+        cwd=cwd,
+        log_path=log_path,
+    )
+
+
 @contextlib.contextmanager
 def mlflow_server(tmp_path: str | os.PathLike[str], timeout: float = 90.0) -> Iterator[str]:
     """A real ``mlflow server`` (SQLite backend, proxied artifacts under tmp_path); yields its URI."""

@@ -16,11 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llmft_assets_tests.servers import LOOPBACK, free_port, start_process
+from llmft_assets_tests.servers import LOOPBACK, free_port, start_bentoml_serve
 from llmft_assets_tests.test_serving_service import (
     REPO_ROOT,
     RunningServer,
-    bentoml_executable,
     server_env,
     wait_for_logged,
 )
@@ -70,21 +69,12 @@ def limited_server(tmp_path_factory: pytest.TempPathFactory, r1_model_dir: Path)
             "LLMFT_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
         }
     )
-    process = start_process(
-        [
-            bentoml_executable(),
-            "serve",
-            "bentos.service:LLMChatService",
-            "--host",
-            LOOPBACK,
-            "--port",
-            str(port),
-        ],
-        f"http://{LOOPBACK}:{port}/readyz",
-        timeout=180,
+    process = start_bentoml_serve(
+        port,
         env=env,
         cwd=REPO_ROOT,
         log_path=tmp / "server.log",
+        timeout=180,
     )
     try:
         yield RunningServer(f"http://{LOOPBACK}:{port}", tmp / "storage", process.log_path, tmp / "spool")

@@ -189,7 +189,7 @@ def test_built_bento_serves_its_model(packaged: tuple[Path, dict], tmp_path: Pat
 
     from llmft_assets.serving.request_log import read_request_logs
     from llmft_assets.storage import open_storage
-    from llmft_assets_tests.servers import LOOPBACK, free_port, start_process
+    from llmft_assets_tests.servers import LOOPBACK, free_port, start_bentoml_serve
 
     home, result = packaged
     port = free_port()
@@ -204,21 +204,13 @@ def test_built_bento_serves_its_model(packaged: tuple[Path, dict], tmp_path: Pat
             "LLMFT_REQUEST_LOG_FLUSH_S": "0.3",
         }
     )
-    server = start_process(
-        [
-            str(Path(sys.executable).parent / "bentoml"),
-            "serve",
-            result["bento"],
-            "--host",
-            LOOPBACK,
-            "--port",
-            str(port),
-        ],
-        f"http://{LOOPBACK}:{port}/readyz",
-        timeout=180,
+    server = start_bentoml_serve(
+        port,
         env=env,
         cwd=tmp_path,
         log_path=tmp_path / "server.log",
+        target=result["bento"],
+        timeout=180,
     )
     try:
         api = openai.OpenAI(base_url=f"http://{LOOPBACK}:{port}/v1", api_key="bento-key", max_retries=0)

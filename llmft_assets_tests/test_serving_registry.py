@@ -17,9 +17,9 @@ import pytest
 
 from llmft_assets.serving.request_log import read_request_logs
 from llmft_assets.storage import open_storage
-from llmft_assets_tests.servers import LOOPBACK, free_port, mlflow_server, start_process
+from llmft_assets_tests.servers import LOOPBACK, free_port, mlflow_server, start_bentoml_serve
 from llmft_assets_tests.test_serving_engine import make_random_adapter
-from llmft_assets_tests.test_serving_service import REPO_ROOT, bentoml_executable, server_env
+from llmft_assets_tests.test_serving_service import REPO_ROOT, server_env
 
 pytestmark = pytest.mark.slow
 
@@ -90,21 +90,12 @@ def test_adapters_by_alias_canary_promotion_and_rollback(tmp_path: Path) -> None
             MLFLOW_TRACKING_URI=uri,
             LLMFT_MAX_TOKENS="1000",
         )
-        server = start_process(
-            [
-                bentoml_executable(),
-                "serve",
-                "bentos.service:LLMChatService",
-                "--host",
-                LOOPBACK,
-                "--port",
-                str(port),
-            ],
-            f"http://{LOOPBACK}:{port}/readyz",
-            timeout=180,
+        server = start_bentoml_serve(
+            port,
             env=env,
             cwd=REPO_ROOT,
             log_path=tmp_path / "server.log",
+            timeout=180,
         )
         try:
             api = openai.OpenAI(

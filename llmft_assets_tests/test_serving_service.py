@@ -18,7 +18,7 @@ import pytest
 
 from llmft_assets.serving.request_log import read_request_logs
 from llmft_assets.storage import open_storage
-from llmft_assets_tests.servers import LOOPBACK, free_port, start_process
+from llmft_assets_tests.servers import LOOPBACK, bentoml_serve_command, free_port, start_bentoml_serve
 
 pytestmark = pytest.mark.slow
 
@@ -37,10 +37,6 @@ class RunningServer:
     storage_root: Path
     log_path: Path
     spool: Path
-
-
-def bentoml_executable() -> str:
-    return str(Path(sys.executable).parent / "bentoml")
 
 
 def server_env(tmp: Path, model_dir: Path, **extra: str) -> dict[str, str]:
@@ -80,21 +76,12 @@ def server(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterato
     key_file = tmp / "api_keys"
     key_file.write_text(f"alice: {API_KEY}\nbob: {BOB_KEY}\n")  # LLMFT_API_KEY_FILE with named keys
     port = free_port()
-    process = start_process(
-        [
-            bentoml_executable(),
-            "serve",
-            "bentos.service:LLMChatService",
-            "--host",
-            LOOPBACK,
-            "--port",
-            str(port),
-        ],
-        f"http://{LOOPBACK}:{port}/readyz",
-        timeout=180,
+    process = start_bentoml_serve(
+        port,
         env=server_env(tmp, model_dir, LLMFT_API_KEY_FILE=str(key_file)),
         cwd=REPO_ROOT,
         log_path=tmp / "server.log",
+        timeout=180,
     )
     try:
         yield RunningServer(f"http://{LOOPBACK}:{port}", tmp / "storage", process.log_path, tmp / "spool")
@@ -303,15 +290,7 @@ def test_prometheus_metrics(server: RunningServer) -> None:
 
 def test_refuses_public_bind_without_key(tmp_path: Path, model_dir: Path) -> None:
     result = subprocess.run(
-        [
-            bentoml_executable(),
-            "serve",
-            "bentos.service:LLMChatService",
-            "--host",
-            "0.0.0.0",
-            "--port",
-            str(free_port()),
-        ],
+        bentoml_serve_command(free_port(), host="0.0.0.0"),
         cwd=REPO_ROOT,
         env=server_env(tmp_path, model_dir),
         capture_output=True,

@@ -17,8 +17,8 @@ import pytest
 
 from llmft_assets.serving.request_log import read_request_logs
 from llmft_assets.storage import open_storage
-from llmft_assets_tests.servers import LOOPBACK, free_port, start_process
-from llmft_assets_tests.test_serving_service import REPO_ROOT, bentoml_executable, server_env
+from llmft_assets_tests.servers import LOOPBACK, bentoml_serve_command, free_port, start_process
+from llmft_assets_tests.test_serving_service import REPO_ROOT, server_env
 
 pytestmark = pytest.mark.slow
 
@@ -102,15 +102,7 @@ def test_kills_free_the_port_and_lose_no_answered_request(tmp_path: Path) -> Non
 
     model_dir = build_tiny_model(tmp_path / "model", pretrain_steps=0)
     port = free_port()
-    bentoml = [
-        bentoml_executable(),
-        "serve",
-        "bentos.service:LLMChatService",
-        "--host",
-        LOOPBACK,
-        "--port",
-        str(port),
-    ]
+    bentoml = bentoml_serve_command(port)
     # `make serve` as a user runs it: make is the process group leader, bentoml its child.
     makefile = tmp_path / "Makefile"
     makefile.write_text("serve:\n\t" + " ".join(bentoml) + "\n")

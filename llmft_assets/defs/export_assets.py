@@ -10,7 +10,13 @@ from pydantic import Field
 
 from llmft_assets.defs.data_assets import OWNERS
 from llmft_assets.defs.mlflow_resource import MlflowResource
-from llmft_assets.defs.storage_resources import ArtifactHandle, StagedArtifact, StorageResource, asset_prefix
+from llmft_assets.defs.storage_resources import (
+    ArtifactHandle,
+    StagedArtifact,
+    StorageResource,
+    artifact_output,
+    asset_prefix,
+)
 from llmft_assets.defs.training_assets import BOM_FILE, _adapter_dir_of_version
 from llmft_assets.modeling.merge import DEFAULT_MAX_SHARD_SIZE
 
@@ -44,7 +50,13 @@ def _champion_eval(storage: StorageResource, adapter_version: str, champion: Any
     return json.loads((path / REPORT_JSON).read_text())
 
 
-@dg.asset(group_name=EXPORT_GROUP, owners=OWNERS, kinds={"pytorch", "safetensors"})
+# After eval_report (and its blocking gate): an export in the same run follows that run's gate decision.
+@dg.asset(
+    group_name=EXPORT_GROUP,
+    owners=OWNERS,
+    kinds={"pytorch", "safetensors"},
+    deps=[dg.AssetKey("eval_report")],
+)
 def merged_model(
     context: dg.AssetExecutionContext,
     config: MergedModelConfig,
@@ -105,7 +117,7 @@ def merged_model(
         "adapter_version": adapter_version,
         "mlflow_model_version": str(champion.version),
     }
-    return dg.Output(
+    return artifact_output(
         StagedArtifact(staging, metadata=info),
         metadata={
             **{key: value for key, value in info.items() if isinstance(value, str | int)},

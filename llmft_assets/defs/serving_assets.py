@@ -10,7 +10,12 @@ from pydantic import Field
 
 from llmft_assets.defs.data_assets import OWNERS
 from llmft_assets.defs.mlflow_resource import MlflowResource
-from llmft_assets.defs.storage_resources import ArtifactHandle, StagedArtifact, StorageResource
+from llmft_assets.defs.storage_resources import (
+    ArtifactHandle,
+    StagedArtifact,
+    StorageResource,
+    artifact_output,
+)
 from llmft_assets.defs.training_assets import ADAPTER_SUBDIR, BOM_FILE, eval_report
 
 SERVING_GROUP = "serving"
@@ -156,4 +161,4 @@ def model_bento(
             f"`make serve` (or `bentoml serve {info.get('bento_tag', 'bentos.service:LLMChatService')}`)"
         ),
     }
-    return dg.Output(StagedArtifact(staging, metadata=info), metadata=metadata)
+    return artifact_output(StagedArtifact(staging, metadata=info), metadata=metadata)
