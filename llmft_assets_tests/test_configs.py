@@ -44,7 +44,7 @@ def _validate(select: str, config_paths: list[str]) -> dict:
 def test_there_are_configs_for_cpu_one_gpu_and_many_gpus() -> None:
     assert [path.name for path in CONFIG_FILES] == [
         "qwen2.5-0.5b-lora-cpu.yaml",
-        "qwen2.5-72b-qlora-fsdp.yaml",
+        "qwen2.5-72b-qlora-8gpu.yaml",
         "qwen2.5-7b-qlora-1gpu.yaml",
     ]
 
