@@ -26,6 +26,8 @@ DEMO_LEARNING_RATE = 2e-3
 
 # Small enough for a 2-core CPU machine in a few minutes; every key is a normal run-config field.
 DEMO_RUN_CONFIG: dict[str, dict[str, Any]] = {
+    # max_seq_len has one home, tokenized_dataset (training reads it from the tokenized manifest).
+    "data_job": {"ops": {"tokenized_dataset": {"config": {"max_seq_len": 256}}}},
     # The bundled sample's rows are about 160 tokens: about 13 rows a step, two epochs over the ~2,160
     # training rows. A LoRA on the tiny model needs a higher learning rate than on a 7B model.
     "train_job": {
@@ -34,7 +36,6 @@ DEMO_RUN_CONFIG: dict[str, dict[str, Any]] = {
                 "config": {
                     "max_steps": DEMO_TRAIN_STEPS,
                     "learning_rate": DEMO_LEARNING_RATE,
-                    "max_seq_len": 256,
                     "max_tokens_per_batch": 2048,
                     "save_steps": 100,
                 }

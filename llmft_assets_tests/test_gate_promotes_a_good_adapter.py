@@ -41,16 +41,15 @@ def _metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict:
 # Measured with the demo's own run (64 held-out rows): the adapter learns the answer format (format
 # compliance and finish rate 0% -> 100%, perplexity 56.5 -> 2.7) but not the column addition (accuracy
 # 0% -> 1.6%): the tiny model does not copy the addends from the prompt after 300 LoRA steps, so the gate
-# rightly refuses it (accuracy_significance). strict: this test fails loudly once the good path works.
-@pytest.mark.xfail(
-    strict=True,
-    reason="the demo's training does not yet teach the tiny model the arithmetic (accuracy 0% -> 1.6%)",
-)
+# rightly refuses it. Until that is fixed the test ends as xfail, but only after checking that the run
+# worked and that the refusal is the gate's, for accuracy; once the adapter learns, every assertion of
+# the good path applies.
 def test_the_demo_training_is_promoted_by_the_gate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow import MlflowClient
 
     from llmft_assets.demo import DEMO_RUN_CONFIG
 
+    data_ops = DEMO_RUN_CONFIG["data_job"]["ops"]
     train_ops = DEMO_RUN_CONFIG["train_job"]["ops"]
     # Fewer rows than the demo scores, to keep the test short; still enough for the paired test to mean it.
     eval_config = {**DEMO_RUN_CONFIG["release_job"]["ops"]["eval_report"]["config"], "max_rows": 32}
@@ -65,7 +64,7 @@ def test_the_demo_training_is_promoted_by_the_gate(tmp_path: Path, monkeypatch: 
             selection=dg.AssetSelection.assets(
                 *[asset.key for asset in DATA_ASSETS], "lora_adapter", "eval_report"
             ),
-            run_config={"ops": {**train_ops, "eval_report": {"config": eval_config}}},
+            run_config={"ops": {**data_ops, **train_ops, "eval_report": {"config": eval_config}}},
             instance=dg.DagsterInstance.ephemeral(),
             raise_on_error=False,
         )
@@ -80,6 +79,15 @@ def test_the_demo_training_is_promoted_by_the_gate(tmp_path: Path, monkeypatch: 
 
         # Held out: no test problem was trained on (the sample never repeats a problem).
         assert splits["test_rows"] >= report["num_rows"] == 32
+        if tuned["accuracy"] - base["accuracy"] < 0.3:
+            # The known gap (issue 9): the adapter is refused by the gate, on accuracy, and by nothing else.
+            refused = {c["name"] for c in report["gate"]["criteria"] if c["verdict"] == "fail"}
+            assert report["gate"]["passed"] is False and refused <= {"accuracy_gain", "accuracy_significance"}
+            assert refused, report["gate"]
+            pytest.xfail(
+                f"the demo's training does not yet teach the tiny model the arithmetic: accuracy "
+                f"{base['accuracy']:.1%} -> {tuned['accuracy']:.1%}"
+            )
         # The adapter visibly learned: +30 points or more, and it finishes its answers.
         assert tuned["accuracy"] - base["accuracy"] >= 0.3, (base, tuned)
         assert tuned["finished_rate"] >= 0.9 and tuned["format_compliance"] >= 0.9, tuned
