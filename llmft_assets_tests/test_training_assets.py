@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,7 +109,15 @@ def test_train_evaluate_gate_and_registry(workspace: dict[str, str]) -> None:
     assert bom["seed"] == 42 and bom["training_config"]["lora_r"] == 16
     assert bom["code_version"]
     adapter_dir = Path(str(adapter["uri"])) / "adapter"
-    assert (adapter_dir / "adapter_config.json").is_file()
+    # peft's local base-model path is replaced by the base model's id: no build-machine path travels.
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert (
+        adapter_config["base_model_name_or_path"] == bom["base_model"]["model_id"] == "llmft/tiny-qwen2-chat"
+    )
+    for path in adapter_dir.iterdir():
+        if path.suffix in {".json", ".md", ".jinja", ".txt"}:
+            text = path.read_text()
+            assert workspace["LLMFT_HOME"] not in text and tempfile.gettempdir() not in text, path.name
     assert (adapter_dir / "adapter_model.safetensors").is_file()
 
     client = MlflowClient(workspace["MLFLOW_TRACKING_URI"])

@@ -30,6 +30,7 @@ from llmft_assets.defs.storage_resources import (
 from llmft_assets.evaluation.answer_check import DEFAULT_TIMEOUT_S as DEFAULT_ANSWER_TIMEOUT_S
 from llmft_assets.evaluation.gate import Criterion, GateThresholds, criteria_table
 from llmft_assets.evaluation.generate import DEFAULT_MAX_NEW_TOKENS
+from llmft_assets.training.bom import make_adapter_config_portable
 from llmft_assets.training.config import TrainingConfig
 
 TRAINING_GROUP = "training"
@@ -289,6 +290,7 @@ def lora_adapter(
 
     staging = storage.staging_dir("lora_adapter")
     shutil.copytree(Path(result.adapter_dir), staging / ADAPTER_SUBDIR)
+    make_adapter_config_portable(staging / ADAPTER_SUBDIR, bom["base_model"]["model_id"])
     result_data = result.to_dict()
     (staging / RESULT_FILE).write_text(json.dumps(result_data, indent=2))
     # The bill of materials travels inside the adapter folder: to MLflow, the bento and any copy of it.
