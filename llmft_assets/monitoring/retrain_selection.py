@@ -2,9 +2,11 @@
 
 Served traffic (the request log's prompts) is clustered; every candidate pool row is scored by the
 cosine similarity of its prompt to the nearest traffic cluster, and each cluster keeps its best rows in a
-bounded heap whose size is the cluster's share of traffic times the number of rows wanted. The pool is
-streamed in Arrow batches, so memory is the index (the traffic centroids, ``clusters x n_features``
-float32) plus the heaps (the selected rows), whatever the pool's size.
+bounded heap whose size is the cluster's share of traffic times the number of rows wanted; what a
+cluster cannot fill (the pool has too few rows like it) goes to the best rows the other clusters turned
+away (one more bounded heap). The pool is streamed in Arrow batches, so memory is the index (the traffic
+centroids, ``clusters x n_features`` float32) plus the heaps (at most twice the rows wanted), whatever the
+pool's size.
 
 Why TF-IDF over hashed word uni/bigrams and not MinHash-LSH: ``benchmarks/retrain_selection.py`` measures
 both. MinHash over word 3-shingles finds *near duplicates* (the split check's job): a new word problem of
@@ -178,7 +180,7 @@ def first_user_prompts(batch: pa.RecordBatch | pa.Table, column: str = MESSAGES_
 class ClusterSelection:
     cluster: TrafficCluster
     quota: int
-    selected: int
+    selected: int  # above the quota when other clusters' unfilled quota went to its rows
     mean_similarity: float | None
 
 
@@ -217,20 +219,22 @@ class _Heap:
 
     def __init__(self, quota: int) -> None:
         self.quota = quota
-        self.items: list[tuple[float, int, str, dict[str, Any]]] = []
+        self.items: list[tuple[float, int, str, dict[str, Any], int]] = []
 
     def floor(self) -> float:
         return self.items[0][0] if len(self.items) >= self.quota else -np.inf
 
-    def push(self, similarity: float, order: int, key: str, row: dict[str, Any]) -> str | None:
-        """Add the row; returns the problem key it pushed out, if any."""
-        item = (similarity, -order, key, row)  # equal similarity: the earlier row wins (deterministic)
+    def push(
+        self, similarity: float, order: int, key: str, row: dict[str, Any], cluster: int
+    ) -> tuple[float, int, str, dict[str, Any], int] | None:
+        """Add the row; returns the item it pushed out (possibly itself), if any."""
+        item = (similarity, -order, key, row, cluster)  # equal similarity: the earlier row wins
         if len(self.items) < self.quota:
             heapq.heappush(self.items, item)
             return None
         if item[:2] <= self.items[0][:2]:
-            return key
-        return heapq.heappushpop(self.items, item)[2]
+            return item
+        return heapq.heappushpop(self.items, item)
 
 
 def _quotas(clusters: Sequence[TrafficCluster], target: int) -> list[int]:
@@ -259,6 +263,7 @@ def select_for_traffic(
     settings = settings or SelectionSettings()
     index = TrafficIndex(traffic_prompts, settings)
     heaps = [_Heap(quota) for quota in _quotas(index.clusters, settings.target_rows)]
+    turned_away = _Heap(settings.target_rows)  # fills the quota of clusters the pool cannot fill
     edges = np.linspace(0.0, 1.0, settings.histogram_bins + 1)
     pool_histogram = np.zeros(settings.histogram_bins, dtype=np.int64)
     chosen: dict[str, int] = {}  # problem key -> heap holding it (one row per problem)
@@ -279,7 +284,9 @@ def select_for_traffic(
         enough = similarity >= settings.min_similarity
         counts["below"] += int((~enough).sum())
         # Only rows that would enter their cluster's heap are converted to Python (a small share).
-        candidates = np.flatnonzero(enough & (similarity > floors[nearest]))
+        candidates = np.flatnonzero(
+            enough & ((similarity > floors[nearest]) | (similarity > turned_away.floor()))
+        )
         if not len(candidates):
             order += len(prompts)
             continue
@@ -295,10 +302,17 @@ def select_for_traffic(
                 continue
             cluster = int(nearest[position])
             chosen[key] = cluster
-            evicted = heaps[cluster].push(float(similarity[position]), order + present[position], key, row)
+            evicted = heaps[cluster].push(
+                float(similarity[position]), order + present[position], key, row, cluster
+            )
             if evicted is not None:
-                chosen.pop(evicted, None)
+                chosen.pop(evicted[2], None)
+                turned_away.push(evicted[0], -evicted[1], evicted[2], evicted[3], evicted[4])
         order += len(prompts)
+    shortfall = settings.target_rows - sum(len(heap.items) for heap in heaps)
+    extra = [item for item in sorted(turned_away.items, reverse=True) if item[2] not in chosen]
+    for item in extra[: max(0, shortfall)]:
+        heaps[item[4]].items.append(item)  # no longer used as a heap: only read by _finish
     return _finish(index, heaps, settings, schema, counts, edges, pool_histogram)
 
 
@@ -315,7 +329,7 @@ def _finish(
     held_out: list[dict[str, Any]] = []
     similarity: dict[str, float] = {}
     for heap in heaps:
-        for score, _, key, row in sorted(heap.items, reverse=True):
+        for score, _, key, row, _ in sorted(heap.items, key=lambda item: item[:2], reverse=True):
             similarity[str(row.get("id"))] = score
             in_slice = split_point(key, TRAFFIC_SLICE_SALT) < settings.traffic_slice_fraction
             (held_out if in_slice else training).append(row)
