@@ -133,6 +133,10 @@ def test_no_traffic_and_bad_settings_are_clear_errors(data: dict[str, Any]) -> N
     pool = table(data["pool_rare"])
     with pytest.raises(ValueError, match="no non-empty prompt"):
         select_for_traffic(["", "   "], iter_batches(pool, 10), excluded_keys=set())
+    with pytest.raises(ValueError, match=r"pool batch has no \['messages'\] column"):
+        select_for_traffic(
+            data["traffic"], iter_batches(pool.drop_columns(["messages"]), 10), excluded_keys=set()
+        )
     with pytest.raises(ValueError, match="mix_ratio"):
         SelectionSettings(mix_ratio=0)
     with pytest.raises(ValueError, match="traffic_slice_fraction"):

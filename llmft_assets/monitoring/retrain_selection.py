@@ -271,6 +271,9 @@ def select_for_traffic(
     schema: pa.Schema | None = None
     order = 0
     for batch in pool_batches:
+        missing = {"id", messages_column} - set(batch.schema.names)
+        if missing:
+            raise ValueError(f"pool batch has no {sorted(missing)} column(s) (columns: {batch.schema.names})")
         schema = schema or batch.schema
         prompts = first_user_prompts(batch, messages_column)
         counts["pool"] += len(prompts)
