@@ -1,6 +1,7 @@
 """Scenario: served traffic shifts to a kind of problem the training split barely holds; the drift report
 flags it; the retraining dataset over-represents it; the retrained adapter's perplexity on the traffic
-slice beats the champion's by a stated margin, measured here; the gate promotes it.
+slice beats the champion's by a stated margin, measured here; the gate promotes it; the same traffic drifts
+less from the retraining split than from the old one.
 
 Sized for 2 CPU cores (the tiny model, short rows, a few dozen optimizer steps each). The tiny model
 cannot answer the problems yet (issue 9 teaches it arithmetic), so the gate's answer criteria (paired
@@ -35,6 +36,8 @@ MAX_SEQ_LEN = 256
 TRAIN_STEPS = 40
 # The retrained adapter must beat the champion's perplexity on the traffic slice by at least this much.
 TRAFFIC_MARGIN = 0.10
+# ... and the prompt column's drift score against the new training split must drop by at least this much.
+PROMPT_DRIFT_DROP = 0.2
 # Opened: the tiny model cannot answer yet; the perplexity criteria are the real ones here.
 ANSWER_CRITERIA_OPEN = {
     "alpha": 1.0,
@@ -149,6 +152,12 @@ def test_traffic_shift_to_a_rare_kind_retrains_for_it_and_the_gate_promotes(
     before, after = word_share(current_train, word_prompts), word_share(mixed.train, word_prompts)
     assert before < 0.03 and after >= 0.45, (before, after)
     assert word_share(mixed.traffic_slice, word_prompts) == 1.0 and mixed.traffic_slice.num_rows >= 15
+    # The same traffic against what the new version trains on: the prompt text drifts much less (Evidently's
+    # text-content score: how well a classifier tells the two windows apart; 0.5 is indistinguishable).
+    drift_after = build_drift_report(reference_from_conversations(mixed.train), traffic, min_rows=50)
+    prompt_before, prompt_after = drift.columns["prompt"].score, drift_after.columns["prompt"].score
+    assert prompt_before is not None and prompt_after is not None
+    assert prompt_after <= prompt_before - PROMPT_DRIFT_DROP, (prompt_before, prompt_after)
 
     # 3. Champion (current split) and candidate (retraining split): same base, same steps.
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
@@ -165,7 +174,10 @@ def test_traffic_shift_to_a_rare_kind_retrains_for_it_and_the_gate_promotes(
         for who, adapter in (("base", None), ("champion", champion), ("candidate", candidate))
         for split in ("slice", "test")
     }
-    print({f"{who}/{split}": round(value, 3) for (who, split), value in measured.items()})
+    print(
+        {f"{who}/{split}": round(value, 3) for (who, split), value in measured.items()},
+        {"prompt_drift": (round(prompt_before, 4), round(prompt_after, 4)), "word_share": (before, after)},
+    )
     gain = 1 - measured["candidate", "slice"] / measured["champion", "slice"]
     assert gain >= TRAFFIC_MARGIN, measured
 
