@@ -3,8 +3,14 @@ slice and not worse beyond tolerance on the standard split (pure, exact outcomes
 
 from __future__ import annotations
 
-from llmft_assets.evaluation.gate import GateThresholds, TrafficSliceScores, decide_gate
-from llmft_assets_tests.test_eval_gate import BASE, CHAMPION, GOOD, verdicts
+from llmft_assets.evaluation.gate import (
+    GateThresholds,
+    TrafficSliceScores,
+    decide_gate,
+    decide_gate_for_report,
+    traffic_scores_from_report,
+)
+from llmft_assets_tests.test_eval_gate import BASE, CHAMPION, GOOD, _report, verdicts
 
 # The champion on the traffic slice: the kind of problem it was not trained for.
 CHAMPION_ON_SLICE = {"perplexity": 9.0, "accuracy": 0.2, "format_compliance": 0.9, "finished_rate": 0.9}
@@ -81,3 +87,25 @@ def test_without_a_traffic_slice_the_decision_is_unchanged() -> None:
     without = decide_gate(GOOD, BASE, CHAMPION)
     assert [c.name for c in without.criteria] == [c.name for c in with_slice.criteria][:-2]
     assert without.passed
+
+
+def test_traffic_scores_come_from_a_report_on_the_slice_against_the_champion_else_the_base() -> None:
+    # _report: adapter perplexity 4.0, base 9.0 (and champion 4.0 when scored) on 10 rows.
+    with_champion = traffic_scores_from_report(_report(champion=True))
+    assert (with_champion.reference_name, with_champion.rows) == ("champion", 10)
+    assert with_champion.reference["perplexity"] == with_champion.candidate["perplexity"] == 4.0
+    standard = _report(champion=True)
+    # The same report as the slice: level with the champion on perplexity (not better), below it on accuracy.
+    refused = decide_gate_for_report(standard, traffic=with_champion)
+    assert refused.failed == ["champion_accuracy", "traffic_perplexity", "traffic_accuracy"]
+    assert refused.reasons[-2:] == [
+        "traffic_perplexity: 4 >= 4 (champion's perplexity 4 x (1 - 0) on 10 traffic-slice rows) -> fail",
+        "traffic_accuracy: 0.8 < 0.88 (champion's accuracy 0.9 - tolerance 0.02 on 10 traffic-slice rows) -> fail",
+    ]
+    without = traffic_scores_from_report(_report(champion=False))
+    assert without.reference_name == "base" and without.reference["perplexity"] == 9.0
+    promoted = decide_gate_for_report(_report(champion=False), traffic=without)
+    assert promoted.passed
+    assert promoted.reasons[-2] == (
+        "traffic_perplexity: 4 < 9 (base's perplexity 9 x (1 - 0) on 10 traffic-slice rows) -> pass"
+    )

@@ -397,6 +397,20 @@ def decide_gate_for_report(
     )
 
 
+def traffic_scores_from_report(report: EvalReport) -> TrafficSliceScores:
+    """The traffic criteria's input from an eval report run on the traffic slice: the adapter against the
+    champion scored on the same rows, or against the base model when the report scored no champion."""
+    from llmft_assets.evaluation.report import ADAPTER, BASE, CHAMPION
+
+    reference = CHAMPION if CHAMPION in report.models else BASE
+    return TrafficSliceScores(
+        candidate=report.metrics_for(ADAPTER),
+        reference=report.metrics_for(reference),
+        reference_name=CHAMPION if reference == CHAMPION else "base",
+        rows=report.num_rows,
+    )
+
+
 def criteria_table(criteria: Sequence[Criterion]) -> list[dict[str, Any]]:
     """Rows for a table (HTML, markdown, model card): name, value, comparator + threshold, verdict."""
     return [
