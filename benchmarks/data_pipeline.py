@@ -19,6 +19,7 @@ Each measurement runs in its own subprocess. Prints JSON lines; the last is the 
 
     python benchmarks/data_pipeline.py                       # RSS at 20k and 200k, compared at 200k
     python benchmarks/data_pipeline.py --rows 20000,100000   # smaller
+    python benchmarks/data_pipeline.py --quick               # 2k and 10k rows
 """
 
 from __future__ import annotations
@@ -364,6 +365,7 @@ def main() -> None:
         default="20000,200000",
         help="SMALL,LARGE: RSS at both; ours, baseline, limit compared at LARGE",
     )
+    parser.add_argument("--quick", action="store_true", help="--rows 2000,10000 (make benchmarks)")
     parser.add_argument("--max-seq-len", type=int, default=4096)
     parser.add_argument("--tokenizer", default=None, help="a save_pretrained dir (default: the tiny model's)")
     parser.add_argument("--work-dir", default=None, help="where the synthetic parquet files go (kept)")
@@ -375,7 +377,7 @@ def main() -> None:
     if args.child:
         child_main(args)
         return
-    small_rows, large_rows = (int(value) for value in args.rows.split(","))
+    small_rows, large_rows = (int(value) for value in ("2000,10000" if args.quick else args.rows).split(","))
     if not 0 < small_rows < large_rows:
         parser.error("--rows must be SMALL,LARGE with 0 < SMALL < LARGE")
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="llmft-bench-data-"))
