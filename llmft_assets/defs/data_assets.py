@@ -12,6 +12,7 @@ from typing import Any
 import dagster as dg
 import pyarrow as pa
 
+from llmft_assets.data.key_set import CompactKeySet
 from llmft_assets.data.schema import (
     CONVERSATION_SCHEMA,
     QUARANTINE_SCHEMA,
@@ -217,7 +218,7 @@ def cleaned_dataset(
 
     staging = storage.staging_dir("cleaned_dataset")
     counts = StageCounts(stage="cleaned")
-    seen_hashes: set[str] = set()
+    seen_hashes = CompactKeySet()  # 16 bytes a content hash, not a set of strings
     preview: list[dict[str, Any]] = []
     last = [0]
     with (
@@ -265,7 +266,7 @@ def validated_dataset(
     limits = config.to_domain(asset="validated_dataset")
     staging = storage.staging_dir("validated_dataset")
     counts = StageCounts(stage="validated")
-    seen_ids: set[str] = set()
+    seen_ids = CompactKeySet()
     last = [0]
     with (
         ParquetSink(staging / DATA_FILE, CONVERSATION_SCHEMA) as rows_out,
