@@ -202,12 +202,15 @@ class NearDuplicateIndex:
     def query(self, prompt: str, signature: np.ndarray | None = None) -> list[tuple[Any, float]]:
         signature = minhash_signature(prompt) if signature is None else signature
         numbers = self._numbers(prompt)
-        found = []
-        for i in self._candidates(signature).tolist():
-            jaccard = float(np.mean(signature == self._signatures[i]))
-            if jaccard >= self.threshold and numbers == self._numbers_of[i]:
-                found.append((self._items[i], jaccard))
-        return found
+        candidates = self._candidates(signature)
+        # Templated prompts share bands with many others: estimate all their Jaccards in one operation.
+        jaccards = (self._signatures[candidates] == signature).mean(axis=1)
+        close = jaccards >= self.threshold
+        return [
+            (self._items[i], jaccard)
+            for i, jaccard in zip(candidates[close].tolist(), jaccards[close].tolist(), strict=True)
+            if numbers == self._numbers_of[i]
+        ]
 
     def add(self, item: Any, prompt: str, signature: np.ndarray | None = None) -> None:
         signature = minhash_signature(prompt) if signature is None else signature
