@@ -210,32 +210,52 @@ def run_ours(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
 # -------------------------------------------------------------------------------------- baseline
 
 
-def _conversations(rows: dict[str, list[Any]]) -> list[list[dict[str, str]]]:
-    from llmft_assets.data.cleaning import to_conversation
+def _checked_conversation(row: dict[str, Any], limits: Any) -> tuple[dict[str, Any] | None, bool]:
+    """(the cleaned conversation or None when cleaning rejects the row, whether it passes validation)."""
+    from llmft_assets.data.cleaning import RowRejected, to_conversation
+    from llmft_assets.data.validation import conversation_problems
 
-    names = list(rows)
-    conversations = []
-    for values in zip(*rows.values(), strict=True):
-        row = dict(zip(names, values, strict=True))
-        messages = to_conversation(row)["messages"]
-        conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
-    return conversations
+    try:
+        conversation = to_conversation(row, prefer_reannotated=True)  # the cleaned_dataset default
+    except RowRejected:
+        return None, False
+    return conversation, not conversation_problems(conversation, limits)
 
 
 def run_baseline(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
-    """`datasets.map(batched=True, num_proc=<cores>)`: conversation, chat template, offsets, labels."""
+    """`datasets.map(batched=True, num_proc=<cores>)` doing the same per-row work as ours (clean,
+    validate, chat template, tokenize with offsets, prompt-prefix labels), then the same stream-wide
+    dedup (first content hash, then first valid id, in file order) over the small result columns."""
     import datasets
+
+    from llmft_assets.data.validation import ValidationLimits
 
     datasets.disable_progress_bars()
     tokenizer = load_tokenizer(args.tokenizer)
     max_seq_len = args.max_seq_len
-    files = [str(path) for path in data_files(Path(args.data_dir), args.rows)]
+    limits = ValidationLimits()
 
     def render_and_tokenize(rows: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        conversations = _conversations(rows)
+        names = list(rows)
+        out: dict[str, list[Any]] = {
+            key: [] for key in ("order", "content_hash", "id", "cleaned", "valid", "input_ids", "labels",
+                                "num_tokens", "num_assistant_tokens")
+        }  # fmt: skip
         texts, spans = [], []
-        for messages in conversations:
-            full = tokenizer.apply_chat_template(messages, tokenize=False)
+        for values in zip(*rows.values(), strict=True):
+            row = dict(zip(names, values, strict=True))
+            conversation, valid = _checked_conversation(row, limits)
+            out["order"].append(row["order"])
+            out["content_hash"].append(conversation["content_hash"] if conversation else "")
+            out["id"].append(conversation["id"] if conversation else "")
+            out["cleaned"].append(conversation is not None)
+            out["valid"].append(valid)
+            messages = (
+                [{"role": m["role"], "content": m["content"]} for m in conversation["messages"]]
+                if valid
+                else []
+            )
+            full = tokenizer.apply_chat_template(messages, tokenize=False) if messages else ""
             row_spans = []
             for turn, message in enumerate(messages):
                 if message["role"] == "assistant":
@@ -244,15 +264,11 @@ def run_baseline(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
                     )
                     end = full.index("<|im_end|>", len(prompt)) + len("<|im_end|>")
                     row_spans.append((len(prompt), end))
-            texts.append(full[: row_spans[-1][1]] if messages[-1]["role"] == "assistant" else full)
+            texts.append(
+                full[: row_spans[-1][1]] if messages and messages[-1]["role"] == "assistant" else full
+            )
             spans.append(row_spans)
         encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        out: dict[str, list[Any]] = {
-            "input_ids": [],
-            "labels": [],
-            "num_tokens": [],
-            "num_assistant_tokens": [],
-        }
         for ids, offsets, row_spans in zip(
             encoded["input_ids"], encoded["offset_mapping"], spans, strict=True
         ):
@@ -267,18 +283,52 @@ def run_baseline(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
             out["num_assistant_tokens"].append(sum(label != -100 for label in labels))
         return out
 
+    # v0 and v1 files have different columns: one dataset per schema, as a user loads each config.
+    by_schema: dict[str, list[tuple[int, Path]]] = {}
+    for index, path in enumerate(data_files(Path(args.data_dir), args.rows)):
+        by_schema.setdefault(path.stem.rsplit("-", 1)[1], []).append((index, path))
     started, cpu_started = time.perf_counter(), cpu_seconds()
-    dataset = datasets.Dataset.from_parquet(files, cache_dir=str(out_dir / "hf_cache"))
-    dataset = dataset.select(range(min(len(dataset), args.rows)))
-    dataset = dataset.map(
-        render_and_tokenize, batched=True, num_proc=os.cpu_count(), remove_columns=dataset.column_names
+    results = []
+    for files in by_schema.values():
+        dataset = datasets.Dataset.from_parquet(
+            [str(path) for _, path in files], cache_dir=str(out_dir / "hf_cache")
+        )
+        # The row's place in the whole stream, so the dedup below keeps the same first occurrences as ours.
+        order = [index * FILE_ROWS + row for index, _ in files for row in range(FILE_ROWS)][: len(dataset)]
+        dataset = dataset.add_column("order", order)
+        if order[-1] >= args.rows:  # the last file is only partly used
+            dataset = dataset.filter(lambda batch: [o < args.rows for o in batch["order"]], batched=True)
+        results.append(
+            dataset.map(
+                render_and_tokenize,
+                batched=True,
+                num_proc=os.cpu_count(),
+                remove_columns=dataset.column_names,
+            )
+        )
+    result = datasets.concatenate_datasets(results).sort("order")
+    columns = result.select_columns(
+        ["content_hash", "id", "cleaned", "valid", "num_tokens", "num_assistant_tokens"]
     )
+    seen_hashes: set[str] = set()
+    seen_ids: set[str] = set()
+    rows_out = tokens = assistant_tokens = 0
+    for row in columns:
+        if not row["cleaned"] or row["content_hash"] in seen_hashes:
+            continue
+        seen_hashes.add(row["content_hash"])
+        if not row["valid"] or row["id"] in seen_ids:
+            continue
+        seen_ids.add(row["id"])
+        rows_out += 1
+        tokens += row["num_tokens"]
+        assistant_tokens += row["num_assistant_tokens"]
     seconds = time.perf_counter() - started
     return {
-        "rows_in": args.rows,
-        "rows_out": len(dataset),
-        "tokens": sum(dataset["num_tokens"]),
-        "assistant_tokens": sum(dataset["num_assistant_tokens"]),
+        "rows_in": len(result),
+        "rows_out": rows_out,
+        "tokens": tokens,
+        "assistant_tokens": assistant_tokens,
         "seconds": round(seconds, 2),
         "cpu_seconds": round(cpu_seconds() - cpu_started, 2),
         "num_proc": os.cpu_count(),
@@ -292,16 +342,29 @@ def run_limit(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     """The Rust encoder alone on the rendered, cut texts (rendering happens before the clock)."""
     import pyarrow.parquet as pq
 
+    from llmft_assets.data.cleaning import clean_rows
+    from llmft_assets.data.schema import StageCounts
     from llmft_assets.data.tokenization import assistant_char_spans, assistant_end_marker
+    from llmft_assets.data.validation import ValidationLimits, validate_rows
 
     tokenizer = load_tokenizer(args.tokenizer)
     marker = assistant_end_marker(tokenizer)
     texts: list[str] = []
+    seen_hashes: set[str] = set()
+    seen_ids: set[str] = set()
+    rows_in = 0
+    # The rows ours keeps, cleaned and validated the same way, rendered and cut: all before the clock.
     for path in data_files(Path(args.data_dir), args.rows):
         for batch in pq.ParquetFile(path).iter_batches(batch_size=2048):
-            rows = [{"messages": messages} for messages in _conversations(batch.to_pydict())]
-            texts += assistant_char_spans(rows, tokenizer, marker)[0]
-    texts = texts[: args.rows]
+            rows = batch.to_pylist()[: args.rows - rows_in]
+            rows_in += len(rows)
+            cleaned, _ = clean_rows(
+                rows, seen_hashes=seen_hashes, counts=StageCounts(stage="cleaned"), prefer_reannotated=True
+            )
+            valid, _ = validate_rows(
+                cleaned, seen_ids=seen_ids, limits=ValidationLimits(), counts=StageCounts(stage="validated")
+            )
+            texts += assistant_char_spans(valid, tokenizer, marker)[0]
     backend = tokenizer.backend_tokenizer
     tokens = 0
     started, cpu_started = time.perf_counter(), cpu_seconds()
@@ -310,7 +373,7 @@ def run_limit(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
         tokens += sum(min(len(encoding.ids), args.max_seq_len) for encoding in encodings)
     seconds = time.perf_counter() - started
     return {
-        "rows_in": len(texts),
+        "rows_in": rows_in,
         "rows_out": len(texts),
         "tokens": tokens,
         "seconds": round(seconds, 2),
@@ -410,7 +473,7 @@ def main() -> None:
             # Same rows in, same tokens and labels out: the paths agree on what they produce.
             "outputs_match": (ours["rows_out"], ours["tokens"], ours["assistant_tokens"])
             == (baseline["rows_out"], baseline["tokens"], baseline["assistant_tokens"])
-            and ours["tokens"] == limit["tokens"],
+            and (ours["rows_out"], ours["tokens"]) == (limit["rows_out"], limit["tokens"]),
             "rss_rows": [small_rows, large_rows],
             "tree_peak_mb": [small["tree_peak_mb"], ours["tree_peak_mb"]],
             "rss_ratio": round(ours["tree_peak_mb"] / small["tree_peak_mb"], 3),
