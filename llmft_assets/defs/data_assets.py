@@ -12,6 +12,7 @@ from typing import Any
 import dagster as dg
 import pyarrow as pa
 
+from llmft_assets.data.key_set import CompactKeySet
 from llmft_assets.data.schema import (
     CONVERSATION_SCHEMA,
     QUARANTINE_SCHEMA,
@@ -217,7 +218,7 @@ def cleaned_dataset(
 
     staging = storage.staging_dir("cleaned_dataset")
     counts = StageCounts(stage="cleaned")
-    seen_hashes: set[str] = set()
+    seen_hashes = CompactKeySet()  # 16 bytes a content hash, not a set of strings
     preview: list[dict[str, Any]] = []
     last = [0]
     with (
@@ -265,7 +266,7 @@ def validated_dataset(
     limits = config.to_domain(asset="validated_dataset")
     staging = storage.staging_dir("validated_dataset")
     counts = StageCounts(stage="validated")
-    seen_ids: set[str] = set()
+    seen_ids = CompactKeySet()
     last = [0]
     with (
         ParquetSink(staging / DATA_FILE, CONVERSATION_SCHEMA) as rows_out,
@@ -402,40 +403,19 @@ def dataset_splits(
     """train / validation / test by a stable hash of the normalized problem (the first user turn), so the
     same problem under two ids never crosses splits; near-duplicate prompts (MinHash) are kept together,
     with train winning. Adding rows never moves an existing row, except an evaluation row into train."""
-    from llmft_assets.data.splits import first_user_turn, plan_leak_free_splits
-
-    data_file = tokenized_dataset.file(DATA_FILE)
-
-    def read_prompts():
-        for rows in iter_parquet_rows(data_file, columns=["id", "messages"]):
-            yield [(row["id"], first_user_turn(row["messages"])) for row in rows]
+    from llmft_assets.data.split_tables import write_splits
 
     rule = config.to_domain(asset="dataset_splits")
-    plan = plan_leak_free_splits(
-        read_prompts,
-        validation_fraction=rule.validation_fraction,
-        test_fraction=rule.test_fraction,
-        salt=rule.salt,
-        threshold=rule.near_duplicate_jaccard,
-    )
     staging = storage.staging_dir("dataset_splits")
-    sinks = {name: ParquetSink(staging / f"{name}.parquet", TOKENIZED_SCHEMA) for name in SPLIT_NAMES}
-    tokens = dict.fromkeys(SPLIT_NAMES, 0)
-    rows_in = 0
-    try:
-        for rows in iter_parquet_rows(data_file):
-            by_split: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLIT_NAMES}
-            for row in rows:
-                split = plan.assignments[rows_in]
-                by_split[split].append(row)
-                tokens[split] += row["num_tokens"]
-                rows_in += 1
-            for name, split_rows in by_split.items():
-                sinks[name].write_rows(split_rows)
-    finally:
-        for sink in sinks.values():
-            sink.close()
-    sizes = {name: sinks[name].rows_written for name in SPLIT_NAMES}
+    # In Arrow: rows are filtered into their split batch by batch, token lists never become Python objects.
+    result = write_splits(
+        tokenized_dataset.file(DATA_FILE),
+        {name: staging / f"{name}.parquet" for name in SPLIT_NAMES},
+        TOKENIZED_SCHEMA,
+        rule,
+    )
+    plan, sizes, tokens = result.plan, result.rows, result.tokens
+    rows_in = len(plan.assignments)
     if sum(sizes.values()) != rows_in:
         raise RuntimeError(f"split sizes {sizes} do not add up to {rows_in} tokenized rows")
     context.log.info(f"splits: {sizes}")
