@@ -43,10 +43,10 @@ from llmft_assets.defs.storage_resources import (
 )
 from llmft_assets.monitoring.retrain_selection import SelectionSettings, SelectionStats
 from llmft_assets.storage.tables import iter_parquet_batches
+from llmft_assets.training.training_data import TRAFFIC_SLICE_FILE
 
 RETRAINING_GROUP = "retraining"
 RETRAINING_DATASET = "retraining_dataset"
-TRAFFIC_SLICE_FILE = "traffic_slice.parquet"
 SELECTION_FILE = "selection.json"
 
 RetrainingDatasetConfig = dagster_config(

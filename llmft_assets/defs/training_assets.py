@@ -32,6 +32,13 @@ from llmft_assets.evaluation.gate import Criterion, GateThresholds, criteria_tab
 from llmft_assets.evaluation.generate import DEFAULT_MAX_NEW_TOKENS
 from llmft_assets.training.bom import make_adapter_config_portable
 from llmft_assets.training.config import TrainingConfig
+from llmft_assets.training.training_data import (
+    DATASET_SPLITS,
+    RETRAINING_DATASET,
+    TrainingData,
+    TrainingDataSource,
+    training_data_of,
+)
 
 TRAINING_GROUP = "training"
 EVALUATION_GROUP = "evaluation"
@@ -51,20 +58,53 @@ LoraAdapterConfig = dagster_config(
         "num_processes": (
             int,
             Field(default=1, description=">1 runs the same entry point under `accelerate launch` (DDP/FSDP)"),
-        )
+        ),
+        "training_data": (
+            TrainingDataSource,
+            Field(
+                default=DATASET_SPLITS,
+                description="dataset_splits (the input) or the latest retraining_dataset (drift-targeted)",
+            ),
+        ),
     },
 )
 
 
-def _tokenized_max_seq_len(storage: StorageResource, dataset_splits: ArtifactHandle) -> int:
-    """The max_seq_len the splits' rows were tokenized with, from the tokenized_dataset manifest."""
+def _tokenized_max_seq_len(storage: StorageResource, tokenized_version: str | None) -> int:
+    """The max_seq_len the training rows were tokenized with, from the tokenized_dataset manifest."""
     from llmft_assets.storage.publish import read_manifest
 
-    tokenized_version = dataset_splits.metadata.get("upstream")
     manifest = read_manifest(
         storage.backend(), asset_prefix(dg.AssetKey("tokenized_dataset")), str(tokenized_version)
     )
     return int(manifest.metadata["max_seq_len"])
+
+
+def _training_data(
+    context: dg.AssetExecutionContext, source: str, dataset_splits: ArtifactHandle, storage: StorageResource
+) -> TrainingData:
+    """The splits input, or the retraining_dataset version Dagster materialized last (fetched by version)."""
+    from llmft_assets.storage import fetch_artifact
+
+    if source == DATASET_SPLITS:
+        return training_data_of(
+            DATASET_SPLITS, dataset_splits.version, dataset_splits.path, dataset_splits.metadata
+        )
+    event = context.instance.get_latest_materialization_event(dg.AssetKey(RETRAINING_DATASET))
+    version_value = None if event is None else event.asset_materialization.metadata.get("version")
+    if version_value is None:
+        raise dg.Failure(
+            description=f"lora_adapter: training_data={source} but no {source} is materialized; run "
+            "retraining_dataset_job first",
+            allow_retries=False,
+        )
+    published, path = fetch_artifact(
+        storage.backend(),
+        asset_prefix(dg.AssetKey(RETRAINING_DATASET)),
+        storage.cache_dir(),
+        version=str(getattr(version_value, "value", version_value)),
+    )
+    return training_data_of(RETRAINING_DATASET, published.version, path, published.metadata)
 
 
 def _run_key(*parts: str) -> str:
@@ -83,6 +123,7 @@ _REUSED_METADATA = (
     "dataset_version",
     "base_model_version",
     "checkpoints_uri",
+    "training_data",
 )
 
 
@@ -196,10 +237,12 @@ def _train_with_accelerate(
     retry_policy=dg.RetryPolicy(max_retries=2, delay=15),
     # Read by k8s_job_executor for this step's pod (dagster issue 22865); ignored in-process.
     op_tags=gpu_op_tags(),
+    # Lineage: a drift retraining (training_data=retraining_dataset) trains on it; read by version, not loaded.
+    deps=[RETRAINING_DATASET],
 )
 def lora_adapter(
     context: dg.AssetExecutionContext,
-    config: LoraAdapterConfig,
+    config: LoraAdapterConfig,  # type: ignore[valid-type]
     base_model: ArtifactHandle,
     dataset_splits: ArtifactHandle,
     storage: StorageResource,
@@ -213,16 +256,17 @@ def lora_adapter(
     from llmft_assets.training.tracking import log_loss_curve
     from llmft_assets.training.trainer import TrainResult, train_lora
 
+    data = _training_data(context, config.training_data, dataset_splits, storage)
     try:
         training_config = config.to_domain(asset="lora_adapter").with_max_seq_len(
-            _tokenized_max_seq_len(storage, dataset_splits)
+            _tokenized_max_seq_len(storage, data.tokenized_version)
         )
     except ValueError as exc:
         raise dg.Failure(description=f"lora_adapter config is invalid: {exc}", allow_retries=False) from exc
     backend = storage.backend()
     run_key = _run_key(
         base_model.version,
-        dataset_splits.version,
+        data.version,
         training_config.model_dump_json(),
         *([f"num_processes={config.num_processes}"] if config.num_processes > 1 else []),
     )
@@ -234,7 +278,7 @@ def lora_adapter(
     base_info = base_model.metadata.get("model_info", {})
     bom = bill_of_materials(
         base_model_info={**base_info, "artifact_version": base_model.version, "artifact_uri": base_model.uri},
-        dataset_version=dataset_splits.version,
+        dataset_version=data.version,
         # Source and licence as raw_dataset recorded them (per-source table or config), carried down the chain.
         dataset=dataset_splits.metadata.get("dataset"),
         config=training_config,
@@ -246,7 +290,7 @@ def lora_adapter(
         tags={
             "llmft.dagster_run_id": context.run.run_id,
             "llmft.base_model": str(base_info.get("model_id", "")),
-            "llmft.dataset_version": dataset_splits.version,
+            "llmft.dataset_version": data.version,
             "llmft.run_key": run_key,
         },
     )
@@ -258,8 +302,8 @@ def lora_adapter(
             config_file.write_text(training_config.model_dump_json())
             args = [
                 "--base-model", str(base_model.path),
-                "--train", str(split_file(dataset_splits, "train")),
-                "--eval", str(split_file(dataset_splits, "validation")),
+                "--train", str(data.split("train")),
+                "--eval", str(data.split("validation")),
                 "--output", str(work),
                 "--config", str(config_file),
                 # Checkpoints go to storage as in one process: rank 0 publishes, resume fetches from there.
@@ -276,8 +320,8 @@ def lora_adapter(
         else:
             result = train_lora(
                 base_model_dir=base_model.path,
-                train_path=split_file(dataset_splits, "train"),
-                eval_path=split_file(dataset_splits, "validation"),
+                train_path=data.split("train"),
+                eval_path=data.split("validation"),
                 output_dir=work,
                 config=training_config,
                 callbacks=[mlflow.training_callback(run_id)],
@@ -305,7 +349,7 @@ def lora_adapter(
         mlflow.log_metrics(run_id, {"eval_loss": result.eval_loss}, step=result.global_step)
     version = mlflow.register_adapter_version(
         run_id,
-        tags={"llmft.run_key": run_key, "llmft.dataset_version": dataset_splits.version},
+        tags={"llmft.run_key": run_key, "llmft.dataset_version": data.version},
     )
     mlflow.set_alias("candidate", version)
     mlflow.finish_run(run_id)
@@ -336,8 +380,9 @@ def lora_adapter(
         "bill_of_materials": dg.MetadataValue.json(json.loads(json.dumps(bom, default=str))),
         "checkpoints_uri": backend.uri(f"checkpoints/lora_adapter/{run_key}"),
         # The train sensor compares these with the latest inputs so one input pair trains once.
-        "dataset_version": dataset_splits.version,
+        "dataset_version": data.version,
         "base_model_version": base_model.version,
+        "training_data": data.asset,
     }
     if loss_png:
         metadata["loss_curve_artifact"] = loss_png
@@ -349,8 +394,10 @@ def lora_adapter(
             "mlflow_run_id": run_id,
             "registered_version": str(version),
             "base_model_version": base_model.version,
-            "dataset_version": dataset_splits.version,
+            "dataset_version": data.version,
             "train_loss": result.train_loss,
+            # Only a retraining says so: the default adapter's manifest stays as it was.
+            **({"training_data": data.asset} if data.asset != DATASET_SPLITS else {}),
         },
     )
     _record_finished_training(backend, run_key, artifact, metadata, context.run.run_id)
