@@ -477,6 +477,38 @@ def _gate_metadata(gate: dict[str, Any]) -> dict[str, Any]:
     return metadata
 
 
+TRAFFIC_REPORT_SUBDIR = "traffic_slice"
+
+
+def _traffic_slice_rows(
+    storage: StorageResource, lora_adapter: ArtifactHandle, max_rows: int
+) -> tuple[str, list[dict[str, Any]]] | None:
+    """(retraining_dataset version, first rows of its traffic slice) when the adapter was trained on a
+    retraining dataset; None for an adapter trained on dataset_splits (no traffic slice to judge it on)."""
+    from llmft_assets.storage import fetch_artifact
+    from llmft_assets.storage.tables import iter_parquet_rows
+
+    if lora_adapter.metadata.get("training_data") != RETRAINING_DATASET:
+        return None
+    version = str(lora_adapter.metadata["dataset_version"])
+    published, path = fetch_artifact(
+        storage.backend(), asset_prefix(dg.AssetKey(RETRAINING_DATASET)), storage.cache_dir(), version=version
+    )
+    data = training_data_of(RETRAINING_DATASET, published.version, path, published.metadata)
+    rows = (
+        []
+        if data.traffic_slice is None
+        else next(iter_parquet_rows(data.traffic_slice, batch_size=max_rows), [])
+    )
+    if not rows:  # the gate would promote on the standard split alone: refuse to judge instead
+        raise dg.Failure(
+            description=f"retraining_dataset {version} has no traffic slice rows: the retrained adapter cannot "
+            "be judged on the traffic it was trained for",
+            allow_retries=False,
+        )
+    return version, rows
+
+
 @dg.asset(group_name=EVALUATION_GROUP, owners=OWNERS, kinds={"mlflow", "html"})
 def eval_report(
     context: dg.AssetExecutionContext,
@@ -488,8 +520,9 @@ def eval_report(
     mlflow: MlflowResource,
 ) -> dg.Output[StagedArtifact]:
     """Base model vs adapter (vs the champion) on the same test rows: verified accuracy, format compliance,
-    finish rate, perplexity and response length, and the gate's decision on every criterion (JSON + HTML)."""
-    from llmft_assets.evaluation.gate import decide_gate_for_report
+    finish rate, perplexity and response length, and the gate's decision on every criterion (JSON + HTML).
+    An adapter trained on a retraining_dataset is also scored on its traffic slice (traffic criteria)."""
+    from llmft_assets.evaluation.gate import decide_gate_for_report, traffic_scores_from_report
     from llmft_assets.evaluation.report import evaluate
     from llmft_assets.storage.tables import iter_parquet_rows
 
@@ -505,18 +538,27 @@ def eval_report(
         if champion_artifact and champion_artifact != adapter_version:
             champion_dir = _adapter_dir_of_version(storage, champion_artifact)
     context.log.info(f"evaluating on {len(rows)} test rows (champion: {champion_name or 'none'})")
-    report = evaluate(
-        base_model.path,
-        lora_adapter.path / ADAPTER_SUBDIR,
-        rows,
-        max_new_tokens=config.max_new_tokens,
-        batch_size=config.batch_size,
-        answer_timeout_s=config.answer_timeout_s,
-        champion_adapter_dir=champion_dir,
-        base_model_name=str(base_model.metadata.get("model_info", {}).get("model_id", "base")),
-        adapter_name=f"adapter {adapter_version}",
-        champion_name=champion_name if champion_dir is not None else None,
-    )
+
+    def evaluate_on(eval_rows: list[dict[str, Any]]) -> Any:
+        return evaluate(
+            base_model.path,
+            lora_adapter.path / ADAPTER_SUBDIR,
+            eval_rows,
+            max_new_tokens=config.max_new_tokens,
+            batch_size=config.batch_size,
+            answer_timeout_s=config.answer_timeout_s,
+            champion_adapter_dir=champion_dir,
+            base_model_name=str(base_model.metadata.get("model_info", {}).get("model_id", "base")),
+            adapter_name=f"adapter {adapter_version}",
+            champion_name=champion_name if champion_dir is not None else None,
+        )
+
+    report = evaluate_on(rows)
+    traffic_slice = _traffic_slice_rows(storage, lora_adapter, config.max_rows)
+    traffic_report = None
+    if traffic_slice is not None:
+        context.log.info(f"evaluating on {len(traffic_slice[1])} traffic-slice rows of {traffic_slice[0]}")
+        traffic_report = evaluate_on(traffic_slice[1])
     # The champion not scored on these rows (same adapter, or compare_champion off): its registry metrics;
     # none recorded fails the champion criteria (nothing to compare with) rather than skipping them.
     registry_metrics = None
@@ -527,10 +569,14 @@ def eval_report(
         thresholds=GateThresholds(**config.gate.model_dump()),
         champion=registry_metrics,
         champion_name=champion_name,
+        traffic=None if traffic_report is None else traffic_scores_from_report(traffic_report),
     )
     report.gate = {**decision.as_dict(), "champion_version": str(champion.version) if champion else None}
     staging = storage.staging_dir("eval_report")
     report.write(staging)
+    if traffic_report is not None:  # the traffic slice's own report, with the same (whole) decision
+        traffic_report.gate = report.gate
+        traffic_report.write(staging / TRAFFIC_REPORT_SUBDIR)
     headline = report.headline()
     run_id = lora_adapter.metadata.get("mlflow_run_id")
     if run_id:
@@ -556,6 +602,14 @@ def eval_report(
     metadata["registered_version"] = str(version)
     metadata["report_preview"] = dg.MetadataValue.md(_report_markdown(report))
     metadata.update(_gate_metadata(report.gate))
+    if traffic_slice is not None and traffic_report is not None:
+        metadata["retraining_dataset_version"] = traffic_slice[0]
+        metadata.update(
+            {
+                f"traffic_slice_{key}": (value if value is not None else float("nan"))
+                for key, value in traffic_report.headline().items()
+            }
+        )
     return artifact_output(
         StagedArtifact(
             staging,
