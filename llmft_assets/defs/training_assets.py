@@ -91,7 +91,8 @@ def _training_data(
             DATASET_SPLITS, dataset_splits.version, dataset_splits.path, dataset_splits.metadata
         )
     event = context.instance.get_latest_materialization_event(dg.AssetKey(RETRAINING_DATASET))
-    version_value = None if event is None else event.asset_materialization.metadata.get("version")
+    materialization = None if event is None else event.asset_materialization
+    version_value = None if materialization is None else materialization.metadata.get("version")
     if version_value is None:
         raise dg.Failure(
             description=f"lora_adapter: training_data={source} but no {source} is materialized; run "
