@@ -26,7 +26,7 @@ from llmft_assets.defs.monitoring_assets import (
     MONITORING_SCHEDULES,
     MONITORING_SENSORS,
 )
-from llmft_assets.defs.retraining_assets import RETRAINING_ASSETS, RETRAINING_JOBS, RETRAINING_SENSORS
+from llmft_assets.defs.retraining_assets import RETRAINING_ASSETS, RETRAINING_JOBS
 from llmft_assets.defs.serving_assets import license_policy, model_bento
 from llmft_assets.defs.storage_resources import ArtifactIOManager, StorageResource
 from llmft_assets.defs.training_assets import eval_gate, eval_report, lora_adapter
@@ -60,7 +60,7 @@ defs = dg.Definitions(
     ],
     asset_checks=[*DATA_CHECKS, eval_gate, license_policy, *MONITORING_CHECKS],
     jobs=[data_job, train_job, release_job, *MONITORING_JOBS, *RETRAINING_JOBS],
-    sensors=[train_sensor, release_sensor, *MONITORING_SENSORS, *RETRAINING_SENSORS],
+    sensors=[train_sensor, release_sensor, *MONITORING_SENSORS],
     schedules=MONITORING_SCHEDULES,
     resources=build_resources(),
 )

@@ -21,7 +21,6 @@ from llmft_assets.definitions import build_resources
 from llmft_assets.defs.retraining_assets import (
     SELECTION_FILE,
     TRAFFIC_SLICE_FILE,
-    drift_retraining_dataset_sensor,
     retraining_dataset,
 )
 from llmft_assets.storage import LocalBackend, StorageBackend, open_storage
@@ -142,63 +141,19 @@ def test_a_window_without_traffic_fails_with_a_clear_reason(
     )
 
 
-# ------------------------------------------------------------------------------------------ the sensor
-
-
-def _evaluate(
-    instance: dg.DagsterInstance, cursor: str | None
-) -> tuple[list[dg.RunRequest], str | None, str]:
-    context = dg.build_sensor_context(instance=instance, cursor=cursor)
-    data = drift_retraining_dataset_sensor.evaluate_tick(context)
-    return list(data.run_requests or []), data.cursor, str(data.skip_message)
-
-
-def test_one_drift_event_builds_one_retraining_dataset_and_the_cooldown_holds(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from llmft_assets_tests.test_monitoring_automation import _report_check
-
-    monkeypatch.setenv("LLMFT_RETRAIN_COOLDOWN_HOURS", "24")
-    with dg.instance_for_test() as instance:
-        requests, cursor, skip = _evaluate(instance, None)
-        assert requests == [] and "has not run" in skip
-        _report_check(instance, passed=True, report_version="r0")
-        requests, cursor, skip = _evaluate(instance, cursor)
-        assert requests == [] and "no drift verdict" in skip
-        _report_check(instance, passed=False, report_version="r00", status="missing")
-        requests, cursor, skip = _evaluate(instance, cursor)
-        assert requests == [] and "no drift verdict" in skip
-
-        _report_check(instance, passed=False, report_version="r1")
-        requests, cursor, _ = _evaluate(instance, cursor)
-        (request,) = requests
-        assert request.job_name is None  # the sensor's one job: retraining_dataset_job
-        assert request.run_key == "drift-r1-retraining-dataset"
-        assert {k: v for k, v in request.tags.items() if k.startswith("llmft/")} == {
-            "llmft/trigger": "drift",
-            "llmft/drift_report_version": "r1",
-            "llmft/retrain_stage": "retraining_dataset",
-        }
-        # The same evaluation seen again: nothing; a new drift inside the cooldown: noted, no run.
-        requests, cursor, skip = _evaluate(instance, cursor)
-        assert requests == [] and "no drift_check evaluation since" in skip
-        _report_check(instance, passed=False, report_version="r2")
-        requests, cursor, skip = _evaluate(instance, cursor)
-        assert requests == [] and "cooling down" in skip
-
-        monkeypatch.setenv("LLMFT_RETRAIN_COOLDOWN_HOURS", "0")
-        _report_check(instance, passed=False, report_version="r3")
-        requests, cursor, _ = _evaluate(instance, cursor)
-        assert [r.run_key for r in requests] == ["drift-r3-retraining-dataset"]
-
-
-def test_definitions_carry_the_retraining_dataset_job_and_sensor() -> None:
+def test_definitions_carry_the_retraining_dataset_job_and_its_lineage_to_the_adapter() -> None:
     from llmft_assets.definitions import defs
 
     repository = defs.get_repository_def()
     job = repository.get_job("retraining_dataset_job")
     assert job.asset_layer.executable_asset_keys == {dg.AssetKey("retraining_dataset")}
-    sensor = repository.get_sensor_def("drift_retraining_dataset_sensor")
-    assert {target.job_name for target in sensor.targets} == {"retraining_dataset_job"}
+    assert not repository.has_sensor_def("drift_retraining_dataset_sensor")  # drift_retrain_sensor starts it
+    sensor = repository.get_sensor_def("drift_retrain_sensor")
+    assert {target.job_name for target in sensor.targets} == {"retraining_dataset_job", "train_job"}
+    # A drift retraining's adapter trains on it (lora_adapter's training_data), drawn as lineage.
+    assert (
+        dg.AssetKey("retraining_dataset")
+        in repository.asset_graph.get(dg.AssetKey("lora_adapter")).parent_keys
+    )
     upstream = repository.asset_graph.get(dg.AssetKey("retraining_dataset")).parent_keys
     assert upstream == {dg.AssetKey(name) for name in ("drift_report", "dataset_splits", "tokenized_dataset")}

@@ -4,6 +4,7 @@ import dagster as dg
 
 from llmft_assets import settings
 from llmft_assets.defs.k8s_tags import gpu_run_tags
+from llmft_assets.training.training_data import RETRAINING_DATASET
 
 DATA_SELECTION = dg.AssetSelection.groups("data", "model")
 # What a new data drop or a drift retraining refreshes: the data chain, not the base model (its own version
@@ -57,6 +58,14 @@ train_job = dg.define_asset_job(
         **({} if _train_on_k8s_steps else gpu_run_tags()),
     },
 )
+
+retraining_dataset_job = dg.define_asset_job(
+    "retraining_dataset_job",
+    selection=dg.AssetSelection.assets(RETRAINING_DATASET),
+    description="The drift-targeted retraining dataset of the latest drift report.",
+)
+# train_job's run config for a drift retraining: lora_adapter trains on the latest retraining_dataset.
+DRIFT_TRAIN_RUN_CONFIG = {"ops": {"lora_adapter": {"config": {"training_data": RETRAINING_DATASET}}}}
 
 release_job = dg.define_asset_job(
     "release_job",

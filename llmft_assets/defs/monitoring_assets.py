@@ -9,8 +9,9 @@ Automation, end to end:
 - `drift_check` fails (severity ERROR) when the drift share reaches the threshold and posts a
   Slack-compatible alert to `$LLMFT_ALERT_WEBHOOK_URL`; too little data passes with a WARN-severity
   "not enough data" description (neither an error nor an alarm).
-- `drift_retrain_sensor` sees the failed check and starts `data_job` (fresh data), then `train_job`;
-  one drift report version starts one retraining (run keys) and a cooldown spaces retrainings out.
+- `drift_retrain_sensor` sees the failed check and starts `retraining_dataset_job` (the rows nearest to
+  the drifted traffic), then `train_job` on that dataset (`release_sensor` evaluates and releases); one
+  drift report version starts one retraining (run keys) and a cooldown spaces retrainings out.
 - `incoming_data_sensor` turns each new drop under `<storage root>/incoming/` into a `data_job` run
   reading just that drop; the drop is the dataset version (run tags + raw_dataset's version).
 """
@@ -30,7 +31,13 @@ import pyarrow as pa
 from llmft_assets import settings
 from llmft_assets.data.raw_sources import SUPPORTED_SUFFIXES
 from llmft_assets.defs.data_assets import OWNERS, split_file
-from llmft_assets.defs.jobs import data_job, fresh_data_selection, train_job
+from llmft_assets.defs.jobs import (
+    DRIFT_TRAIN_RUN_CONFIG,
+    data_job,
+    fresh_data_selection,
+    retraining_dataset_job,
+    train_job,
+)
 from llmft_assets.defs.storage_resources import (
     ArtifactHandle,
     StagedArtifact,
@@ -41,6 +48,7 @@ from llmft_assets.defs.storage_resources import (
 from llmft_assets.storage import StorageBackend
 from llmft_assets.storage.publish import content_version, describe_directory
 from llmft_assets.storage.tables import count_rows, iter_parquet_batches
+from llmft_assets.training.training_data import RETRAINING_DATASET
 
 MONITORING_GROUP = "monitoring"
 DRIFT_REPORT = "drift_report"
@@ -61,6 +69,7 @@ PENDING_RUN_TIMEOUT_S = 6 * 3600
 TAG_TRIGGER = "llmft/trigger"
 TAG_DRIFT_REPORT = "llmft/drift_report_version"
 TAG_RETRAIN_STAGE = "llmft/retrain_stage"
+TAG_RETRAINING_DATASET = "llmft/retraining_dataset_version"
 TAG_INCOMING_DROP = "llmft/incoming_drop"
 TAG_INCOMING_FINGERPRINT = "llmft/incoming_fingerprint"
 
@@ -414,24 +423,11 @@ def _latest_adapter_inputs(instance: dg.DagsterInstance) -> tuple[str | None, st
     return _metadata_text(metadata, "dataset_version"), _metadata_text(metadata, "base_model_version")
 
 
-def _fresh_data_run_config(instance: dg.DagsterInstance) -> dict[str, Any]:
-    """Re-read the source the current raw_dataset came from (an S3 prefix, a drop...), else defaults."""
-    event = instance.get_latest_materialization_event(dg.AssetKey("raw_dataset"))
-    if event is None or event.asset_materialization is None:
-        return {}
-    metadata = dict(event.asset_materialization.metadata)
-    source = _metadata_text(metadata, "source")
-    if not source:
-        return {}
-    raw_config = _metadata_text(metadata, "config")
-    config = None if raw_config in (None, "None", "null", "") else raw_config
-    return {"ops": {"raw_dataset": {"config": {"source": source, "config": config}}}}
-
-
-def _drift_data_run(instance: dg.DagsterInstance, report_version: str) -> Any:
+def _drift_dataset_run(instance: dg.DagsterInstance, report_version: str) -> Any:
     runs = instance.get_runs(
         filters=dg.RunsFilter(
-            job_name=data_job.name, tags={TAG_DRIFT_REPORT: report_version, TAG_RETRAIN_STAGE: "data"}
+            job_name=retraining_dataset_job.name,
+            tags={TAG_DRIFT_REPORT: report_version, TAG_RETRAIN_STAGE: RETRAINING_DATASET},
         ),
         limit=1,
     )
@@ -441,44 +437,36 @@ def _drift_data_run(instance: dg.DagsterInstance, report_version: str) -> Any:
 def _follow_pending(
     context: dg.SensorEvaluationContext, cursor: RetrainCursor
 ) -> dg.SensorResult | dg.SkipReason:
-    """Second stage: once the drift retraining's data run succeeded, start (or hand off) training."""
+    """Second stage: once the drift's retraining_dataset run succeeded, train on that dataset (train_job;
+    release_sensor then evaluates and releases the new adapter)."""
     pending = dict(cursor.pending or {})
     report_version = str(pending["report_version"])
-    run = _drift_data_run(context.instance, report_version)
+    run = _drift_dataset_run(context.instance, report_version)
     if run is None:
         if time.time() - float(pending.get("requested_at", 0)) > PENDING_RUN_TIMEOUT_S:
             cursor.pending = None
             return dg.SensorResult(
-                skip_reason=f"data run for drift report {report_version} never appeared; retraining dropped",
+                skip_reason=f"{RETRAINING_DATASET} run for drift report {report_version} never appeared; "
+                "retraining dropped",
                 cursor=cursor.dump(),
             )
-        return dg.SkipReason(f"waiting for the data run of drift report {report_version} to be created")
+        return dg.SkipReason(f"waiting for the {RETRAINING_DATASET} run of drift report {report_version}")
     if not run.is_finished:
-        return dg.SkipReason(f"waiting for data run {run.run_id} ({run.status.value}) before training")
+        return dg.SkipReason(f"waiting for {RETRAINING_DATASET} run {run.run_id} ({run.status.value})")
     cursor.pending = None
     if run.status != dg.DagsterRunStatus.SUCCESS:
         return dg.SensorResult(
-            skip_reason=f"data run {run.run_id} ended {run.status.value}: no retraining for drift "
-            f"report {report_version} (the next drift event after the cooldown tries again)",
+            skip_reason=f"{RETRAINING_DATASET} run {run.run_id} ended {run.status.value}: no retraining for "
+            f"drift report {report_version} (the next drift event after the cooldown tries again)",
             cursor=cursor.dump(),
         )
-    splits_after = _latest_version_of(context.instance, "dataset_splits")
-    repository = context.repository_def
-    train_sensor_present = repository is not None and repository.has_sensor_def("train_sensor")
-    if train_sensor_present and splits_after != pending.get("splits_before"):
-        # train_sensor starts one training per new (splits, base model) pair: a second one here would
-        # train the same data twice.
-        return dg.SensorResult(
-            skip_reason=f"new dataset_splits {splits_after}: train_sensor starts the training",
-            cursor=cursor.dump(),
-        )
-    trained_on = _latest_adapter_inputs(context.instance)
-    current = (splits_after, _latest_version_of(context.instance, "base_model"))
-    if trained_on == current:
+    dataset = _latest_version_of(context.instance, RETRAINING_DATASET)
+    current = (dataset, _latest_version_of(context.instance, "base_model"))
+    if _latest_adapter_inputs(context.instance) == current:
         reason = (
-            f"drift report {report_version}: the fresh data gave the same dataset_splits {splits_after} and "
-            f"the base model is unchanged ({current[1]}); the current lora_adapter was trained on exactly "
-            "these, so retraining would reproduce it. Nothing to retrain: drop new data under incoming/."
+            f"drift report {report_version}: {RETRAINING_DATASET} {dataset} is the one the current "
+            f"lora_adapter was trained on, with the same base model ({current[1]}); retraining would "
+            "reproduce it. Nothing to retrain."
         )
         context.log.info(reason)
         return dg.SensorResult(skip_reason=reason, cursor=cursor.dump())
@@ -487,11 +475,13 @@ def _follow_pending(
             dg.RunRequest(
                 job_name=train_job.name,
                 run_key=f"drift-{report_version}-train",
+                run_config=DRIFT_TRAIN_RUN_CONFIG,
                 tags={
                     TAG_TRIGGER: "drift",
                     TAG_DRIFT_REPORT: report_version,
                     TAG_RETRAIN_STAGE: "train",
-                    "llmft/data_run": run.run_id,
+                    TAG_RETRAINING_DATASET: str(dataset),
+                    "llmft/retraining_dataset_run": run.run_id,
                 },
             )
         ],
@@ -500,12 +490,13 @@ def _follow_pending(
 
 
 @dg.sensor(
-    jobs=[data_job, train_job],
+    jobs=[retraining_dataset_job, train_job],
     minimum_interval_seconds=settings.get().drift_sensor_interval_s,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="A failed drift_check starts a retraining: data_job (fresh data), then train_job. One "
-    "drift report starts one retraining (run keys); retrainings are spaced by "
-    "$LLMFT_RETRAIN_COOLDOWN_HOURS (default 24 h).",
+    description="A failed drift_check starts a drift-targeted retraining: retraining_dataset_job (the rows "
+    "nearest to the drifted traffic), then train_job on that dataset; release_sensor evaluates (traffic "
+    "slice included) and releases. One drift report starts one retraining (run keys); retrainings are "
+    "spaced by $LLMFT_RETRAIN_COOLDOWN_HOURS (default 24 h).",
 )
 def drift_retrain_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
     cursor = RetrainCursor.parse(context.cursor)
@@ -543,20 +534,18 @@ def drift_retrain_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult
             cursor=cursor.dump(),
         )
     cursor.last_retrain_at = now
-    cursor.pending = {
-        "report_version": report_version,
-        "requested_at": now,
-        "splits_before": _latest_version_of(context.instance, "dataset_splits"),
-    }
-    context.log.info(f"drift in report {report_version}: starting a retraining (fresh data, then training)")
+    cursor.pending = {"report_version": report_version, "requested_at": now}
+    context.log.info(f"drift in report {report_version}: building its retraining dataset, then training")
     return dg.SensorResult(
         run_requests=[
             dg.RunRequest(
-                job_name=data_job.name,
-                run_key=f"drift-{report_version}-data",
-                run_config=_fresh_data_run_config(context.instance),
-                asset_selection=fresh_data_selection(context.instance),
-                tags={TAG_TRIGGER: "drift", TAG_DRIFT_REPORT: report_version, TAG_RETRAIN_STAGE: "data"},
+                job_name=retraining_dataset_job.name,
+                run_key=f"drift-{report_version}-retraining-dataset",
+                tags={
+                    TAG_TRIGGER: "drift",
+                    TAG_DRIFT_REPORT: report_version,
+                    TAG_RETRAIN_STAGE: RETRAINING_DATASET,
+                },
             )
         ],
         cursor=cursor.dump(),

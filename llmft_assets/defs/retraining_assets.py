@@ -5,16 +5,16 @@ pool (tokenized_dataset: every row the pipeline ingested, streamed) + dataset_sp
 rows to mix with, the held-out problems never to take). The selection itself is
 `llmft_assets.monitoring.retrain_selection` (no Dagster there).
 
-`drift_retraining_dataset_sensor` builds it once per drift event: a failed drift_check with a drift verdict
-starts `retraining_dataset_job` (run key per drift report version; the retraining cooldown applies).
+`drift_retrain_sensor` (monitoring_assets) builds it once per drift event: a failed drift_check with a drift
+verdict starts `retraining_dataset_job` (run key per drift report version; the retraining cooldown applies),
+then `train_job` with lora_adapter's `training_data=retraining_dataset`.
 
 The artifact has dataset_splits' layout (train / validation / test .parquet, tokenized) plus
 `traffic_slice.parquet` (held-out rows shaped like the traffic, for the gate) and `selection.json`.
 """
 
 import json
-import time
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import dagster as dg
@@ -22,19 +22,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from llmft_assets import settings
 from llmft_assets.data.schema import TOKENIZED_SCHEMA
 from llmft_assets.defs.config_models import dagster_config
 from llmft_assets.defs.data_assets import DATA_FILE, OWNERS, split_file
-from llmft_assets.defs.monitoring_assets import (
-    DRIFT_CHECK,
-    DRIFT_REPORT,
-    TAG_DRIFT_REPORT,
-    TAG_RETRAIN_STAGE,
-    TAG_TRIGGER,
-    _metadata_text,
-    retrain_cooldown_s,
-)
+from llmft_assets.defs.jobs import retraining_dataset_job
 from llmft_assets.defs.storage_resources import (
     ArtifactHandle,
     StagedArtifact,
@@ -43,10 +34,9 @@ from llmft_assets.defs.storage_resources import (
 )
 from llmft_assets.monitoring.retrain_selection import SelectionSettings, SelectionStats
 from llmft_assets.storage.tables import iter_parquet_batches
+from llmft_assets.training.training_data import RETRAINING_DATASET, TRAFFIC_SLICE_FILE
 
 RETRAINING_GROUP = "retraining"
-RETRAINING_DATASET = "retraining_dataset"
-TRAFFIC_SLICE_FILE = "traffic_slice.parquet"
 SELECTION_FILE = "selection.json"
 
 RetrainingDatasetConfig = dagster_config(
@@ -180,56 +170,5 @@ def retraining_dataset(
     )
 
 
-retraining_dataset_job = dg.define_asset_job(
-    "retraining_dataset_job",
-    selection=dg.AssetSelection.assets(RETRAINING_DATASET),
-    description="The drift-targeted retraining dataset of the latest drift report.",
-)
-
-DRIFT_CHECK_KEY = dg.AssetCheckKey(dg.AssetKey(DRIFT_REPORT), DRIFT_CHECK)
-
-
-@dg.sensor(
-    job=retraining_dataset_job,
-    minimum_interval_seconds=settings.get().drift_sensor_interval_s,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="A failed drift_check (drift verdict) builds the retraining dataset of that drift report: "
-    "once per report version (run key), spaced by $LLMFT_RETRAIN_COOLDOWN_HOURS.",
-)
-def drift_retraining_dataset_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
-    state = json.loads(context.cursor) if context.cursor else {}
-    handled, last_at = int(state.get("handled_check_id", -1)), state.get("last_at")
-    record = context.instance.get_latest_asset_check_evaluation_record(DRIFT_CHECK_KEY)
-    if record is None or record.event is None or record.event.dagster_event is None:
-        return dg.SkipReason("drift_check has not run yet")
-    if record.id <= handled:
-        return dg.SkipReason(f"no drift_check evaluation since #{handled}")
-    evaluation = record.event.dagster_event.event_specific_data
-    passed = getattr(evaluation, "passed", None)
-    if passed is None:
-        return dg.SkipReason("the latest drift_check is still running")
-
-    def done(
-        reason: str, requests: list[dg.RunRequest] | None = None, at: float | None = last_at
-    ) -> dg.SensorResult:
-        cursor = json.dumps({"handled_check_id": record.id, "last_at": at}, sort_keys=True)
-        return dg.SensorResult(run_requests=requests, skip_reason=None if requests else reason, cursor=cursor)
-
-    metadata = dict(evaluation.metadata)
-    if passed or _metadata_text(metadata, "status") not in (None, "drift"):
-        return done("the latest drift_check has no drift verdict")
-    report_version = _metadata_text(metadata, "report_version") or record.run_id
-    now, cooldown = time.time(), retrain_cooldown_s()
-    if last_at is not None and now - float(last_at) < cooldown:
-        until = datetime.fromtimestamp(float(last_at) + cooldown, UTC).isoformat()
-        return done(f"drift in report {report_version}, but retraining is cooling down until {until}")
-    request = dg.RunRequest(
-        run_key=f"drift-{report_version}-retraining-dataset",
-        tags={TAG_TRIGGER: "drift", TAG_DRIFT_REPORT: report_version, TAG_RETRAIN_STAGE: RETRAINING_DATASET},
-    )
-    return done("", [request], at=now)
-
-
 RETRAINING_ASSETS = [retraining_dataset]
-RETRAINING_JOBS = [retraining_dataset_job]
-RETRAINING_SENSORS = [drift_retraining_dataset_sensor]
+RETRAINING_JOBS = [retraining_dataset_job]  # started by drift_retrain_sensor (monitoring_assets)

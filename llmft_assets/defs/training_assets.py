@@ -32,6 +32,13 @@ from llmft_assets.evaluation.gate import Criterion, GateThresholds, criteria_tab
 from llmft_assets.evaluation.generate import DEFAULT_MAX_NEW_TOKENS
 from llmft_assets.training.bom import make_adapter_config_portable
 from llmft_assets.training.config import TrainingConfig
+from llmft_assets.training.training_data import (
+    DATASET_SPLITS,
+    RETRAINING_DATASET,
+    TrainingData,
+    TrainingDataSource,
+    training_data_of,
+)
 
 TRAINING_GROUP = "training"
 EVALUATION_GROUP = "evaluation"
@@ -51,20 +58,54 @@ LoraAdapterConfig = dagster_config(
         "num_processes": (
             int,
             Field(default=1, description=">1 runs the same entry point under `accelerate launch` (DDP/FSDP)"),
-        )
+        ),
+        "training_data": (
+            TrainingDataSource,
+            Field(
+                default=DATASET_SPLITS,
+                description="dataset_splits (the input) or the latest retraining_dataset (drift-targeted)",
+            ),
+        ),
     },
 )
 
 
-def _tokenized_max_seq_len(storage: StorageResource, dataset_splits: ArtifactHandle) -> int:
-    """The max_seq_len the splits' rows were tokenized with, from the tokenized_dataset manifest."""
+def _tokenized_max_seq_len(storage: StorageResource, tokenized_version: str | None) -> int:
+    """The max_seq_len the training rows were tokenized with, from the tokenized_dataset manifest."""
     from llmft_assets.storage.publish import read_manifest
 
-    tokenized_version = dataset_splits.metadata.get("upstream")
     manifest = read_manifest(
         storage.backend(), asset_prefix(dg.AssetKey("tokenized_dataset")), str(tokenized_version)
     )
     return int(manifest.metadata["max_seq_len"])
+
+
+def _training_data(
+    context: dg.AssetExecutionContext, source: str, dataset_splits: ArtifactHandle, storage: StorageResource
+) -> TrainingData:
+    """The splits input, or the retraining_dataset version Dagster materialized last (fetched by version)."""
+    from llmft_assets.storage import fetch_artifact
+
+    if source == DATASET_SPLITS:
+        return training_data_of(
+            DATASET_SPLITS, dataset_splits.version, dataset_splits.path, dataset_splits.metadata
+        )
+    event = context.instance.get_latest_materialization_event(dg.AssetKey(RETRAINING_DATASET))
+    materialization = None if event is None else event.asset_materialization
+    version_value = None if materialization is None else materialization.metadata.get("version")
+    if version_value is None:
+        raise dg.Failure(
+            description=f"lora_adapter: training_data={source} but no {source} is materialized; run "
+            "retraining_dataset_job first",
+            allow_retries=False,
+        )
+    published, path = fetch_artifact(
+        storage.backend(),
+        asset_prefix(dg.AssetKey(RETRAINING_DATASET)),
+        storage.cache_dir(),
+        version=str(getattr(version_value, "value", version_value)),
+    )
+    return training_data_of(RETRAINING_DATASET, published.version, path, published.metadata)
 
 
 def _run_key(*parts: str) -> str:
@@ -83,6 +124,7 @@ _REUSED_METADATA = (
     "dataset_version",
     "base_model_version",
     "checkpoints_uri",
+    "training_data",
 )
 
 
@@ -196,10 +238,12 @@ def _train_with_accelerate(
     retry_policy=dg.RetryPolicy(max_retries=2, delay=15),
     # Read by k8s_job_executor for this step's pod (dagster issue 22865); ignored in-process.
     op_tags=gpu_op_tags(),
+    # Lineage: a drift retraining (training_data=retraining_dataset) trains on it; read by version, not loaded.
+    deps=[RETRAINING_DATASET],
 )
 def lora_adapter(
     context: dg.AssetExecutionContext,
-    config: LoraAdapterConfig,
+    config: LoraAdapterConfig,  # type: ignore[valid-type]
     base_model: ArtifactHandle,
     dataset_splits: ArtifactHandle,
     storage: StorageResource,
@@ -213,16 +257,17 @@ def lora_adapter(
     from llmft_assets.training.tracking import log_loss_curve
     from llmft_assets.training.trainer import TrainResult, train_lora
 
+    data = _training_data(context, config.training_data, dataset_splits, storage)
     try:
         training_config = config.to_domain(asset="lora_adapter").with_max_seq_len(
-            _tokenized_max_seq_len(storage, dataset_splits)
+            _tokenized_max_seq_len(storage, data.tokenized_version)
         )
     except ValueError as exc:
         raise dg.Failure(description=f"lora_adapter config is invalid: {exc}", allow_retries=False) from exc
     backend = storage.backend()
     run_key = _run_key(
         base_model.version,
-        dataset_splits.version,
+        data.version,
         training_config.model_dump_json(),
         *([f"num_processes={config.num_processes}"] if config.num_processes > 1 else []),
     )
@@ -234,7 +279,7 @@ def lora_adapter(
     base_info = base_model.metadata.get("model_info", {})
     bom = bill_of_materials(
         base_model_info={**base_info, "artifact_version": base_model.version, "artifact_uri": base_model.uri},
-        dataset_version=dataset_splits.version,
+        dataset_version=data.version,
         # Source and licence as raw_dataset recorded them (per-source table or config), carried down the chain.
         dataset=dataset_splits.metadata.get("dataset"),
         config=training_config,
@@ -246,7 +291,7 @@ def lora_adapter(
         tags={
             "llmft.dagster_run_id": context.run.run_id,
             "llmft.base_model": str(base_info.get("model_id", "")),
-            "llmft.dataset_version": dataset_splits.version,
+            "llmft.dataset_version": data.version,
             "llmft.run_key": run_key,
         },
     )
@@ -258,8 +303,8 @@ def lora_adapter(
             config_file.write_text(training_config.model_dump_json())
             args = [
                 "--base-model", str(base_model.path),
-                "--train", str(split_file(dataset_splits, "train")),
-                "--eval", str(split_file(dataset_splits, "validation")),
+                "--train", str(data.split("train")),
+                "--eval", str(data.split("validation")),
                 "--output", str(work),
                 "--config", str(config_file),
                 # Checkpoints go to storage as in one process: rank 0 publishes, resume fetches from there.
@@ -276,8 +321,8 @@ def lora_adapter(
         else:
             result = train_lora(
                 base_model_dir=base_model.path,
-                train_path=split_file(dataset_splits, "train"),
-                eval_path=split_file(dataset_splits, "validation"),
+                train_path=data.split("train"),
+                eval_path=data.split("validation"),
                 output_dir=work,
                 config=training_config,
                 callbacks=[mlflow.training_callback(run_id)],
@@ -305,7 +350,7 @@ def lora_adapter(
         mlflow.log_metrics(run_id, {"eval_loss": result.eval_loss}, step=result.global_step)
     version = mlflow.register_adapter_version(
         run_id,
-        tags={"llmft.run_key": run_key, "llmft.dataset_version": dataset_splits.version},
+        tags={"llmft.run_key": run_key, "llmft.dataset_version": data.version},
     )
     mlflow.set_alias("candidate", version)
     mlflow.finish_run(run_id)
@@ -336,8 +381,9 @@ def lora_adapter(
         "bill_of_materials": dg.MetadataValue.json(json.loads(json.dumps(bom, default=str))),
         "checkpoints_uri": backend.uri(f"checkpoints/lora_adapter/{run_key}"),
         # The train sensor compares these with the latest inputs so one input pair trains once.
-        "dataset_version": dataset_splits.version,
+        "dataset_version": data.version,
         "base_model_version": base_model.version,
+        "training_data": data.asset,
     }
     if loss_png:
         metadata["loss_curve_artifact"] = loss_png
@@ -349,8 +395,10 @@ def lora_adapter(
             "mlflow_run_id": run_id,
             "registered_version": str(version),
             "base_model_version": base_model.version,
-            "dataset_version": dataset_splits.version,
+            "dataset_version": data.version,
             "train_loss": result.train_loss,
+            # Only a retraining says so: the default adapter's manifest stays as it was.
+            **({"training_data": data.asset} if data.asset != DATASET_SPLITS else {}),
         },
     )
     _record_finished_training(backend, run_key, artifact, metadata, context.run.run_id)
@@ -430,6 +478,38 @@ def _gate_metadata(gate: dict[str, Any]) -> dict[str, Any]:
     return metadata
 
 
+TRAFFIC_REPORT_SUBDIR = "traffic_slice"
+
+
+def _traffic_slice_rows(
+    storage: StorageResource, lora_adapter: ArtifactHandle, max_rows: int
+) -> tuple[str, list[dict[str, Any]]] | None:
+    """(retraining_dataset version, first rows of its traffic slice) when the adapter was trained on a
+    retraining dataset; None for an adapter trained on dataset_splits (no traffic slice to judge it on)."""
+    from llmft_assets.storage import fetch_artifact
+    from llmft_assets.storage.tables import iter_parquet_rows
+
+    if lora_adapter.metadata.get("training_data") != RETRAINING_DATASET:
+        return None
+    version = str(lora_adapter.metadata["dataset_version"])
+    published, path = fetch_artifact(
+        storage.backend(), asset_prefix(dg.AssetKey(RETRAINING_DATASET)), storage.cache_dir(), version=version
+    )
+    data = training_data_of(RETRAINING_DATASET, published.version, path, published.metadata)
+    rows = (
+        []
+        if data.traffic_slice is None
+        else next(iter_parquet_rows(data.traffic_slice, batch_size=max_rows), [])
+    )
+    if not rows:  # the gate would promote on the standard split alone: refuse to judge instead
+        raise dg.Failure(
+            description=f"retraining_dataset {version} has no traffic slice rows: the retrained adapter cannot "
+            "be judged on the traffic it was trained for",
+            allow_retries=False,
+        )
+    return version, rows
+
+
 @dg.asset(group_name=EVALUATION_GROUP, owners=OWNERS, kinds={"mlflow", "html"})
 def eval_report(
     context: dg.AssetExecutionContext,
@@ -441,8 +521,9 @@ def eval_report(
     mlflow: MlflowResource,
 ) -> dg.Output[StagedArtifact]:
     """Base model vs adapter (vs the champion) on the same test rows: verified accuracy, format compliance,
-    finish rate, perplexity and response length, and the gate's decision on every criterion (JSON + HTML)."""
-    from llmft_assets.evaluation.gate import decide_gate_for_report
+    finish rate, perplexity and response length, and the gate's decision on every criterion (JSON + HTML).
+    An adapter trained on a retraining_dataset is also scored on its traffic slice (traffic criteria)."""
+    from llmft_assets.evaluation.gate import decide_gate_for_report, traffic_scores_from_report
     from llmft_assets.evaluation.report import evaluate
     from llmft_assets.storage.tables import iter_parquet_rows
 
@@ -458,18 +539,27 @@ def eval_report(
         if champion_artifact and champion_artifact != adapter_version:
             champion_dir = _adapter_dir_of_version(storage, champion_artifact)
     context.log.info(f"evaluating on {len(rows)} test rows (champion: {champion_name or 'none'})")
-    report = evaluate(
-        base_model.path,
-        lora_adapter.path / ADAPTER_SUBDIR,
-        rows,
-        max_new_tokens=config.max_new_tokens,
-        batch_size=config.batch_size,
-        answer_timeout_s=config.answer_timeout_s,
-        champion_adapter_dir=champion_dir,
-        base_model_name=str(base_model.metadata.get("model_info", {}).get("model_id", "base")),
-        adapter_name=f"adapter {adapter_version}",
-        champion_name=champion_name if champion_dir is not None else None,
-    )
+
+    def evaluate_on(eval_rows: list[dict[str, Any]]) -> Any:
+        return evaluate(
+            base_model.path,
+            lora_adapter.path / ADAPTER_SUBDIR,
+            eval_rows,
+            max_new_tokens=config.max_new_tokens,
+            batch_size=config.batch_size,
+            answer_timeout_s=config.answer_timeout_s,
+            champion_adapter_dir=champion_dir,
+            base_model_name=str(base_model.metadata.get("model_info", {}).get("model_id", "base")),
+            adapter_name=f"adapter {adapter_version}",
+            champion_name=champion_name if champion_dir is not None else None,
+        )
+
+    report = evaluate_on(rows)
+    traffic_slice = _traffic_slice_rows(storage, lora_adapter, config.max_rows)
+    traffic_report = None
+    if traffic_slice is not None:
+        context.log.info(f"evaluating on {len(traffic_slice[1])} traffic-slice rows of {traffic_slice[0]}")
+        traffic_report = evaluate_on(traffic_slice[1])
     # The champion not scored on these rows (same adapter, or compare_champion off): its registry metrics;
     # none recorded fails the champion criteria (nothing to compare with) rather than skipping them.
     registry_metrics = None
@@ -480,10 +570,14 @@ def eval_report(
         thresholds=GateThresholds(**config.gate.model_dump()),
         champion=registry_metrics,
         champion_name=champion_name,
+        traffic=None if traffic_report is None else traffic_scores_from_report(traffic_report),
     )
     report.gate = {**decision.as_dict(), "champion_version": str(champion.version) if champion else None}
     staging = storage.staging_dir("eval_report")
     report.write(staging)
+    if traffic_report is not None:  # the traffic slice's own report, with the same (whole) decision
+        traffic_report.gate = report.gate
+        traffic_report.write(staging / TRAFFIC_REPORT_SUBDIR)
     headline = report.headline()
     run_id = lora_adapter.metadata.get("mlflow_run_id")
     if run_id:
@@ -509,6 +603,14 @@ def eval_report(
     metadata["registered_version"] = str(version)
     metadata["report_preview"] = dg.MetadataValue.md(_report_markdown(report))
     metadata.update(_gate_metadata(report.gate))
+    if traffic_slice is not None and traffic_report is not None:
+        metadata["retraining_dataset_version"] = traffic_slice[0]
+        metadata.update(
+            {
+                f"traffic_slice_{key}": (value if value is not None else float("nan"))
+                for key, value in traffic_report.headline().items()
+            }
+        )
     return artifact_output(
         StagedArtifact(
             staging,
