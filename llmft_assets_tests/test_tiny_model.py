@@ -239,3 +239,91 @@ def test_addition_fact_sheets_are_correct_complete_and_seeded() -> None:
             a, b, carry, total = match.groups()
             assert int(a) + int(b) + (1 if carry else 0) == int(total)
     assert sheets[0] != sheets[1]  # shuffled anew for every sheet
+
+
+def test_addition_worksheets_are_correct_seeded_and_never_hold_a_sample_problem() -> None:
+    import re
+
+    from llmft_assets.data.sample_gen import sample_arithmetic_pairs
+    from llmft_assets.modeling.tiny_model import addition_worksheets
+
+    sheets = addition_worksheets(40, seed=3)
+    assert sheets == addition_worksheets(40, seed=3) and sheets != addition_worksheets(40, seed=4)
+    held_out = sample_arithmetic_pairs()
+    assert len(held_out) == 2400  # every problem of both bundled files
+    seen = set()
+    for sheet in sheets:
+        title, *blocks = sheet.split("\n\n")
+        assert title == "Column addition practice:" and len(blocks) == 6
+        for block in blocks:
+            header, *working, total = block.splitlines()
+            a, b = (int(n) for n in re.fullmatch(r"(\d\d) \+ (\d\d)", header).groups())
+            assert total == f"So {a} + {b} = {a + b}." and working[0].startswith(
+                f"Ones: {a % 10} + {b % 10} = "
+            )
+            seen.add((min(a, b), max(a, b)))
+    assert seen and not seen & held_out  # the sample's test rows stay unseen by the base model
+
+
+def _default_recipe(**override: int) -> str:
+    from llmft_assets.modeling.tiny_model import (
+        DEFAULT_PRETRAIN_STEPS,
+        DEFAULT_VOCAB_SIZE,
+        default_tokenizer_texts,
+        tiny_model_recipe_key,
+    )
+
+    settings = {
+        "pretrain_steps": DEFAULT_PRETRAIN_STEPS,
+        "seed": 0,
+        "vocab_size": DEFAULT_VOCAB_SIZE,
+        "hidden_size": 128,
+        "num_layers": 4,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "intermediate_size": 384,
+        **override,
+    }
+    return tiny_model_recipe_key(default_tokenizer_texts(), **settings)
+
+
+def test_the_shipped_default_build_matches_the_current_recipe() -> None:
+    """Fails when the builder's recipe changes without `python scripts/build_tiny_model.py`."""
+    from llmft_assets.modeling.tiny_model import shipped_model_matches
+
+    assert shipped_model_matches(_default_recipe())
+    assert not shipped_model_matches(_default_recipe(pretrain_steps=_PRETRAIN_STEPS))
+    assert not shipped_model_matches(_default_recipe(seed=1))
+
+
+def test_the_default_build_is_the_shipped_one_and_others_are_built(llmft_home: Path, tmp_path: Path) -> None:
+    from llmft_assets.modeling.tiny_model import SHIPPED_MODEL_DIR
+
+    default = build_tiny_model(tmp_path / "default")
+    shipped = (SHIPPED_MODEL_DIR / "model.safetensors").read_bytes()
+    assert (default / "model.safetensors").read_bytes() == shipped
+    other = build_tiny_model(tmp_path / "other", pretrain_steps=2)
+    assert (other / "model.safetensors").read_bytes() != shipped
+    assert json.loads((other / "tiny_model_build.json").read_text())["pretrain_steps"] == 2
+
+
+def test_the_shipped_base_model_adds_two_digit_numbers_it_never_saw_in_plain_text() -> None:
+    """The skill the demo's adapter builds on: column addition on the bundled sample's own (unseen) problems,
+    asked in the worksheets' plain-text form. The chat form and the R1 answer format are the adapter's job."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmft_assets.data.sample_gen import sample_arithmetic_pairs
+    from llmft_assets.modeling.tiny_model import SHIPPED_MODEL_DIR
+
+    tokenizer = AutoTokenizer.from_pretrained(str(SHIPPED_MODEL_DIR))
+    model = AutoModelForCausalLM.from_pretrained(str(SHIPPED_MODEL_DIR)).eval()
+    pairs = sorted(sample_arithmetic_pairs())[::120]  # 20 problems spread over the sample
+    right = 0
+    for a, b in pairs:
+        prompt = f"Column addition practice:\n\n{a} + {b}\n"
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=64, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        right += f"So {a} + {b} = {a + b}." in tokenizer.decode(out[0, ids.shape[1] :])
+    assert right / len(pairs) >= 0.7, f"{right}/{len(pairs)} right"

@@ -521,20 +521,36 @@ def arithmetic_problem(
             return a, b
 
 
-def render_arithmetic_think(a: int, b: int, rng: random.Random) -> str:
-    """A short column-addition trace: every line is a one-digit fact, so a small model can learn it."""
+def column_addition_lines(a: int, b: int) -> list[str]:
+    """The column-by-column working of a + b, one one-digit fact a line (the core of the sample's trace)."""
     ones = a % 10 + b % 10
     carry = ones // 10
     tens = a // 10 + b // 10 + carry
-    lines = [rng.choice(_ARITHMETIC_OPENERS).format(a=a, b=b)]
     if carry:
-        lines.append(f"Ones: {a % 10} + {b % 10} = {ones}, write {ones % 10} and carry 1.")
-        lines.append(f"Tens: {a // 10} + {b // 10} + 1 = {tens}.")
+        lines = [
+            f"Ones: {a % 10} + {b % 10} = {ones}, write {ones % 10} and carry 1.",
+            f"Tens: {a // 10} + {b // 10} + 1 = {tens}.",
+        ]
     else:
-        lines.append(f"Ones: {a % 10} + {b % 10} = {ones}.")
-        lines.append(f"Tens: {a // 10} + {b // 10} = {tens}.")
-    lines.append(f"So {a} + {b} = {a + b}.")
-    return "\n".join(lines)
+        lines = [f"Ones: {a % 10} + {b % 10} = {ones}.", f"Tens: {a // 10} + {b // 10} = {tens}."]
+    return [*lines, f"So {a} + {b} = {a + b}."]
+
+
+def render_arithmetic_think(a: int, b: int, rng: random.Random) -> str:
+    """A short column-addition trace: every line is a one-digit fact, so a small model can learn it."""
+    return "\n".join([rng.choice(_ARITHMETIC_OPENERS).format(a=a, b=b), *column_addition_lines(a, b)])
+
+
+def sample_arithmetic_pairs() -> set[tuple[int, int]]:
+    """Every problem of the bundled sample files, as unordered addend pairs: what pretraining must not see."""
+    import re
+
+    pairs: set[tuple[int, int]] = set()
+    for schema, seed in (("v0", SAMPLE_SEED_V0), ("v1", SAMPLE_SEED_V1)):
+        for row in generate_rows(SAMPLE_ROWS, schema=schema, seed=seed, family=SAMPLE_FAMILY):
+            a, b = (int(n) for n in re.findall(r"\d+", row["reannotated_assistant_content"])[:2])
+            pairs.add((min(a, b), max(a, b)))
+    return pairs
 
 
 def _arithmetic_example(
