@@ -7,7 +7,7 @@ every step of a multiprocess run re-imports this module.
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 
-from llmft_assets.defs.data_assets import (
+from llmft_assets.defs.data.assets import (
     base_model,
     cleaned_dataset,
     dataset_splits,
@@ -15,21 +15,21 @@ from llmft_assets.defs.data_assets import (
     tokenized_dataset,
     validated_dataset,
 )
-from llmft_assets.defs.data_checks import DATA_CHECKS
-from llmft_assets.defs.export_assets import merged_model
-from llmft_assets.defs.jobs import data_job, release_job, train_job
+from llmft_assets.defs.data.checks import DATA_CHECKS
+from llmft_assets.defs.data.jobs import data_job, release_job, train_job
 from llmft_assets.defs.mlflow_resource import MlflowResource
-from llmft_assets.defs.monitoring_assets import (
+from llmft_assets.defs.monitoring.assets import (
     MONITORING_ASSETS,
     MONITORING_CHECKS,
     MONITORING_JOBS,
     MONITORING_SCHEDULES,
     MONITORING_SENSORS,
 )
-from llmft_assets.defs.serving_assets import license_policy, model_bento
+from llmft_assets.defs.serving.assets import license_policy, model_bento
+from llmft_assets.defs.serving.export import merged_model
 from llmft_assets.defs.storage_resources import ArtifactIOManager, StorageResource
-from llmft_assets.defs.training_assets import eval_gate, eval_report, lora_adapter
-from llmft_assets.defs.training_sensors import release_sensor, train_sensor
+from llmft_assets.defs.training.assets import eval_gate, eval_report, lora_adapter
+from llmft_assets.defs.training.sensors import release_sensor, train_sensor
 
 DATA_ASSETS = [raw_dataset, cleaned_dataset, validated_dataset, base_model, tokenized_dataset, dataset_splits]
 TRAINING_ASSETS = [lora_adapter, eval_report]

@@ -15,7 +15,7 @@ from dagster._core.storage.dagster_run import DagsterRun
 from dagster_aws.s3 import S3Resource
 
 from llmft_assets import definitions
-from llmft_assets.defs.monitoring_assets import (
+from llmft_assets.defs.monitoring.assets import (
     DRIFT_CHECK,
     DRIFT_REPORT,
     MONITORING_ASSETS,

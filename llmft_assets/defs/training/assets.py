@@ -17,7 +17,7 @@ import dagster as dg
 from pydantic import Field
 
 from llmft_assets.defs.config_models import dagster_config
-from llmft_assets.defs.data_assets import OWNERS, split_file
+from llmft_assets.defs.data.assets import OWNERS, split_file
 from llmft_assets.defs.k8s_tags import gpu_op_tags
 from llmft_assets.defs.mlflow_resource import MlflowResource
 from llmft_assets.defs.storage_resources import (

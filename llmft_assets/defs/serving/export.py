@@ -8,7 +8,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from llmft_assets.defs.data_assets import OWNERS
+from llmft_assets.defs.data.assets import OWNERS
 from llmft_assets.defs.mlflow_resource import MlflowResource
 from llmft_assets.defs.storage_resources import (
     ArtifactHandle,
@@ -17,7 +17,7 @@ from llmft_assets.defs.storage_resources import (
     artifact_output,
     asset_prefix,
 )
-from llmft_assets.defs.training_assets import BOM_FILE, _adapter_dir_of_version
+from llmft_assets.defs.training.assets import BOM_FILE, _adapter_dir_of_version
 from llmft_assets.modeling.merge import DEFAULT_MAX_SHARD_SIZE
 
 EXPORT_GROUP = "export"

@@ -8,7 +8,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from llmft_assets.defs.data_assets import OWNERS
+from llmft_assets.defs.data.assets import OWNERS
 from llmft_assets.defs.mlflow_resource import MlflowResource
 from llmft_assets.defs.storage_resources import (
     ArtifactHandle,
@@ -16,10 +16,10 @@ from llmft_assets.defs.storage_resources import (
     StorageResource,
     artifact_output,
 )
-from llmft_assets.defs.training_assets import ADAPTER_SUBDIR, BOM_FILE, eval_report
+from llmft_assets.defs.training.assets import ADAPTER_SUBDIR, BOM_FILE, eval_report
 
 SERVING_GROUP = "serving"
-BENTOS_DIR = Path(__file__).resolve().parents[2] / "bentos"
+BENTOS_DIR = Path(__file__).resolve().parents[3] / "bentos"
 BENTO_MODEL_NAME = "llmft-chat"
 BENTO_INFO_FILE = "bento.json"
 

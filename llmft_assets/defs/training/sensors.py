@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from llmft_assets.defs.jobs import release_job, train_job
+from llmft_assets.defs.data.jobs import release_job, train_job
 
 
 def _latest_metadata(context: dg.SensorEvaluationContext, asset: str, key: str) -> str | None:

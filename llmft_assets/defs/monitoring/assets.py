@@ -29,8 +29,8 @@ import pyarrow as pa
 
 from llmft_assets import settings
 from llmft_assets.data.raw_sources import SUPPORTED_SUFFIXES
-from llmft_assets.defs.data_assets import OWNERS, split_file
-from llmft_assets.defs.jobs import data_job, fresh_data_selection, train_job
+from llmft_assets.defs.data.assets import OWNERS, split_file
+from llmft_assets.defs.data.jobs import data_job, fresh_data_selection, train_job
 from llmft_assets.defs.storage_resources import (
     ArtifactHandle,
     StagedArtifact,

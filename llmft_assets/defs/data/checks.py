@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 
 from llmft_assets import settings
 from llmft_assets.data.schema import CONVERSATION_SCHEMA, TOKENIZED_SCHEMA
-from llmft_assets.defs.data_assets import DATA_FILE, SPLIT_NAMES, split_file
+from llmft_assets.defs.data.assets import DATA_FILE, SPLIT_NAMES, split_file
 from llmft_assets.defs.storage_resources import ArtifactHandle
 from llmft_assets.storage.tables import iter_parquet_rows
 
