@@ -38,6 +38,7 @@ ASSET_KEYS = {
 }
 JOBS = {"data_job", "train_job", "release_job", "drift_job"}
 SENSORS = {
+    "default_automation_condition_sensor",  # evaluates model_bento's release-after-eval condition
     "train_sensor",
     "release_sensor",
     "drift_retrain_sensor",
@@ -230,3 +231,31 @@ def test_freshness_check_fails_on_a_stale_drift_report_and_passes_on_a_fresh_one
     assert (fresh.check_name, fresh.passed) == ("freshness_check", True)
     assert (stale.passed, stale.severity) == (False, dg.AssetCheckSeverity.WARN)
     assert refreshed.passed is True
+
+
+def _bento_requested(instance: dg.DagsterInstance, cursor: object) -> tuple[int, object]:
+    result = dg.evaluate_automation_conditions(
+        defs, instance, asset_selection=dg.AssetSelection.assets("model_bento"), cursor=cursor
+    )
+    return result.get_num_requested(dg.AssetKey("model_bento")), result.cursor
+
+
+def _evaluated(instance: dg.DagsterInstance, *, gate_passed: bool) -> None:
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key="eval_report"))
+    for check, passed in (("eval_gate", gate_passed), ("license_policy", True)):
+        instance.report_runless_asset_event(
+            dg.AssetCheckEvaluation(asset_key=dg.AssetKey("eval_report"), check_name=check, passed=passed)
+        )
+
+
+@pytest.mark.parametrize("gate_passed", [True, False])
+def test_model_bento_is_packaged_after_a_passing_evaluation_only(gate_passed: bool) -> None:
+    with dg.instance_for_test() as instance:
+        for asset in ("base_model", "lora_adapter"):
+            instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=asset))
+        before, cursor = _bento_requested(instance, None)
+        instance.report_runless_asset_event(dg.AssetMaterialization(asset_key="lora_adapter"))
+        new_adapter, cursor = _bento_requested(instance, cursor)  # not evaluated yet: release_sensor's job
+        _evaluated(instance, gate_passed=gate_passed)
+        after, _ = _bento_requested(instance, cursor)
+    assert (before, new_adapter, after) == (0, 0, 1 if gate_passed else 0)

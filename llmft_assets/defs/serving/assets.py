@@ -29,6 +29,14 @@ BENTOS_DIR = Path(__file__).resolve().parents[3] / "bentos"
 BENTO_INFO_FILE = "bento.json"
 BENTO_ARCHIVE = "llmft-chat.bento"
 
+# Release after eval, declaratively: a new eval_report whose blocking checks (eval_gate, license_policy)
+# passed is packaged, whichever run produced it (release_job does both in one run; an evaluation run
+# from the UI then packages too). Only eval_report counts: a new adapter or base model is not packaged
+# before it is evaluated (release_sensor starts that evaluation).
+RELEASE_AFTER_EVAL = (
+    dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
+).allow(dg.AssetSelection.assets("eval_report"))
+
 
 class ModelBentoConfig(dg.Config):
     merge_adapter: bool = Field(
@@ -60,7 +68,7 @@ def _release_candidate(
     )
 
 
-@dg.asset(group_name=SERVING_GROUP, owners=OWNERS, kinds={"bentoml"})
+@dg.asset(group_name=SERVING_GROUP, owners=OWNERS, kinds={"bentoml"}, automation_condition=RELEASE_AFTER_EVAL)
 def model_bento(
     context: dg.AssetExecutionContext,
     config: ModelBentoConfig,
