@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -259,3 +260,17 @@ def test_model_bento_is_packaged_after_a_passing_evaluation_only(gate_passed: bo
         _evaluated(instance, gate_passed=gate_passed)
         after, _ = _bento_requested(instance, cursor)
     assert (before, new_adapter, after) == (0, 0, 1 if gate_passed else 0)
+
+
+def test_readme_layout_names_files_that_exist() -> None:
+    """Every `something.py` the README's Layout section names exists where the section puts it."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"\b([a-z_]+/[a-z_]+\.py|[a-z_]+\.py)\b", layout))
+    missing = [
+        name
+        for name in sorted(named)
+        if not any(path.as_posix().endswith(name) for path in PACKAGE.parent.glob("llmft_assets/**/*.py"))
+    ]
+    assert len(named) >= 10 and missing == []
+    assert all(f"{domain}/" in layout for domain in DOMAINS)
