@@ -131,6 +131,8 @@ def test_domain_modules_never_import_dagster() -> None:
                 else []
             )
             offenders += [f"{relative}: {name}" for name in names if name.split(".")[0].startswith("dagster")]
+    # The training CLI speaks Dagster Pipes (the protocol package, not Dagster) when Dagster launches it.
+    offenders.remove("training/cli.py: dagster_pipes")
     assert offenders == []
 
 

@@ -184,7 +184,7 @@ def test_readme_config_examples_reach_the_bom_and_the_gate(llmft_home) -> None:
 
     from llmft_assets.definitions import build_resources
     from llmft_assets.defs.data.assets import raw_dataset
-    from llmft_assets.defs.training.assets import EvalReportConfig
+    from llmft_assets.defs.evaluation.assets import EvalReportConfig
     from llmft_assets.evaluation.gate import GateThresholds
 
     result = dg.materialize(

@@ -197,6 +197,8 @@ def adapter_metadata(run: Any) -> dict[str, Any]:
         "bill_of_materials": dg.MetadataValue.json(json.loads(json.dumps(run.bom, default=str))),
         "reused": False,
     }
+    if run.launch_reports:  # a multi-process run: what rank 0 reported over Dagster Pipes
+        metadata["pipes_loss_reports"] = dg.MetadataValue.json(run.launch_reports)
     if run.loss_png:
         metadata["loss_curve"] = loss_curve_image(run.loss_png)
         metadata["loss_curve_artifact"] = LOSS_CURVE_ARTIFACT_FILE

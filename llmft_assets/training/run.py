@@ -26,6 +26,9 @@ from llmft_assets.training.config import TrainingConfig
 from llmft_assets.training.registration import Tracker, register_candidate
 
 Log = Callable[[str], None]
+# Runs a launch command with its environment; returns the structured reports the run sent back (Dagster
+# Pipes' custom messages when the asset launches through Pipes, none from a plain subprocess).
+Launcher = Callable[[list[str], dict[str, str]], list[Any]]
 
 ADAPTER_SUBDIR = "adapter"
 BOM_FILE = "bill_of_materials.json"
@@ -72,6 +75,8 @@ class AdapterRun:
     bom: dict[str, Any] = field(default_factory=dict)
     loss_png: bytes | None = None
     mlflow_run_url: str | None = None
+    launch_reports: list[Any] = field(default_factory=list)
+    """What the launched ranks reported back (per-step losses), multi-process runs only."""
 
 
 def run_key(inputs: TrainingInputs, config: TrainingConfig, num_processes: int) -> str:
@@ -141,8 +146,12 @@ def train_adapter(
     tracker: Tracker,
     dagster_run_id: str,
     log: Log,
+    launcher: Launcher | None = None,
 ) -> AdapterRun:
-    """Reuse the adapter of a finished run with the same key, or train, package and register a new one."""
+    """Reuse the adapter of a finished run with the same key, or train, package and register a new one.
+
+    `launcher` runs the `accelerate launch` command of a multi-process run (default: a subprocess whose
+    output goes to `log` line by line)."""
     from llmft_assets.evaluation.model_card import MODEL_CARD_FILE, model_card_from_bom
     from llmft_assets.training.bom import bill_of_materials
 
@@ -181,8 +190,19 @@ def train_adapter(
     log(f"MLflow run {run_id} ({run_url or tracker.resolved_tracking_uri()})")
     work = new_staging_dir("lora_adapter-work")
     try:
-        result = _launch(
-            inputs, config, num_processes, key, work, backend, storage_root, cache_dir, tracker, run_id, log
+        result, reports = _launch(
+            inputs,
+            config,
+            num_processes,
+            key,
+            work,
+            backend,
+            storage_root,
+            cache_dir,
+            tracker,
+            run_id,
+            log,
+            launcher,
         )
     except BaseException:
         tracker.finish_run(run_id, status="FAILED")
@@ -232,6 +252,7 @@ def train_adapter(
         bom=bom,
         loss_png=registered.loss_png,
         mlflow_run_url=run_url,
+        launch_reports=reports,
     )
     _record_finished(backend, adapter_run, dagster_run_id)
     return adapter_run
@@ -261,8 +282,10 @@ def _launch(
     tracker: Tracker,
     run_id: str,
     log: Log,
-) -> Any:
-    """Train in this process, or the same entry point under `accelerate launch` for >1 processes."""
+    launcher: Launcher | None,
+) -> tuple[Any, list[Any]]:
+    """Train in this process, or the same entry point under `accelerate launch` for >1 processes;
+    returns the TrainResult and what the launched ranks reported back."""
     from llmft_assets.training.storage_checkpoints import StorageCheckpointStore
     from llmft_assets.training.trainer import TrainResult, train_lora
 
@@ -271,7 +294,7 @@ def _launch(
         split_path(inputs.splits_dir, "validation"),
     )
     if num_processes <= 1:
-        return train_lora(
+        result = train_lora(
             base_model_dir=inputs.base_model_dir,
             train_path=train_path,
             eval_path=eval_path,
@@ -281,6 +304,7 @@ def _launch(
             checkpoints=StorageCheckpointStore(backend, checkpoint_prefix(key), cache_dir),
             log=log,
         )
+        return result, []
     config_file = work / "training_config.json"
     config_file.write_text(config.model_dump_json())
     args = [
@@ -295,8 +319,8 @@ def _launch(
         "--cache-dir", str(cache_dir),
         "--mlflow-run-id", run_id,
     ]  # fmt: skip
-    _run_accelerate(config, num_processes, args, tracker.resolved_tracking_uri(), log)
-    return TrainResult.from_dict(json.loads((work / RESULT_FILE).read_text()))
+    reports = _run_accelerate(config, num_processes, args, tracker.resolved_tracking_uri(), log, launcher)
+    return TrainResult.from_dict(json.loads((work / RESULT_FILE).read_text())), reports
 
 
 class LaunchConfigError(ValueError):
@@ -304,12 +328,16 @@ class LaunchConfigError(ValueError):
 
 
 def _run_accelerate(
-    config: TrainingConfig, num_processes: int, cli_args: list[str], tracking_uri: str, log: Log
-) -> None:
+    config: TrainingConfig,
+    num_processes: int,
+    cli_args: list[str],
+    tracking_uri: str,
+    log: Log,
+    launcher: Launcher | None,
+) -> list[Any]:
     """The training CLI under `accelerate launch` with the strategy's accelerate config
-    (deploy/accelerate/{ddp,fsdp}.yaml; CPU: gloo, CUDA: NCCL); its output goes to `log` line by line."""
+    (deploy/accelerate/{ddp,fsdp}.yaml; CPU: gloo, CUDA: NCCL), run by `launcher`."""
     import os
-    import subprocess
     import sys
 
     import torch
@@ -329,6 +357,17 @@ def _run_accelerate(
         raise LaunchConfigError(f"lora_adapter launch: {error}") from error
     log("launching: " + " ".join(command[2:]))
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    if launcher is not None:
+        return launcher(command, env)
+    run_logged(command, env, log)
+    return []
+
+
+def run_logged(command: list[str], env: dict[str, str], log: Log) -> None:
+    """A subprocess whose output goes to `log` line by line (the children write into our pipe: when this
+    process dies they fail on their next write and end too)."""
+    import subprocess
+
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     assert process.stdout is not None
     for line in process.stdout:

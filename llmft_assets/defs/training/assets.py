@@ -4,6 +4,8 @@ The training step (reuse, launch, packaging, MLflow registration) is `llmft_asse
 asset wires config, storage and MLflow to it and turns the result into metadata.
 """
 
+from typing import Any
+
 import dagster as dg
 from pydantic import Field
 
@@ -21,6 +23,7 @@ from llmft_assets.defs.storage_resources import (
 )
 from llmft_assets.manifests import BaseModelManifest, SplitsManifest, StageManifest
 from llmft_assets.training.config import TrainingConfig
+from llmft_assets.training.run import Launcher
 
 TRAINING_GROUP = "training"
 GPU_POOL = "gpu"
@@ -59,6 +62,29 @@ def _training_config(
         )
     except ValueError as exc:
         raise dg.Failure(description=f"lora_adapter config is invalid: {exc}", allow_retries=False) from exc
+
+
+def _pipes_launcher(context: dg.AssetExecutionContext) -> Launcher:
+    """Runs the `accelerate launch` of a multi-process training in a Dagster Pipes session: rank 0's log
+    lines arrive as Dagster log events and its per-step losses as structured messages (returned).
+
+    Not `PipesSubprocessClient`: its children write straight to this process's stdout, so ranks outlive a
+    killed run worker; here every rank's output goes through a pipe this process reads (into the step's
+    captured output), and the ranks end with it, as a plain launch does."""
+    from llmft_assets.training.run import run_logged
+
+    def launch(command: list[str], env: dict[str, str]) -> list[Any]:
+        with dg.open_pipes_session(
+            context=context,
+            context_injector=dg.PipesTempFileContextInjector(),
+            message_reader=dg.PipesTempFileMessageReader(),
+        ) as session:
+            run_logged(
+                command, {**env, **session.get_bootstrap_env_vars()}, log=lambda line: print(line, flush=True)
+            )
+        return list(session.get_custom_messages())
+
+    return launch
 
 
 @dg.asset(
@@ -105,6 +131,7 @@ def lora_adapter(
             tracker=mlflow,
             dagster_run_id=context.run.run_id,
             log=context.log.info,
+            launcher=_pipes_launcher(context),
         )
     except LaunchConfigError as error:
         raise dg.Failure(description=str(error), allow_retries=False) from error
