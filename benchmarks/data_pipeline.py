@@ -1,24 +1,25 @@
-"""Data pipeline benchmark: our batched streaming path vs a naive per-row `datasets.map` path.
+"""Data pipeline benchmark: our raw -> splits chain vs the strong `datasets` baseline and the tokenizer's limit.
 
-Both paths do the same work on the same R1-shaped synthetic rows (llmft_assets.data.sample_gen), read
-from parquet files on disk: clean -> validate -> tokenize with assistant-only labels -> write the result.
+On the same R1-shaped synthetic rows (llmft_assets.data.sample_gen, parquet files on disk), in one run:
 
-- ours: `iter_raw_batches` -> `clean_rows` -> `validate_rows` in this process, then
-  `llmft_assets.data.parallel.iter_tokenized_tables`: batches tokenized in an ordered pool of worker
-  processes (one per CPU by default, `--workers`), each rendering the templates with tokenize=False for
-  the batch, encoding with the fast tokenizer and building an Arrow table from numpy arrays; tables
-  streamed into a parquet file batch by batch. Pool start-up is inside the timed region.
-- naive: `Dataset.from_parquet` + unbatched `datasets.map`/`filter` for cleaning and validation (the same
-  row functions) and for tokenization per row with `apply_chat_template(tokenize=True)` (the full
-  conversation, plus the prompt prefix of every assistant turn to mask it).
+- ours: the project's own Definitions, `dagster.materialize` of raw_dataset -> cleaned_dataset ->
+  validated_dataset -> tokenized_dataset -> dataset_splits on local storage (base_model is materialized
+  first, outside the clock). Wall time from the first data step's start to the last one's end.
+- baseline: what a user would write with `datasets`: `Dataset.from_parquet(files)` and one
+  `map(batched=True, num_proc=<cores>)` that turns each raw row into a conversation (the same
+  `to_conversation`), renders it with the chat template and tokenizes the batch with offsets, labels on
+  the assistant turns found by prompt prefix (the same masks as ours, checked by the token totals).
+- limit: the fast tokenizer alone, `backend_tokenizer.encode_batch` in chunks of 1,024 on all cores,
+  on the same rendered and cut texts (prepared before the clock starts).
+- RSS: our peak memory (PSS summed over the process tree, sampled) at two row counts.
 
-Each run happens in its own subprocess, which reports its own peak RSS (`resource.getrusage`), so the
-numbers do not mix. Prints JSON lines; the last line is a summary with top-level `speedup` (rows/s of
-ours / naive) and `rss_ratio` (our peak memory, PSS summed over the process and its workers, at the large
-/ the small row count; streaming keeps it ~1).
+Each measurement runs in its own subprocess. Prints JSON lines; the last is the summary with `speedup`
+(ours / baseline rows per second), `ratio_to_limit` (ours / limit) and `rss_ratio` (peak at the large
+/ the small row count). On a shared machine compare the ratios, and read `load_average`.
 
-    python benchmarks/data_pipeline.py            # 50k rows compared, RSS at 20k vs 200k (long)
-    python benchmarks/data_pipeline.py --quick    # 5k rows compared, RSS at 2k vs 20k
+    python benchmarks/data_pipeline.py                       # RSS at 20k and 200k, compared at 200k
+    python benchmarks/data_pipeline.py --rows 20000,100000   # smaller
+    python benchmarks/data_pipeline.py --quick               # 2k and 10k rows
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FILE_ROWS = 5000  # rows per synthetic parquet file; files alternate v0 / v1
+LIMIT_CHUNK_ROWS = 1024
+DATA_STEPS = ("raw_dataset", "cleaned_dataset", "validated_dataset", "tokenized_dataset", "dataset_splits")
 
 
 def emit(record: dict[str, Any]) -> None:
@@ -49,8 +52,8 @@ def peak_rss_mb() -> float:
 
 
 def _pss_mb(pid: int) -> float:
-    """Proportional set size: pages shared with other processes (a fork server's preloaded modules)
-    count a share each, so a sum over processes is the memory they really hold together."""
+    """Proportional set size: pages shared with other processes count a share each, so a sum over the
+    processes is the memory they hold together."""
     try:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
             if line.startswith("Pss:"):
@@ -60,15 +63,23 @@ def _pss_mb(pid: int) -> float:
     return 0.0
 
 
+def _children_pids(pid: int) -> list[int]:
+    pids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            pids += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return pids
+
+
 def _descendants(pid: int) -> list[int]:
     children = _children_pids(pid)
     return children + [grandchild for child in children for grandchild in _descendants(child)]
 
 
 class TreeMemorySampler:
-    """Peak of the summed PSS of this process and all its descendants (workers, fork server), sampled
-    every ``interval_s``. ru_maxrss covers one process; with workers the memory is spread over several.
-    """
+    """Peak of the summed PSS of this process and all its descendants, sampled every ``interval_s``."""
 
     def __init__(self, interval_s: float = 0.1) -> None:
         import threading
@@ -95,36 +106,11 @@ class TreeMemorySampler:
             self._thread.join()
 
 
-def _children_pids(pid: int) -> list[int]:
-    pids: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            pids += [int(child) for child in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return pids
-
-
-def _proc_cpu_seconds(pid: int) -> float:
-    """utime + stime + its waited-for children's cutime + cstime, from /proc/PID/stat."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    # After the ')' closing the command name: fields[11..14] are utime, stime, cutime, cstime.
-    return sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-
-
 def cpu_seconds() -> float:
-    """CPU time of this process tree (all threads, waited-for children, and live children with the
-    children they reaped, e.g. the multiprocessing fork server and its finished workers). On a shared
-    machine it is steadier than wall time."""
+    """CPU time of this process and its reaped children (all threads); with `os.times` of live ones."""
     self_usage = resource.getrusage(resource.RUSAGE_SELF)
     reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
-    total = self_usage.ru_utime + self_usage.ru_stime + reaped.ru_utime + reaped.ru_stime
-    if Path("/proc/self/task").is_dir():
-        total += sum(_proc_cpu_seconds(pid) for pid in _children_pids(os.getpid()))
-    return total
+    return self_usage.ru_utime + self_usage.ru_stime + reaped.ru_utime + reaped.ru_stime
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -144,12 +130,12 @@ def write_synthetic_rows(data_dir: Path, total_rows: int, seed: int) -> None:
             continue
         count = min(FILE_ROWS, total_rows - start)
         table = rows_to_table(generate_rows(count, schema=schema, seed=seed + index), schema)
-        # Default compression: the bundled sample's zstd-19 costs minutes at this size.
         pq.write_table(table, path, row_group_size=1024)
 
 
-def data_files(data_dir: Path) -> list[Path]:
-    return sorted(data_dir.glob("part-*.parquet"))
+def data_files(data_dir: Path, rows: int) -> list[Path]:
+    """The files holding the first `rows` rows (every file but the last holds FILE_ROWS)."""
+    return sorted(data_dir.glob("part-*.parquet"))[: -(-rows // FILE_ROWS)]
 
 
 def load_tokenizer(tokenizer_dir: str) -> Any:
@@ -161,146 +147,235 @@ def load_tokenizer(tokenizer_dir: str) -> Any:
 # ------------------------------------------------------------------------------------------- ours
 
 
-def run_ours(
-    data_dir: Path,
-    rows: int,
-    tokenizer_dir: str,
-    out_dir: Path,
-    batch_size: int,
-    max_seq_len: int,
-    workers: int,
-) -> dict:
-    import pyarrow.parquet as pq
+def run_ours(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    """The five data assets through `dagster.materialize`, on local storage in `out_dir`."""
+    os.environ["LLMFT_HOME"] = str(out_dir)
+    os.environ["DAGSTER_HOME"] = str(out_dir / "dagster")
+    (out_dir / "dagster").mkdir()
+    for variable in ("LLMFT_STORAGE", "MLFLOW_TRACKING_URI"):
+        os.environ.pop(variable, None)
+    import dagster as dg
 
-    from llmft_assets.data.cleaning import clean_rows
-    from llmft_assets.data.parallel import iter_tokenized_tables, resolve_workers
-    from llmft_assets.data.raw_sources import iter_raw_batches
-    from llmft_assets.data.schema import TOKENIZED_SCHEMA, StageCounts
-    from llmft_assets.data.validation import ValidationLimits, validate_rows
+    from llmft_assets.definitions import DATA_ASSETS, build_resources
 
-    load_tokenizer(tokenizer_dir)  # the import, as the naive path pays it before its clock starts
-    worker_count = resolve_workers(workers)
-    limits = ValidationLimits()
-    counts = {stage: StageCounts(stage=stage) for stage in ("raw", "cleaned", "validated", "tokenized")}
-    seen_hashes: set[str] = set()
-    seen_ids: set[str] = set()
-
-    def valid_batches() -> Any:
-        for batch in iter_raw_batches(
-            str(data_dir), max_rows=rows, batch_size=batch_size, counts=counts["raw"]
-        ):
-            cleaned, _ = clean_rows(batch.rows, seen_hashes=seen_hashes, counts=counts["cleaned"])
-            valid, _ = validate_rows(cleaned, seen_ids=seen_ids, limits=limits, counts=counts["validated"])
-            yield valid
-
-    started, cpu_started = time.perf_counter(), cpu_seconds()
-    with pq.ParquetWriter(out_dir / "tokenized.parquet", TOKENIZED_SCHEMA) as writer:
-        for table, delta in iter_tokenized_tables(
-            valid_batches(), tokenizer_dir, max_seq_len=max_seq_len, workers=worker_count
-        ):
-            counts["tokenized"].merge(delta)
-            if table.num_rows:
-                writer.write_table(table)
-    seconds = time.perf_counter() - started
-    for stage_counts in counts.values():
-        stage_counts.check_balanced()
+    data_config = {
+        "ops": {
+            "raw_dataset": {"config": {"source": args.data_dir, "max_rows": args.rows}},
+            "tokenized_dataset": {"config": {"max_seq_len": args.max_seq_len}},
+        }
+    }
+    instance = dg.DagsterInstance.ephemeral()
+    model = dg.materialize(
+        DATA_ASSETS, selection=["base_model"], resources=build_resources(),
+        run_config={"ops": {"base_model": {"config": {"pretrain_steps": 0}}}},
+        instance=instance,
+    )  # fmt: skip
+    if not model.success:
+        raise RuntimeError("base_model failed")
+    cpu_started = cpu_seconds()
+    result = dg.materialize(
+        DATA_ASSETS, selection=list(DATA_STEPS), resources=build_resources(), run_config=data_config,
+        instance=instance,
+    )  # fmt: skip
+    if not result.success:
+        raise RuntimeError("the data chain failed")
+    started: dict[str, float] = {}
+    ended: dict[str, float] = {}
+    for entry in instance.all_logs(result.run_id):
+        event = entry.dagster_event
+        if event is not None and event.event_type_value == "STEP_START":
+            started[event.step_key] = entry.timestamp
+        elif event is not None and event.event_type_value == "STEP_SUCCESS":
+            ended[event.step_key] = entry.timestamp
+    metadata = {}
+    for event in result.get_asset_materialization_events():
+        materialization = event.event_specific_data.materialization
+        metadata[materialization.asset_key.to_user_string()] = {
+            key: getattr(value, "value", value) for key, value in materialization.metadata.items()
+        }
+    tokenized = metadata["tokenized_dataset"]
     return {
-        "rows_in": counts["raw"].rows_in,
-        "rows_out": counts["tokenized"].rows_out,
-        "tokens": counts["tokenized"].extra["tokens"],
-        "assistant_tokens": counts["tokenized"].extra["assistant_tokens"],
-        "seconds": round(seconds, 2),
+        "rows_in": metadata["raw_dataset"]["rows_in"],
+        "rows_out": sum(
+            metadata["dataset_splits"][f"{name}_rows"] for name in ("train", "validation", "test")
+        ),
+        "tokens": tokenized["total_tokens"],
+        "assistant_tokens": tokenized["assistant_tokens"],
+        "seconds": round(max(ended.values()) - min(started.values()), 2),
+        "step_seconds": {step: round(ended[step] - started[step], 2) for step in DATA_STEPS},
         "cpu_seconds": round(cpu_seconds() - cpu_started, 2),
-        "workers": worker_count,
     }
 
 
-# ------------------------------------------------------------------------------------------ naive
+# -------------------------------------------------------------------------------------- baseline
 
 
-def run_naive(data_dir: Path, rows: int, tokenizer_dir: str, out_dir: Path, max_seq_len: int) -> dict:
+def _checked_conversation(row: dict[str, Any], limits: Any) -> tuple[dict[str, Any] | None, bool]:
+    """(the cleaned conversation or None when cleaning rejects the row, whether it passes validation)."""
+    from llmft_assets.data.cleaning import RowRejected, to_conversation
+    from llmft_assets.data.validation import conversation_problems
+
+    try:
+        conversation = to_conversation(row, prefer_reannotated=True)  # the cleaned_dataset default
+    except RowRejected:
+        return None, False
+    return conversation, not conversation_problems(conversation, limits)
+
+
+def run_baseline(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    """`datasets.map(batched=True, num_proc=<cores>)` doing the same per-row work as ours (clean,
+    validate, chat template, tokenize with offsets, prompt-prefix labels), then the same stream-wide
+    dedup (first content hash, then first valid id, in file order) over the small result columns."""
     import datasets
 
-    from llmft_assets.data.cleaning import RowRejected, to_conversation
-    from llmft_assets.data.schema import IGNORE_INDEX
-    from llmft_assets.data.validation import ValidationLimits, conversation_problems
+    from llmft_assets.data.validation import ValidationLimits
 
     datasets.disable_progress_bars()
-    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer = load_tokenizer(args.tokenizer)
+    max_seq_len = args.max_seq_len
     limits = ValidationLimits()
+
+    def render_and_tokenize(rows: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        names = list(rows)
+        out: dict[str, list[Any]] = {
+            key: [] for key in ("order", "content_hash", "id", "cleaned", "valid", "input_ids", "labels",
+                                "num_tokens", "num_assistant_tokens")
+        }  # fmt: skip
+        texts, spans = [], []
+        for values in zip(*rows.values(), strict=True):
+            row = dict(zip(names, values, strict=True))
+            conversation, valid = _checked_conversation(row, limits)
+            out["order"].append(row["order"])
+            out["content_hash"].append(conversation["content_hash"] if conversation else "")
+            out["id"].append(conversation["id"] if conversation else "")
+            out["cleaned"].append(conversation is not None)
+            out["valid"].append(valid)
+            messages = (
+                [{"role": m["role"], "content": m["content"]} for m in conversation["messages"]]
+                if valid
+                else []
+            )
+            full = tokenizer.apply_chat_template(messages, tokenize=False) if messages else ""
+            row_spans = []
+            for turn, message in enumerate(messages):
+                if message["role"] == "assistant":
+                    prompt = tokenizer.apply_chat_template(
+                        messages[:turn], tokenize=False, add_generation_prompt=True
+                    )
+                    end = full.index("<|im_end|>", len(prompt)) + len("<|im_end|>")
+                    row_spans.append((len(prompt), end))
+            texts.append(
+                full[: row_spans[-1][1]] if messages and messages[-1]["role"] == "assistant" else full
+            )
+            spans.append(row_spans)
+        encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        for ids, offsets, row_spans in zip(
+            encoded["input_ids"], encoded["offset_mapping"], spans, strict=True
+        ):
+            labels = [
+                token if any(start <= begin < end for start, end in row_spans) else -100
+                for token, (begin, _) in zip(ids, offsets, strict=True)
+            ]
+            ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["num_tokens"].append(len(ids))
+            out["num_assistant_tokens"].append(sum(label != -100 for label in labels))
+        return out
+
+    # v0 and v1 files have different columns: one dataset per schema, as a user loads each config.
+    by_schema: dict[str, list[tuple[int, Path]]] = {}
+    for index, path in enumerate(data_files(Path(args.data_dir), args.rows)):
+        by_schema.setdefault(path.stem.rsplit("-", 1)[1], []).append((index, path))
+    started, cpu_started = time.perf_counter(), cpu_seconds()
+    results = []
+    for files in by_schema.values():
+        dataset = datasets.Dataset.from_parquet(
+            [str(path) for _, path in files], cache_dir=str(out_dir / "hf_cache")
+        )
+        # The row's place in the whole stream, so the dedup below keeps the same first occurrences as ours.
+        order = [index * FILE_ROWS + row for index, _ in files for row in range(FILE_ROWS)][: len(dataset)]
+        dataset = dataset.add_column("order", order)
+        if order[-1] >= args.rows:  # the last file is only partly used
+            dataset = dataset.filter(lambda batch: [o < args.rows for o in batch["order"]], batched=True)
+        results.append(
+            dataset.map(
+                render_and_tokenize,
+                batched=True,
+                num_proc=os.cpu_count(),
+                remove_columns=dataset.column_names,
+            )
+        )
+    result = datasets.concatenate_datasets(results).sort("order")
+    columns = result.select_columns(
+        ["content_hash", "id", "cleaned", "valid", "num_tokens", "num_assistant_tokens"]
+    )
     seen_hashes: set[str] = set()
     seen_ids: set[str] = set()
-    empty = {
-        "id": "", "messages": [{"role": "user", "content": ""}], "source": "", "source_dataset": "",
-        "schema_version": "", "source_format": "", "reference_answer": None, "content_hash": "", "origin": "",
-    }  # fmt: skip
-
-    def clean_one(row: dict[str, Any]) -> dict[str, Any]:
-        try:
-            return {**to_conversation(row), "ok": True}
-        except RowRejected:
-            return {**empty, "ok": False}
-
-    def first_of_its_kind(row: dict[str, Any]) -> bool:
-        if not row["ok"] or row["content_hash"] in seen_hashes:
-            return False
+    rows_out = tokens = assistant_tokens = 0
+    for row in columns:
+        if not row["cleaned"] or row["content_hash"] in seen_hashes:
+            continue
         seen_hashes.add(row["content_hash"])
-        return True
-
-    def passes_validation(row: dict[str, Any]) -> bool:
-        if conversation_problems(row, limits) or row["id"] in seen_ids:
-            return False
+        if not row["valid"] or row["id"] in seen_ids:
+            continue
         seen_ids.add(row["id"])
-        return True
-
-    def tokenize_one(row: dict[str, Any]) -> dict[str, Any]:
-        messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-        input_ids = tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]
-        labels = [IGNORE_INDEX] * len(input_ids)
-        end = len(input_ids)
-        for turn, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            prompt = tokenizer.apply_chat_template(messages[:turn], tokenize=True, add_generation_prompt=True)
-            start = len(prompt["input_ids"])
-            if turn + 1 < len(messages):
-                through = tokenizer.apply_chat_template(messages[: turn + 1], tokenize=True)["input_ids"]
-                end = len(through) - 1  # the template's newline after <|im_end|> is not a label
-            else:
-                end = len(input_ids) - 1
-            labels[start:end] = input_ids[start:end]
-        input_ids, labels = input_ids[:end], labels[:end]  # end after the last <|im_end|>, like ours
-        truncated = len(input_ids) > max_seq_len
-        input_ids, labels = input_ids[:max_seq_len], labels[:max_seq_len]
-        return {
-            "input_ids": input_ids,
-            "labels": labels,
-            "num_tokens": len(input_ids),
-            "num_assistant_tokens": sum(label != IGNORE_INDEX for label in labels),
-            "truncated": truncated,
-        }
-
-    cache_dir = out_dir / "hf_cache"
-    rows_in = rows_out = tokens = assistant_tokens = 0
-    started, cpu_started = time.perf_counter(), cpu_seconds()
-    for path in data_files(data_dir):
-        if rows_in >= rows:
-            break
-        dataset = datasets.Dataset.from_parquet(str(path), cache_dir=str(cache_dir))
-        dataset = dataset.select(range(min(len(dataset), rows - rows_in)))
-        rows_in += len(dataset)
-        dataset = dataset.map(clean_one, remove_columns=dataset.column_names)
-        dataset = dataset.filter(first_of_its_kind).filter(passes_validation)
-        dataset = dataset.map(tokenize_one)
-        rows_out += len(dataset)
-        tokens += sum(dataset["num_tokens"])
-        assistant_tokens += sum(dataset["num_assistant_tokens"])
+        rows_out += 1
+        tokens += row["num_tokens"]
+        assistant_tokens += row["num_assistant_tokens"]
     seconds = time.perf_counter() - started
     return {
-        "rows_in": rows_in,
+        "rows_in": len(result),
         "rows_out": rows_out,
         "tokens": tokens,
         "assistant_tokens": assistant_tokens,
+        "seconds": round(seconds, 2),
+        "cpu_seconds": round(cpu_seconds() - cpu_started, 2),
+        "num_proc": os.cpu_count(),
+    }
+
+
+# ----------------------------------------------------------------------------------------- limit
+
+
+def run_limit(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    """The Rust encoder alone on the rendered, cut texts (rendering happens before the clock)."""
+    import pyarrow.parquet as pq
+
+    from llmft_assets.data.cleaning import clean_rows
+    from llmft_assets.data.schema import StageCounts
+    from llmft_assets.data.tokenization import assistant_char_spans, assistant_end_marker
+    from llmft_assets.data.validation import ValidationLimits, validate_rows
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    marker = assistant_end_marker(tokenizer)
+    texts: list[str] = []
+    seen_hashes: set[str] = set()
+    seen_ids: set[str] = set()
+    rows_in = 0
+    # The rows ours keeps, cleaned and validated the same way, rendered and cut: all before the clock.
+    for path in data_files(Path(args.data_dir), args.rows):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=2048):
+            rows = batch.to_pylist()[: args.rows - rows_in]
+            rows_in += len(rows)
+            cleaned, _ = clean_rows(
+                rows, seen_hashes=seen_hashes, counts=StageCounts(stage="cleaned"), prefer_reannotated=True
+            )
+            valid, _ = validate_rows(
+                cleaned, seen_ids=seen_ids, limits=ValidationLimits(), counts=StageCounts(stage="validated")
+            )
+            texts += assistant_char_spans(valid, tokenizer, marker)[0]
+    backend = tokenizer.backend_tokenizer
+    tokens = 0
+    started, cpu_started = time.perf_counter(), cpu_seconds()
+    for start in range(0, len(texts), LIMIT_CHUNK_ROWS):
+        encodings = backend.encode_batch(texts[start : start + LIMIT_CHUNK_ROWS], add_special_tokens=False)
+        tokens += sum(min(len(encoding.ids), args.max_seq_len) for encoding in encodings)
+    seconds = time.perf_counter() - started
+    return {
+        "rows_in": rows_in,
+        "rows_out": len(texts),
+        "tokens": tokens,
         "seconds": round(seconds, 2),
         "cpu_seconds": round(cpu_seconds() - cpu_started, 2),
     }
@@ -308,13 +383,14 @@ def run_naive(data_dir: Path, rows: int, tokenizer_dir: str, out_dir: Path, max_
 
 # ----------------------------------------------------------------------------------------- driver
 
+RUNS = {"ours": run_ours, "baseline": run_baseline, "limit": run_limit}
 
-def run_child(path: str, data_dir: Path, rows: int, args: argparse.Namespace) -> dict[str, Any]:
+
+def run_child(path: str, rows: int, data_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """One measurement in a fresh interpreter; returns its JSON report."""
     command = [
-        sys.executable, __file__, "--child", path, "--data-dir", str(data_dir), "--rows", str(rows),
-        "--tokenizer", args.tokenizer, "--batch-size", str(args.batch_size), "--max-seq-len", str(args.max_seq_len),
-        "--workers", str(args.workers),
+        sys.executable, __file__, "--child", path, "--data-dir", str(data_dir), "--child-rows", str(rows),
+        "--tokenizer", args.tokenizer, "--max-seq-len", str(args.max_seq_len),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     completed = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
@@ -322,17 +398,15 @@ def run_child(path: str, data_dir: Path, rows: int, args: argparse.Namespace) ->
         raise RuntimeError(f"{path} run failed ({completed.returncode}):\n{completed.stderr[-4000:]}")
     report = json.loads(completed.stdout.strip().splitlines()[-1])
     report["rows_per_s"] = round(report["rows_in"] / report["seconds"], 1) if report["seconds"] else None
-    report["rows_per_cpu_s"] = (
-        round(report["rows_in"] / report["cpu_seconds"], 1) if report["cpu_seconds"] else None
-    )
     return report
 
 
 def child_main(args: argparse.Namespace) -> None:
+    args.rows = args.child_rows
     out_dir = Path(tempfile.mkdtemp(prefix=f"llmft-bench-{args.child}-"))
     try:
         with TreeMemorySampler() as sampler:
-            report = run_path(args, out_dir)
+            report = RUNS[args.child](args, out_dir)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
     # peak_rss_mb: this process (ru_maxrss); tree_peak_mb: it and its workers, PSS summed (sampled).
@@ -340,99 +414,70 @@ def child_main(args: argparse.Namespace) -> None:
     print(json.dumps(report, sort_keys=True), flush=True)
 
 
-def run_path(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
-    if args.child == "ours":
-        return run_ours(
-            Path(args.data_dir),
-            args.rows,
-            args.tokenizer,
-            out_dir,
-            args.batch_size,
-            args.max_seq_len,
-            args.workers,
-        )
-    return run_naive(Path(args.data_dir), args.rows, args.tokenizer, out_dir, args.max_seq_len)
-
-
 def default_tokenizer_dir(work_dir: Path) -> str:
     from llmft_assets.modeling.tiny_model import build_tiny_model
 
-    # The project's tiny Qwen2 tokenizer (byte-level BPE, Qwen's pre-tokenizer, ChatML template); cached.
+    # The tokenizer base_model(tiny, pretrain_steps=0) publishes: byte-level BPE, Qwen's pre-tokenizer, ChatML.
     return str(build_tiny_model(work_dir / "tiny_model", pretrain_steps=0))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=None, help="rows compared ours vs naive (default 50000)")
     parser.add_argument(
-        "--rss-rows", default=None, help="two row counts for the RSS check (default 20000,200000)"
+        "--rows",
+        default="20000,200000",
+        help="SMALL,LARGE: RSS at both; ours, baseline, limit compared at LARGE",
     )
-    parser.add_argument("--quick", action="store_true", help="5k rows compared, RSS at 2k vs 20k")
-    parser.add_argument("--batch-size", type=int, default=2048)
-    parser.add_argument("--workers", type=int, default=0, help="tokenizer worker processes (0: one per CPU)")
+    parser.add_argument("--quick", action="store_true", help="--rows 2000,10000 (make benchmarks)")
     parser.add_argument("--max-seq-len", type=int, default=4096)
     parser.add_argument("--tokenizer", default=None, help="a save_pretrained dir (default: the tiny model's)")
     parser.add_argument("--work-dir", default=None, help="where the synthetic parquet files go (kept)")
     parser.add_argument("--seed", type=int, default=1000)
-    parser.add_argument("--child", choices=("ours", "naive"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=tuple(RUNS), help=argparse.SUPPRESS)
+    parser.add_argument("--child-rows", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child_main(args)
         return
-
-    compare_rows = args.rows or (5000 if args.quick else 50_000)
-    small_rows, large_rows = (
-        (int(value) for value in args.rss_rows.split(","))
-        if args.rss_rows
-        else ((2000, 20_000) if args.quick else (20_000, 200_000))
-    )
-    if min(compare_rows, small_rows, large_rows) <= 0 or small_rows >= large_rows:
-        parser.error("row counts must be positive and --rss-rows must be SMALL,LARGE with SMALL < LARGE")
+    small_rows, large_rows = (int(value) for value in ("2000,10000" if args.quick else args.rows).split(","))
+    if not 0 < small_rows < large_rows:
+        parser.error("--rows must be SMALL,LARGE with 0 < SMALL < LARGE")
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="llmft-bench-data-"))
     data_dir = work_dir / "raw"
     started = time.perf_counter()
-    write_synthetic_rows(data_dir, max(compare_rows, large_rows), args.seed)
+    write_synthetic_rows(data_dir, large_rows, args.seed)
     args.tokenizer = args.tokenizer or default_tokenizer_dir(work_dir)
-    emit({"event": "prepared", "rows": max(compare_rows, large_rows), "files": len(data_files(data_dir)),
-          "seconds": round(time.perf_counter() - started, 1), "cpus": os.cpu_count(),
-          "load_average": os.getloadavg()})  # fmt: skip
+    emit({"event": "prepared", "rows": large_rows, "seconds": round(time.perf_counter() - started, 1),
+          "cpus": os.cpu_count(), "load_average": os.getloadavg()})  # fmt: skip
 
-    ours = run_child("ours", data_dir, compare_rows, args)
-    emit({"event": "compare", **ours})
-    naive = run_child("naive", data_dir, compare_rows, args)
-    emit({"event": "compare", **naive})
-    small = run_child("ours", data_dir, small_rows, args)
+    small = run_child("ours", small_rows, data_dir, args)
     emit({"event": "rss", **small})
-    large = run_child("ours", data_dir, large_rows, args)
-    emit({"event": "rss", **large})
-
+    ours = run_child("ours", large_rows, data_dir, args)
+    emit({"event": "compare", **ours})
+    baseline = run_child("baseline", large_rows, data_dir, args)
+    emit({"event": "compare", **baseline})
+    limit = run_child("limit", large_rows, data_dir, args)
+    emit({"event": "compare", **limit})
     emit(
         {
             "event": "summary",
-            "rows": compare_rows,
-            "workers": ours["workers"],
+            "rows": large_rows,
             "cpus": os.cpu_count(),
             "ours_rows_per_s": ours["rows_per_s"],
-            "naive_rows_per_s": naive["rows_per_s"],
-            "ours_seconds": ours["seconds"],
-            "naive_seconds": naive["seconds"],
-            "ours_cpu_seconds": ours["cpu_seconds"],
-            "naive_cpu_seconds": naive["cpu_seconds"],
-            "speedup": round(ours["rows_per_s"] / naive["rows_per_s"], 2),
-            # CPU work per row; wall-clock speedup also counts parallel tokenization on several cores.
-            "cpu_speedup": round(ours["rows_per_cpu_s"] / naive["rows_per_cpu_s"], 2),
-            "ours_peak_mb": ours["tree_peak_mb"],
-            "naive_peak_mb": naive["tree_peak_mb"],
-            # Same rows in, same tokens out: the two paths agree on what they produce.
+            "baseline_rows_per_s": baseline["rows_per_s"],
+            "limit_rows_per_s": limit["rows_per_s"],
+            "ours_step_seconds": ours["step_seconds"],
+            "speedup": round(ours["rows_per_s"] / baseline["rows_per_s"], 3),
+            "ratio_to_limit": round(ours["rows_per_s"] / limit["rows_per_s"], 3),
+            # Same rows in, same tokens and labels out: the paths agree on what they produce.
             "outputs_match": (ours["rows_out"], ours["tokens"], ours["assistant_tokens"])
-            == (naive["rows_out"], naive["tokens"], naive["assistant_tokens"]),
+            == (baseline["rows_out"], baseline["tokens"], baseline["assistant_tokens"])
+            and (ours["rows_out"], ours["tokens"]) == (limit["rows_out"], limit["tokens"]),
             "rss_rows": [small_rows, large_rows],
-            "main_rss_mb": [small["peak_rss_mb"], large["peak_rss_mb"]],
-            "rss_ratio": round(large["tree_peak_mb"] / small["tree_peak_mb"], 3),
-            # Summed over the process and its workers (sampled); the main process alone below.
-            "tree_peak_mb": [small["tree_peak_mb"], large["tree_peak_mb"]],
-            "main_rss_ratio": round(large["peak_rss_mb"] / small["peak_rss_mb"], 3),
+            "tree_peak_mb": [small["tree_peak_mb"], ours["tree_peak_mb"]],
+            "rss_ratio": round(ours["tree_peak_mb"] / small["tree_peak_mb"], 3),
+            "baseline_peak_mb": baseline["tree_peak_mb"],
             "load_average_after": os.getloadavg(),
         }
     )

@@ -80,6 +80,8 @@ class AdapterManifest(Manifest):
     base_model_version: str | None = None
     dataset_version: str | None = None
     train_loss: float | None = None
+    training_data: str | None = None
+    """`retraining_dataset` for a drift-targeted adapter; absent (dataset_splits) otherwise."""
 
 
 @dataclass(frozen=True)
@@ -95,3 +97,15 @@ class DriftManifest(Manifest):
     summary: dict[str, Any] = field(default_factory=dict)
     report_html: str | None = None
     report_json: str | None = None
+
+
+@dataclass(frozen=True)
+class RetrainingManifest(Manifest):
+    """retraining_dataset: rows per split (dataset_splits' layout + traffic_slice) and its lineage."""
+
+    rows: dict[str, int]
+    selection: dict[str, Any] = field(default_factory=dict)
+    drift_report_version: str | None = None
+    dataset_splits_version: str | None = None
+    pool_version: str | None = None
+    request_log_window: str | None = None

@@ -36,8 +36,9 @@ ASSET_KEYS = {
     "model_bento",
     "merged_model",
     "drift_report",
+    "retraining_dataset",
 }
-JOBS = {"data_job", "train_job", "release_job", "drift_job"}
+JOBS = {"data_job", "train_job", "release_job", "drift_job", "retraining_dataset_job"}
 SENSORS = {
     "default_automation_condition_sensor",  # evaluates model_bento's release-after-eval condition
     "train_sensor",
@@ -70,6 +71,7 @@ ASSET_DOMAIN = {
     "model_bento": "serving",
     "merged_model": "serving",
     "drift_report": "monitoring",
+    "retraining_dataset": "monitoring",
 }
 MAX_ASSET_BODY_LINES = 30
 

@@ -248,6 +248,7 @@ def test_thresholds_are_validated() -> None:
         "max_perplexity_ratio": 1.0,
         "champion_tolerance": 0.02,
         "champion_perplexity_tolerance": 0.05,
+        "traffic_min_perplexity_gain": 0.0,
     }
     for bad in ({"alpha": 0}, {"champion_tolerance": -0.1}, {"min_finish_rate": 1.5}, {"typo": 1}):
         with pytest.raises(ValidationError):

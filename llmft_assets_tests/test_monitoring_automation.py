@@ -1,5 +1,5 @@
 """The monitoring automation through Dagster's own test helpers: the incoming-data sensor, the drift
-retraining sensor (run keys, cooldown, data then training), the daily drift schedule, the alert."""
+retraining sensor (run keys, cooldown, retraining dataset then training), the daily drift schedule, the alert."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_definitions_carry_the_monitoring_automation(repository: dg.RepositoryDe
     assert repository.get_sensor_def("incoming_data_sensor").default_status == dg.DefaultSensorStatus.RUNNING
     assert repository.get_sensor_def("drift_retrain_sensor").default_status == dg.DefaultSensorStatus.RUNNING
     assert {target.job_name for target in repository.get_sensor_def("drift_retrain_sensor").targets} == {
-        "data_job",
+        "retraining_dataset_job",
         "train_job",
     }
     schedule = repository.get_schedule_def("drift_schedule")
@@ -243,63 +243,101 @@ def _evaluate_drift(
 def _add_data_run(
     instance: dg.DagsterInstance, request: dg.RunRequest, status: dg.DagsterRunStatus
 ) -> DagsterRun:
-    """What the daemon does with the sensor's request: a data_job run carrying its tags."""
+    """What the daemon does with the incoming sensor's request: a data_job run carrying its tags."""
     run = DagsterRun(job_name="data_job", run_id=f"run-{request.run_key}", tags=request.tags, status=status)
     instance.delete_run(run.run_id)
     return instance.add_run(run)
 
 
-def test_drift_starts_fresh_data_then_training_once(
+def _add_dataset_run(
+    instance: dg.DagsterInstance, request: dg.RunRequest, status: dg.DagsterRunStatus
+) -> DagsterRun:
+    """What the daemon does with the sensor's request: a retraining_dataset_job run carrying its tags."""
+    run = DagsterRun(
+        job_name="retraining_dataset_job", run_id=f"run-{request.run_key}", tags=request.tags, status=status
+    )
+    instance.delete_run(run.run_id)
+    return instance.add_run(run)
+
+
+def _llmft_tags(request: dg.RunRequest) -> dict[str, str]:
+    return {key: value for key, value in request.tags.items() if key.startswith("llmft/")}
+
+
+def test_drift_builds_the_retraining_dataset_then_trains_on_it_once(
     instance: dg.DagsterInstance, repository: dg.RepositoryDefinition, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from llmft_assets.defs.evaluation.sensors import release_sensor
+
     monkeypatch.setenv("LLMFT_RETRAIN_COOLDOWN_HOURS", "24")
     requests, cursor, skip = _evaluate_drift(instance, None, repository)
-    assert requests == [] and "has not run" in str(skip)
+    assert requests == [] and skip == "drift_check has not run yet"
 
     _report_check(instance, passed=True, report_version="r0")
     requests, cursor, skip = _evaluate_drift(instance, cursor, repository)
-    assert requests == [] and "passed" in str(skip)
+    assert requests == [] and skip == "the latest drift_check passed"
 
     # A failed check that is not a drift verdict (an unreadable report) is no reason to retrain.
     _report_check(instance, passed=False, report_version="r00", status="missing")
     requests, cursor, skip = _evaluate_drift(instance, cursor, repository)
-    assert requests == [] and "without a drift verdict" in str(skip)
+    assert (
+        requests == [] and skip == "the latest drift_check failed without a drift verdict (status 'missing')"
+    )
 
-    _report_materialization(instance, "raw_dataset", source="s3://bucket/raw/", config="None")
-    _report_materialization(instance, "dataset_splits", version="splits-1")
     _report_check(instance, passed=False, report_version="r1")
     requests, cursor, _ = _evaluate_drift(instance, cursor, repository)
-    (data_request,) = requests
-    assert data_request.job_name == "data_job"
-    assert data_request.run_key == "drift-r1-data"
-    assert data_request.tags["llmft/drift_report_version"] == "r1"
-    # Fresh data from the source the current raw_dataset came from.
-    assert data_request.run_config == {
-        "ops": {"raw_dataset": {"config": {"source": "s3://bucket/raw/", "config": None}}}
+    (dataset_request,) = requests
+    assert dataset_request.job_name == "retraining_dataset_job"
+    assert dataset_request.run_key == "drift-r1-retraining-dataset"
+    assert _llmft_tags(dataset_request) == {
+        "llmft/trigger": "drift",
+        "llmft/drift_report_version": "r1",
+        "llmft/retrain_stage": "retraining_dataset",
     }
-    assert dg.validate_run_config(repository.get_job("data_job"), data_request.run_config)
 
     # The same failed evaluation seen again never starts a second retraining.
     requests, cursor, skip = _evaluate_drift(instance, cursor, repository)
-    assert requests == [] and "to be created" in str(skip)
+    assert requests == [] and skip == "waiting for the retraining_dataset run of drift report r1"
 
-    _add_data_run(instance, data_request, dg.DagsterRunStatus.STARTED)
+    _add_dataset_run(instance, dataset_request, dg.DagsterRunStatus.STARTED)
     requests, cursor, skip = _evaluate_drift(instance, cursor, repository)
-    assert requests == [] and "waiting for data run" in str(skip)
+    assert (
+        requests == []
+        and skip == "waiting for retraining_dataset run run-drift-r1-retraining-dataset (STARTED)"
+    )
 
-    # Data run done and the splits are unchanged: train_sensor has nothing new, so this sensor trains.
-    data_run = _add_data_run(instance, data_request, dg.DagsterRunStatus.SUCCESS)
+    # The retraining dataset is built: train_job trains lora_adapter on it (its run config says so).
+    _report_materialization(instance, "retraining_dataset", version="rd-1")
+    dataset_run = _add_dataset_run(instance, dataset_request, dg.DagsterRunStatus.SUCCESS)
     requests, cursor, _ = _evaluate_drift(instance, cursor, repository)
     (train_request,) = requests
     assert train_request.job_name == "train_job"
     assert train_request.run_key == "drift-r1-train"
-    assert train_request.tags["llmft/data_run"] == data_run.run_id
+    assert train_request.run_config == {
+        "ops": {"lora_adapter": {"config": {"training_data": "retraining_dataset"}}}
+    }
+    assert dg.validate_run_config(repository.get_job("train_job"), train_request.run_config)
+    assert _llmft_tags(train_request) == {
+        "llmft/trigger": "drift",
+        "llmft/drift_report_version": "r1",
+        "llmft/retrain_stage": "train",
+        "llmft/retraining_dataset_version": "rd-1",
+        "llmft/retraining_dataset_run": dataset_run.run_id,
+    }
     assert RetrainCursor.parse(cursor).pending is None
+
+    # The adapter it trains is evaluated and released by release_sensor (release_job), as any adapter.
+    _report_materialization(instance, "lora_adapter", version="a-rd-1", dataset_version="rd-1")
+    with dg.build_sensor_context(instance=instance, repository_def=repository) as context:
+        release = release_sensor.evaluate_tick(context)
+    assert [(r.run_key, _llmft_tags(r)) for r in release.run_requests] == [
+        ("adapter-a-rd-1", {"llmft/adapter": "a-rd-1"})
+    ]
 
     # A new drift inside the cooldown: noted, no run.
     _report_check(instance, passed=False, report_version="r2")
     requests, cursor, skip = _evaluate_drift(instance, cursor, repository)
-    assert requests == [] and "cooling down" in str(skip)
+    assert requests == [] and "drift in report r2, but retraining is cooling down until" in str(skip)
     requests, cursor, skip = _evaluate_drift(instance, cursor, repository)
     assert requests == [] and "no drift_check evaluation since" in str(skip)
 
@@ -308,53 +346,48 @@ def test_drift_with_nothing_new_to_train_on_is_skipped_with_a_reason(
     instance: dg.DagsterInstance, repository: dg.RepositoryDefinition, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("LLMFT_RETRAIN_COOLDOWN_HOURS", "0")
-    _report_materialization(instance, "dataset_splits", version="splits-1")
     _report_materialization(instance, "base_model", version="base-1")
     _report_materialization(
-        instance, "lora_adapter", version="a1", dataset_version="splits-1", base_model_version="base-1"
+        instance, "lora_adapter", version="a1", dataset_version="rd-1", base_model_version="base-1"
     )
     _report_check(instance, passed=False, report_version="r1")
-    (data_request,), cursor, _ = _evaluate_drift(instance, None, repository)
-    _add_data_run(instance, data_request, dg.DagsterRunStatus.SUCCESS)
-    # The fresh data is the same (splits-1) and the adapter was trained on it with this base model.
+    (dataset_request,), cursor, _ = _evaluate_drift(instance, None, repository)
+    _report_materialization(instance, "retraining_dataset", version="rd-1")
+    _add_dataset_run(instance, dataset_request, dg.DagsterRunStatus.SUCCESS)
+    # The same retraining dataset (rd-1) and base model the adapter was trained on: nothing to retrain.
     requests, cursor, skip = _evaluate_drift(instance, cursor, repository)
     assert requests == []
-    assert "same dataset_splits splits-1" in str(skip) and "Nothing to retrain" in str(skip)
+    assert "retraining_dataset rd-1 is the one the current lora_adapter was trained on" in str(skip)
     assert RetrainCursor.parse(cursor).pending is None
 
-    # Same splits, but a new base model since that adapter: that is something new, so it trains.
+    # Same dataset, but a new base model since that adapter: that is something new, so it trains.
     _report_materialization(instance, "base_model", version="base-2")
     _report_check(instance, passed=False, report_version="r2")
-    (data_request,), cursor, _ = _evaluate_drift(instance, cursor, repository)
-    _add_data_run(instance, data_request, dg.DagsterRunStatus.SUCCESS)
+    (dataset_request,), cursor, _ = _evaluate_drift(instance, cursor, repository)
+    _add_dataset_run(instance, dataset_request, dg.DagsterRunStatus.SUCCESS)
     (train_request,), cursor, _ = _evaluate_drift(instance, cursor, repository)
     assert train_request.job_name == "train_job" and train_request.run_key == "drift-r2-train"
 
 
-def test_after_the_cooldown_a_new_drift_retrains_and_new_splits_go_to_train_sensor(
+def test_a_failed_retraining_dataset_run_stops_that_retraining_and_the_next_drift_starts_anew(
     instance: dg.DagsterInstance, repository: dg.RepositoryDefinition, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("LLMFT_RETRAIN_COOLDOWN_HOURS", "0")
-    _report_materialization(instance, "dataset_splits", version="splits-1")
     _report_check(instance, passed=False, report_version="r1")
-    requests, cursor, _ = _evaluate_drift(instance, None, repository)
-    (first,) = requests
-    _add_data_run(instance, first, dg.DagsterRunStatus.SUCCESS)
-    _report_materialization(instance, "dataset_splits", version="splits-2")  # the data run changed them
+    (first,), cursor, _ = _evaluate_drift(instance, None, repository)
+    _add_dataset_run(instance, first, dg.DagsterRunStatus.FAILURE)
     requests, cursor, skip = _evaluate_drift(instance, cursor, repository)
-    assert requests == [] and "train_sensor starts the training" in str(skip)
+    assert requests == []
+    assert skip == (
+        "retraining_dataset run run-drift-r1-retraining-dataset ended FAILURE: no retraining for drift report "
+        "r1 (the next drift event after the cooldown tries again)"
+    )
+    assert RetrainCursor.parse(cursor).pending is None
 
     _report_check(instance, passed=False, report_version="r2")
-    requests, cursor, _ = _evaluate_drift(instance, cursor, repository)
-    (second,) = requests
-    assert second.run_key == "drift-r2-data" != first.run_key
-    assert second.run_config == {}  # no raw_dataset yet: the asset's defaults
-
-    # Its data run fails: the retraining stops there, cleanly.
-    _add_data_run(instance, second, dg.DagsterRunStatus.FAILURE)
-    requests, cursor, skip = _evaluate_drift(instance, cursor, repository)
-    assert requests == [] and "FAILURE" in str(skip)
-    assert RetrainCursor.parse(cursor).pending is None
+    (second,), cursor, _ = _evaluate_drift(instance, cursor, repository)
+    assert second.job_name == "retraining_dataset_job"
+    assert second.run_key == "drift-r2-retraining-dataset" != first.run_key
 
 
 def test_retrain_cursor_survives_garbage() -> None:
@@ -400,7 +433,7 @@ def test_real_failed_drift_check_is_seen_by_the_sensor(
     requests, _, _ = _evaluate_drift(instance, None, repository)
     (request,) = requests
     version = evaluation.metadata["report_version"].value
-    assert request.run_key == f"drift-{version}-data"
+    assert request.run_key == f"drift-{version}-retraining-dataset"
 
 
 # ------------------------------------------------------------------------------------ schedule + alert

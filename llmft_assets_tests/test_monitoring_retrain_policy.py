@@ -25,32 +25,30 @@ def _drift(record_id: int = 7, report: str = "r1") -> CheckEvaluation:
     return CheckEvaluation(record_id=record_id, passed=False, status="drift", report_version=report)
 
 
-def test_a_drift_verdict_starts_the_data_stage_and_remembers_it() -> None:
+def test_a_drift_verdict_starts_the_retraining_dataset_stage_and_remembers_it() -> None:
     cursor = RetrainCursor()
-    decision = on_check(cursor, _drift(), now=1000.0, cooldown_s=DAY, splits_version="s1")
-    assert (decision.start, decision.report_version, decision.skip_reason) == ("data", "r1", None)
+    decision = on_check(cursor, _drift(), now=1000.0, cooldown_s=DAY)
+    assert (decision.start, decision.report_version, decision.skip_reason) == (
+        "retraining_dataset",
+        "r1",
+        None,
+    )
     assert RetrainCursor.parse(decision.cursor) == RetrainCursor(
-        handled_check_id=7,
-        last_retrain_at=1000.0,
-        pending={"report_version": "r1", "requested_at": 1000.0, "splits_before": "s1"},
+        handled_check_id=7, last_retrain_at=1000.0, pending={"report_version": "r1", "requested_at": 1000.0}
     )
 
 
 def test_check_outcomes_that_start_nothing() -> None:
-    assert on_check(RetrainCursor(), None, now=0, cooldown_s=DAY, splits_version=None).skip_reason == (
+    assert on_check(RetrainCursor(), None, now=0, cooldown_s=DAY).skip_reason == (
         "drift_check has not run yet"
     )
-    handled = on_check(
-        RetrainCursor(handled_check_id=7), _drift(7), now=0, cooldown_s=DAY, splits_version=None
-    )
+    handled = on_check(RetrainCursor(handled_check_id=7), _drift(7), now=0, cooldown_s=DAY)
     assert (handled.start, handled.cursor, handled.skip_reason) == (
         None,
         None,
         "no drift_check evaluation since #7",
     )
-    passed = on_check(
-        RetrainCursor(), CheckEvaluation(8, True, "ok", "r2"), now=0, cooldown_s=DAY, splits_version=None
-    )
+    passed = on_check(RetrainCursor(), CheckEvaluation(8, True, "ok", "r2"), now=0, cooldown_s=DAY)
     assert (passed.start, passed.skip_reason) == (None, "the latest drift_check passed")
     assert RetrainCursor.parse(passed.cursor).handled_check_id == 8
     unreadable = on_check(
@@ -58,7 +56,6 @@ def test_check_outcomes_that_start_nothing() -> None:
         CheckEvaluation(9, False, "missing", "r3"),
         now=0,
         cooldown_s=DAY,
-        splits_version=None,
     )
     assert unreadable.start is None and "without a drift verdict (status 'missing')" in str(
         unreadable.skip_reason
@@ -67,62 +64,61 @@ def test_check_outcomes_that_start_nothing() -> None:
 
 def test_the_cooldown_spaces_retrainings_out() -> None:
     cursor = RetrainCursor(handled_check_id=1, last_retrain_at=0.0)
-    cooling = on_check(cursor, _drift(2, "r2"), now=DAY - 1, cooldown_s=DAY, splits_version="s")
+    cooling = on_check(cursor, _drift(2, "r2"), now=DAY - 1, cooldown_s=DAY)
     assert cooling.start is None
     assert cooling.skip_reason == (
         "drift in report r2, but retraining is cooling down until 1970-01-02T00:00:00+00:00"
     )
-    after = on_check(
-        RetrainCursor.parse(cooling.cursor), _drift(3, "r3"), now=DAY, cooldown_s=DAY, splits_version="s"
-    )
-    assert (after.start, after.report_version) == ("data", "r3")
+    after = on_check(RetrainCursor.parse(cooling.cursor), _drift(3, "r3"), now=DAY, cooldown_s=DAY)
+    assert (after.start, after.report_version) == ("retraining_dataset", "r3")
 
 
-def _pending(splits_before: str | None = "s1", requested_at: float = 0.0) -> RetrainCursor:
+def _pending(requested_at: float = 0.0) -> RetrainCursor:
     return RetrainCursor(
         handled_check_id=7,
         last_retrain_at=requested_at,
-        pending={"report_version": "r1", "requested_at": requested_at, "splits_before": splits_before},
+        pending={"report_version": "r1", "requested_at": requested_at},
     )
 
 
 def _follow(cursor: RetrainCursor, run: DataRun | None, **observed):
-    values = {
-        "now": 10.0,
-        "splits_after": "s1",
-        "base_model_version": "b1",
-        "trained_on": ("s0", "b1"),
-        "train_sensor_present": False,
-    }
+    values = {"now": 10.0, "dataset_version": "d1", "base_model_version": "b1", "trained_on": ("s0", "b1")}
     return on_pending(cursor, run, **{**values, **observed})
 
 
 DONE = DataRun(run_id="run-1", finished=True, succeeded=True, status="SUCCESS")
 
 
-def test_a_successful_data_run_starts_training() -> None:
+def test_a_successful_retraining_dataset_run_starts_training_on_it() -> None:
     decision = _follow(_pending(), DONE)
-    assert (decision.start, decision.report_version, decision.data_run_id) == ("train", "r1", "run-1")
+    assert (decision.start, decision.report_version, decision.data_run_id, decision.dataset_version) == (
+        "train",
+        "r1",
+        "run-1",
+        "d1",
+    )
     assert RetrainCursor.parse(decision.cursor).pending is None
 
 
 def test_pending_outcomes_that_start_no_training() -> None:
     waiting = _follow(_pending(), None)
     assert (waiting.start, waiting.cursor) == (None, None)
-    assert waiting.skip_reason == "waiting for the data run of drift report r1 to be created"
+    assert waiting.skip_reason == "waiting for the retraining_dataset run of drift report r1"
     dropped = _follow(_pending(), None, now=PENDING_RUN_TIMEOUT_S + 1)
-    assert dropped.skip_reason == "data run for drift report r1 never appeared; retraining dropped"
+    assert (
+        dropped.skip_reason == "retraining_dataset run for drift report r1 never appeared; retraining dropped"
+    )
     assert RetrainCursor.parse(dropped.cursor).pending is None
     running = _follow(_pending(), DataRun("run-1", finished=False, succeeded=False, status="STARTED"))
     assert (running.cursor, running.skip_reason) == (
         None,
-        "waiting for data run run-1 (STARTED) before training",
+        "waiting for retraining_dataset run run-1 (STARTED)",
     )
     failed = _follow(_pending(), DataRun("run-1", finished=True, succeeded=False, status="FAILURE"))
-    assert failed.start is None and str(failed.skip_reason).startswith("data run run-1 ended FAILURE")
-    handed_off = _follow(_pending(), DONE, splits_after="s2", train_sensor_present=True)
-    assert handed_off.skip_reason == "new dataset_splits s2: train_sensor starts the training"
-    same_inputs = _follow(_pending(), DONE, trained_on=("s1", "b1"))
+    assert failed.start is None and str(failed.skip_reason).startswith(
+        "retraining_dataset run run-1 ended FAILURE"
+    )
+    same_inputs = _follow(_pending(), DONE, trained_on=("d1", "b1"))
     assert same_inputs.start is None and "retraining would reproduce it" in str(same_inputs.skip_reason)
 
 

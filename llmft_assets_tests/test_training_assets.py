@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,7 +109,15 @@ def test_train_evaluate_gate_and_registry(workspace: dict[str, str]) -> None:
     assert bom["seed"] == 42 and bom["training_config"]["lora_r"] == 16
     assert bom["code_version"]
     adapter_dir = Path(str(adapter["uri"])) / "adapter"
-    assert (adapter_dir / "adapter_config.json").is_file()
+    # peft's local base-model path is replaced by the base model's id: no build-machine path travels.
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert (
+        adapter_config["base_model_name_or_path"] == bom["base_model"]["model_id"] == "llmft/tiny-qwen2-chat"
+    )
+    for path in adapter_dir.iterdir():
+        if path.suffix in {".json", ".md", ".jinja", ".txt"}:
+            text = path.read_text()
+            assert workspace["LLMFT_HOME"] not in text and tempfile.gettempdir() not in text, path.name
     assert (adapter_dir / "adapter_model.safetensors").is_file()
 
     client = MlflowClient(workspace["MLFLOW_TRACKING_URI"])
@@ -366,3 +375,82 @@ def test_killed_two_process_training_resumes_from_storage_in_a_fresh_working_dir
     assert metadata["world_size"] == 2 and metadata["global_step"] == 12
     assert metadata["resumed_from_step"] in (3, 6, 9)
     assert str(metadata["checkpoints_uri"]).startswith(str(storage_root))
+
+
+def test_training_on_a_retraining_dataset_records_it_and_the_gate_judges_its_traffic_slice(
+    workspace: dict[str, str], tmp_path: Path
+) -> None:
+    import pyarrow.parquet as pq
+
+    from llmft_assets.evaluation.gate import GateThresholds
+    from llmft_assets.storage import fetch_artifact, open_storage
+    from llmft_assets.storage.publish import publish_directory
+
+    instance = dg.DagsterInstance.ephemeral()
+    config = {**TRAIN_CONFIG, "max_steps": 2, "save_steps": 2, "training_data": "retraining_dataset"}
+    # Nothing to train on yet: one clear reason, nothing trained.
+    missing = _materialize(["lora_adapter"], {"lora_adapter": {"config": config}}, instance)
+    assert not missing.success
+    message = missing.get_step_failure_events()[0].event_specific_data.error.message
+    assert "training_data=retraining_dataset but no retraining_dataset is materialized" in message
+
+    # A retraining dataset in dataset_splits' layout (half its train rows) + a traffic slice, recorded in
+    # Dagster the way retraining_dataset_job records it (the version in the materialization's metadata).
+    backend = open_storage(str(Path(workspace["LLMFT_HOME"]) / "storage"))
+    splits, splits_dir = fetch_artifact(backend, "assets/dataset_splits", tmp_path / "cache")
+    folder = tmp_path / "retraining"
+    folder.mkdir()
+    train = pq.read_table(splits_dir / "train.parquet")
+    pq.write_table(train.slice(0, train.num_rows // 2), folder / "train.parquet")
+    for name in ("validation", "test"):
+        pq.write_table(pq.read_table(splits_dir / f"{name}.parquet"), folder / f"{name}.parquet")
+    pq.write_table(pq.read_table(splits_dir / "validation.parquet"), folder / "traffic_slice.parquet")
+    published = publish_directory(
+        backend,
+        "assets/retraining_dataset",
+        folder,
+        metadata={"pool_version": splits.metadata["upstream"], "dataset_splits_version": splits.version},
+    )
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization("retraining_dataset", metadata={"version": published.version})
+    )
+
+    result = _materialize(
+        ["lora_adapter", "eval_report"],
+        {
+            "lora_adapter": {"config": config},
+            "eval_report": {"config": {"max_rows": 4, "max_new_tokens": 16, "compare_champion": False}},
+        },
+        instance,
+    )
+    adapter = _metadata(result, "lora_adapter")
+    assert adapter["training_data"] == "retraining_dataset"
+    assert adapter["dataset_version"] == published.version != splits.version
+    assert adapter["bill_of_materials"]["dataset"]["version"] == published.version
+    report = _metadata(result, "eval_report")
+    assert report["retraining_dataset_version"] == published.version
+    assert report["traffic_slice_num_rows"] == 4
+    # No champion scored on the slice (compare_champion off): the traffic reference is the base model.
+    gain = GateThresholds().traffic_min_perplexity_gain
+    limit = report["traffic_slice_base_perplexity"] * (1 - gain)
+    assert report["traffic_perplexity_threshold"] == pytest.approx(limit)
+    assert report["traffic_perplexity_value"] == pytest.approx(report["traffic_slice_adapter_perplexity"])
+    assert report["traffic_perplexity_verdict"] == (
+        "pass" if report["traffic_perplexity_value"] < limit else "fail"
+    )
+    if report["traffic_perplexity_verdict"] == "fail":
+        assert report["gate_passed"] is False
+    folder_of_report = (
+        Path(workspace["LLMFT_HOME"]) / "storage" / "assets" / "eval_report" / report["version"]
+    )
+    gate = json.loads((folder_of_report / "eval_report.json").read_text())["gate"]
+    assert {"traffic_perplexity", "traffic_accuracy"} <= {criterion["name"] for criterion in gate["criteria"]}
+    assert (folder_of_report / "traffic_slice" / "eval_report.json").exists()
+    # The default path does not score a traffic slice: the adapter trained on dataset_splits has none.
+    default = _metadata(
+        _materialize(
+            ["lora_adapter"], {"lora_adapter": {"config": {**TRAIN_CONFIG, "max_steps": 2}}}, instance
+        ),
+        "lora_adapter",
+    )
+    assert default["training_data"] == "dataset_splits" and default["dataset_version"] == splits.version

@@ -84,3 +84,21 @@ def test_finished_checkpoint_is_told_from_an_intermediate_one(tmp_path: Path) ->
     assert finished_checkpoint(tmp_path / "checkpoint-4", max_steps=4) is True
     assert finished_checkpoint(tmp_path / "checkpoint-9", max_steps=9) is True
     assert finished_checkpoint(tmp_path / "checkpoint-2", max_steps=3) is False
+
+
+def test_storage_checkpoint_counts_from_its_manifest_even_before_the_pointer(tmp_path: Path) -> None:
+    """A run killed between writing a checkpoint's manifest and its LATEST pointer left a complete
+    checkpoint: the store resumes from it (by the manifest's version), not fail on the missing pointer."""
+    from llmft_assets.storage import open_storage
+    from llmft_assets.storage.publish import POINTER_NAME
+    from llmft_assets.training.storage_checkpoints import StorageCheckpointStore
+
+    backend = open_storage(str(tmp_path / "storage"))
+    store = StorageCheckpointStore(backend, "checkpoints/run", tmp_path / "cache")
+    store.save(2, _fake_trainer_checkpoint(tmp_path / "trainer", 2))
+    store.save(4, _fake_trainer_checkpoint(tmp_path / "trainer", 4))
+    backend.delete(f"checkpoints/run/checkpoint-4/{POINTER_NAME}")  # the kill's state
+    assert store.steps() == [2, 4]
+    latest = store.latest()
+    assert latest is not None and checkpoint_step(latest) == 4
+    assert (latest / "adapter_model.safetensors").read_text() == "weights-4"

@@ -31,6 +31,7 @@ from llmft_assets.data.formats import (
     optional_string,
     type_name,
 )
+from llmft_assets.data.key_set import SeenKeys
 from llmft_assets.data.schema import DEFAULT_SOURCE_DATASET, StageCounts, quarantine_row
 
 STAGE = "cleaned"
@@ -152,7 +153,7 @@ def always_null_columns(counts: StageCounts) -> list[str]:
 def clean_rows(
     rows: list[dict[str, Any]],
     *,
-    seen_hashes: set[str],
+    seen_hashes: SeenKeys,
     counts: StageCounts,
     source_dataset: str = DEFAULT_SOURCE_DATASET,
     prefer_reannotated: bool = False,

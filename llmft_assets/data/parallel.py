@@ -44,7 +44,9 @@ def resolve_workers(workers: int | None) -> int:
     """``None`` or ``0`` -> one worker per CPU (in-process on <= 2 CPUs); otherwise the number asked for.
 
     On two cores the tokenizer's own Rust threads already use both, and worker processes only add start-up
-    and ~300 MB each (measured: 1.13x vs 1.15x over the baseline, 1.57 vs 1.19 memory ratio).
+    and ~300 MB each (measured: 1.13x vs 1.15x over the baseline, 1.57 vs 1.19 memory ratio). In one
+    process the Python parts (rendering, label masks) still overlap the encode: `tokenize_to_table` runs
+    the Rust encode of a chunk in a second thread while it renders the next one.
     """
     if workers is None or workers == 0:
         cpus = os.cpu_count() or 1

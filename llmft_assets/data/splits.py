@@ -140,45 +140,103 @@ def minhash_signature(text: str) -> np.ndarray:
     return ((values[:, None] * _A[None, :] + _B[None, :]) % _MERSENNE).min(axis=0)
 
 
+_BAND_ROWS = MINHASH_PERMUTATIONS // MINHASH_BANDS
+# Odd multipliers mixing a band's rows into one uint64 bucket key (wrapping arithmetic).
+_BAND_MIX = np.array(
+    [0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93], dtype=np.uint64
+)
+_BAND_SALT = np.arange(MINHASH_BANDS, dtype=np.uint64) * np.uint64(0x94D049BB133111EB)
+_PENDING_BUCKET_ENTRIES = 1 << 16
+
+
+def _band_keys(signature: np.ndarray) -> np.ndarray:
+    """One uint64 per band. Equal bands give equal keys; unequal bands may collide, so every candidate
+    found through a key is checked for a truly shared band."""
+    bands = signature.reshape(MINHASH_BANDS, _BAND_ROWS)
+    return (bands * _BAND_MIX[:_BAND_ROWS]).sum(axis=1, dtype=np.uint64) + _BAND_SALT
+
+
 class NearDuplicateIndex:
     """Banded-LSH index of prompts; `query` returns the indexed items whose prompt is a near duplicate.
 
     Near duplicate: estimated Jaccard of word 3-shingles >= `threshold` *and* the same numbers in the
     same order. Math problems from one template differ only in their numbers and are different
     problems; the same numbers in nearly the same words are the same problem (and the same answer).
+
+    Candidates are the items sharing at least one whole band with the query. Memory per item: its
+    signature (512 bytes, in one growing array), 16 bucket entries of 16 bytes in sorted arrays (the
+    newest in a small dict, merged every 65,536 entries) and its numbers; not per-band Python objects.
     """
 
     def __init__(self, threshold: float = NEAR_DUPLICATE_JACCARD) -> None:
         self.threshold = threshold
-        self._items: list[tuple[Any, np.ndarray, tuple[str, ...]]] = []
-        self._buckets: dict[tuple[int, bytes], list[int]] = {}
-
-    @staticmethod
-    def _bands(signature: np.ndarray) -> list[tuple[int, bytes]]:
-        rows = MINHASH_PERMUTATIONS // MINHASH_BANDS
-        return [(band, signature[band * rows : (band + 1) * rows].tobytes()) for band in range(MINHASH_BANDS)]
+        self._items: list[Any] = []
+        self._numbers_of: list[tuple[str, ...]] = []
+        self._signatures = np.empty((64, MINHASH_PERMUTATIONS), dtype=np.uint64)
+        self._keys = np.empty(0, dtype=np.uint64)  # sorted bucket keys
+        self._members = np.empty(0, dtype=np.int64)  # the item of each key
+        self._pending: dict[int, list[int]] = {}
+        self._pending_entries = 0
 
     @staticmethod
     def _numbers(prompt: str) -> tuple[str, ...]:
         return tuple(_NUMBER.findall(normalize_problem(prompt)))
 
+    def _candidates(self, signature: np.ndarray) -> np.ndarray:
+        keys = _band_keys(signature)
+        found: list[np.ndarray] = []
+        if len(self._keys):
+            low = np.searchsorted(self._keys, keys, side="left")
+            high = np.searchsorted(self._keys, keys, side="right")
+            found += [self._members[a:b] for a, b in zip(low, high, strict=True) if b > a]
+        for key in keys.tolist():
+            if key in self._pending:
+                found.append(np.array(self._pending[key], dtype=np.int64))
+        if not found:
+            return np.empty(0, dtype=np.int64)
+        candidates = np.unique(np.concatenate(found))  # sorted, as the query reports them
+        bands = signature.reshape(MINHASH_BANDS, _BAND_ROWS)
+        others = self._signatures[candidates].reshape(len(candidates), MINHASH_BANDS, _BAND_ROWS)
+        return candidates[(others == bands).all(axis=2).any(axis=1)]
+
     def query(self, prompt: str, signature: np.ndarray | None = None) -> list[tuple[Any, float]]:
         signature = minhash_signature(prompt) if signature is None else signature
         numbers = self._numbers(prompt)
-        candidates = {i for band in self._bands(signature) for i in self._buckets.get(band, ())}
-        found = []
-        for i in sorted(candidates):
-            item, other, other_numbers = self._items[i]
-            jaccard = float(np.mean(signature == other))
-            if jaccard >= self.threshold and numbers == other_numbers:
-                found.append((item, jaccard))
-        return found
+        candidates = self._candidates(signature)
+        # Templated prompts share bands with many others: estimate all their Jaccards in one operation.
+        jaccards = (self._signatures[candidates] == signature).mean(axis=1)
+        close = jaccards >= self.threshold
+        return [
+            (self._items[i], jaccard)
+            for i, jaccard in zip(candidates[close].tolist(), jaccards[close].tolist(), strict=True)
+            if numbers == self._numbers_of[i]
+        ]
 
     def add(self, item: Any, prompt: str, signature: np.ndarray | None = None) -> None:
         signature = minhash_signature(prompt) if signature is None else signature
-        self._items.append((item, signature, self._numbers(prompt)))
-        for band in self._bands(signature):
-            self._buckets.setdefault(band, []).append(len(self._items) - 1)
+        position = len(self._items)
+        if position == len(self._signatures):
+            grown = np.empty((2 * position, MINHASH_PERMUTATIONS), dtype=np.uint64)
+            grown[:position] = self._signatures
+            self._signatures = grown
+        self._signatures[position] = signature
+        self._items.append(item)
+        self._numbers_of.append(self._numbers(prompt))
+        for key in _band_keys(signature).tolist():
+            self._pending.setdefault(key, []).append(position)
+        self._pending_entries += MINHASH_BANDS
+        if self._pending_entries >= _PENDING_BUCKET_ENTRIES:
+            self._merge_pending()
+
+    def _merge_pending(self) -> None:
+        keys = [key for key, members in self._pending.items() for _ in members]
+        members = [member for group in self._pending.values() for member in group]
+        all_keys = np.concatenate([self._keys, np.array(keys, dtype=np.uint64)])
+        all_members = np.concatenate([self._members, np.array(members, dtype=np.int64)])
+        order = np.argsort(all_keys, kind="stable")
+        self._keys, self._members = all_keys[order], all_members[order]
+        self._pending.clear()
+        self._pending_entries = 0
 
 
 @dataclass(frozen=True)

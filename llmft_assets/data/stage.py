@@ -16,6 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from llmft_assets.data.key_set import CompactKeySet
 from llmft_assets.data.schema import CONVERSATION_SCHEMA, QUARANTINE_SCHEMA, TOKENIZED_SCHEMA, StageCounts
 from llmft_assets.data.splits import SplitSettings
 from llmft_assets.data.validation import ValidationLimits
@@ -153,7 +154,7 @@ def stage_cleaned(
     from llmft_assets.data.formats import format_counts
 
     counts = StageCounts(stage="cleaned")
-    seen_hashes: set[str] = set()
+    seen_hashes = CompactKeySet()  # 16 bytes a content hash, not a set of strings
     preview: list[dict[str, Any]] = []
     progress = _Progress(log)
     rows_sink, quarantine_sink = _sinks(staging, CONVERSATION_SCHEMA)
@@ -185,7 +186,7 @@ def stage_validated(
     from llmft_assets.data.validation import validate_rows
 
     counts = StageCounts(stage="validated")
-    seen_ids: set[str] = set()
+    seen_ids = CompactKeySet()
     progress = _Progress(log)
     rows_sink, quarantine_sink = _sinks(staging, CONVERSATION_SCHEMA)
     with rows_sink, quarantine_sink:
@@ -254,36 +255,14 @@ def stage_splits(
     """train / validation / test by a stable hash of the normalized problem (the first user turn), so the
     same problem under two ids never crosses splits; near-duplicate prompts (MinHash) are kept together,
     with train winning. Adding rows never moves an existing row, except an evaluation row into train."""
-    from llmft_assets.data.splits import first_user_turn, plan_leak_free_splits
+    from llmft_assets.data.split_tables import write_splits
 
-    def read_prompts():
-        for rows in iter_parquet_rows(tokenized_file, columns=["id", "messages"]):
-            yield [(row["id"], first_user_turn(row["messages"])) for row in rows]
-
-    plan = plan_leak_free_splits(
-        read_prompts,
-        validation_fraction=rule.validation_fraction,
-        test_fraction=rule.test_fraction,
-        salt=rule.salt,
-        threshold=rule.near_duplicate_jaccard,
+    # In Arrow: rows are filtered into their split batch by batch, token lists never become Python objects.
+    written = write_splits(
+        tokenized_file, {name: split_path(staging, name) for name in SPLIT_NAMES}, TOKENIZED_SCHEMA, rule
     )
-    sinks = {name: ParquetSink(staging / f"{name}.parquet", TOKENIZED_SCHEMA) for name in SPLIT_NAMES}
-    tokens = dict.fromkeys(SPLIT_NAMES, 0)
-    rows_in = 0
-    try:
-        for rows in iter_parquet_rows(tokenized_file):
-            by_split: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLIT_NAMES}
-            for row in rows:
-                split = plan.assignments[rows_in]
-                by_split[split].append(row)
-                tokens[split] += row["num_tokens"]
-                rows_in += 1
-            for name, split_rows in by_split.items():
-                sinks[name].write_rows(split_rows)
-    finally:
-        for sink in sinks.values():
-            sink.close()
-    sizes = {name: sinks[name].rows_written for name in SPLIT_NAMES}
+    plan, sizes, tokens = written.plan, written.rows, written.tokens
+    rows_in = len(plan.assignments)
     if sum(sizes.values()) != rows_in:
         raise RuntimeError(f"split sizes {sizes} do not add up to {rows_in} tokenized rows")
     log(f"splits: {sizes}")

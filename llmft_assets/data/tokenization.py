@@ -15,6 +15,7 @@ is dropped: it is never a label, so it is only padding).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -145,34 +146,54 @@ def _check_max_seq_len(max_seq_len: int) -> None:
         raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
 
 
-def _token_arrays(
-    rows: Sequence[dict[str, Any]], tokenizer: Any, max_seq_len: int
-) -> tuple[list[np.ndarray], list[np.ndarray], list[bool]]:
-    """Per row: input ids and labels (int32 arrays, cut at ``max_seq_len``) and whether it was cut."""
-    marker = assistant_end_marker(tokenizer)
-    texts, spans = assistant_char_spans(rows, tokenizer, marker)
-    all_ids: list[np.ndarray] = []
-    all_labels: list[np.ndarray] = []
-    truncated: list[bool] = []
-    encodings: list[Any] = []
-    for index, row_spans in enumerate(spans):
-        if index % ENCODE_CHUNK_ROWS == 0:
-            # Encodings carry offsets and token strings (~100 bytes a token): hold one chunk at a time.
-            encodings = _encode(tokenizer, texts[index : index + ENCODE_CHUNK_ROWS])
-        encoding = encodings[index % ENCODE_CHUNK_ROWS]
+def _chunk_token_arrays(
+    rows: Sequence[dict[str, Any]],
+    spans: list[list[tuple[int, int]]],
+    encodings: list[Any],
+    max_seq_len: int,
+    out: tuple[list[np.ndarray], list[np.ndarray], list[bool]],
+) -> None:
+    """Append each row's input ids and labels (cut at ``max_seq_len``) and whether it was cut to ``out``."""
+    all_ids, all_labels, truncated = out
+    for row, row_spans, encoding in zip(rows, spans, encodings, strict=True):
         ids = np.array(encoding.ids, dtype=np.int32)
         labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
         for start, end in row_spans:
             first = encoding.char_to_token(start)
             last = encoding.char_to_token(end - 1)
             if first is None or last is None:
-                raise ChatTemplateError(f"row {rows[index].get('id')!r}: assistant span has no tokens")
+                raise ChatTemplateError(f"row {row.get('id')!r}: assistant span has no tokens")
             labels[first : last + 1] = ids[first : last + 1]
         truncated.append(len(ids) > max_seq_len)
         # Slices of numpy arrays are views: cutting copies nothing.
         all_ids.append(ids[:max_seq_len])
         all_labels.append(labels[:max_seq_len])
-    return all_ids, all_labels, truncated
+
+
+def _token_arrays(
+    rows: Sequence[dict[str, Any]], tokenizer: Any, max_seq_len: int
+) -> tuple[list[np.ndarray], list[np.ndarray], list[bool]]:
+    """Per row: input ids and labels (int32 arrays, cut at ``max_seq_len``) and whether it was cut.
+
+    Chunk by chunk, the Rust encode (which releases the GIL) runs in a second thread while this one
+    renders the next chunk and builds the previous chunk's labels: the Python work overlaps the encode
+    instead of leaving cores idle. At most two chunks of encodings (offsets and token strings, ~100 bytes
+    a token) are held at once.
+    """
+    marker = assistant_end_marker(tokenizer)
+    out: tuple[list[np.ndarray], list[np.ndarray], list[bool]] = ([], [], [])
+    pending: tuple[Future[list[Any]], Sequence[dict[str, Any]], list[list[tuple[int, int]]]] | None = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmft-encode") as encoder:
+        for start in range(0, len(rows), ENCODE_CHUNK_ROWS):
+            chunk = rows[start : start + ENCODE_CHUNK_ROWS]
+            texts, spans = assistant_char_spans(chunk, tokenizer, marker)
+            encoding = encoder.submit(_encode, tokenizer, texts)
+            if pending is not None:
+                _chunk_token_arrays(pending[1], pending[2], pending[0].result(), max_seq_len, out)
+            pending = (encoding, chunk, spans)
+        if pending is not None:
+            _chunk_token_arrays(pending[1], pending[2], pending[0].result(), max_seq_len, out)
+    return out
 
 
 def _assistant_token_counts(all_labels: list[np.ndarray]) -> list[int]:

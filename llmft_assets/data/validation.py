@@ -25,6 +25,7 @@ from typing import Any
 
 from llmft_assets.data.answers import extract_boxed_answer
 from llmft_assets.data.formats import FORMAT_COUNT_PREFIX, R1_FORMATS
+from llmft_assets.data.key_set import SeenKeys
 from llmft_assets.data.schema import StageCounts, quarantine_row
 
 STAGE = "validated"
@@ -174,7 +175,7 @@ def conversation_problems(row: dict[str, Any], limits: ValidationLimits) -> list
 def validate_rows(
     rows: list[dict[str, Any]],
     *,
-    seen_ids: set[str],
+    seen_ids: SeenKeys,
     limits: ValidationLimits | None = None,
     counts: StageCounts,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

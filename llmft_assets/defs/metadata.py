@@ -253,6 +253,18 @@ def eval_metadata(outcome: Any) -> dict[str, Any]:
         "registered_version": str(manifest.registered_version),
         "report_preview": markdown_table(["model", *metrics], rows),
         **gate_metadata(report.gate),
+        **traffic_metadata(outcome),
+    }
+
+
+def traffic_metadata(outcome: Any) -> dict[str, Any]:
+    """A retrained adapter's scores on its retraining dataset's traffic slice (none for other adapters)."""
+    if outcome.traffic_report is None:
+        return {}
+    headline = outcome.traffic_report.headline()
+    return {
+        "retraining_dataset_version": outcome.retraining_dataset_version,
+        **{f"traffic_slice_{key}": _number(value) for key, value in headline.items()},
     }
 
 
@@ -359,3 +371,43 @@ def drift_check_metadata(
     if summary.get("drift_share_threshold") is not None:
         metadata["drift_share_threshold"] = float(summary["drift_share_threshold"])
     return metadata
+
+
+def retraining_metadata(result: Any) -> dict[str, Any]:
+    """retraining_dataset: rows per split, what the selection kept and dropped, per traffic cluster."""
+    stats, manifest = result.stats, result.manifest
+    clusters = [
+        [
+            item.cluster.index,
+            f"{item.cluster.share:.1%}",
+            ", ".join(item.cluster.top_terms),
+            item.quota,
+            item.selected,
+            "n/a" if item.mean_similarity is None else f"{item.mean_similarity:.3f}",
+        ]
+        for item in stats.clusters
+    ]
+    edges = stats.histogram_edges
+    histogram = [
+        [f"{edges[i]:.1f}-{edges[i + 1]:.1f}", pool, selected]
+        for i, (pool, selected) in enumerate(zip(stats.histogram_pool, stats.histogram_selected, strict=True))
+    ]
+    return {
+        **{f"{name}_rows": count for name, count in manifest.rows.items()},
+        "traffic_prompts": result.traffic_prompts,
+        "pool_rows": stats.pool_rows,
+        "selected_rows": stats.selected_rows,
+        "current_train_rows_kept": result.current_train_rows_kept,
+        "dropped_in_held_out_splits": stats.dropped_in_test_split,
+        "dropped_duplicate_problem": stats.dropped_duplicate_problem,
+        "below_min_similarity": stats.below_min_similarity,
+        "index_mb": round(stats.index_bytes / 2**20, 2),
+        "rows_per_traffic_cluster": markdown_table(
+            ["cluster", "traffic share", "top words", "quota", "selected", "mean similarity"], clusters
+        ),
+        "similarity_histogram": markdown_table(["similarity", "pool rows", "selected"], histogram),
+        "drift_report_version": manifest.drift_report_version,
+        "dataset_splits_version": manifest.dataset_splits_version,
+        "pool_version": manifest.pool_version,
+        "request_log_window": manifest.request_log_window,
+    }

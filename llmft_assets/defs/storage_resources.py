@@ -120,7 +120,12 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
             )
         backend = self.storage.backend()
         published = publish_directory(
-            backend, asset_prefix(context.asset_key), obj.path, metadata=obj.metadata, entries=obj.entries
+            backend,
+            asset_prefix(context.asset_key),
+            obj.path,
+            metadata=obj.metadata,
+            entries=obj.entries,
+            move_files=True,  # the staging folder is removed below: local storage renames, not copies
         )
         context.add_output_metadata(
             {

@@ -15,7 +15,15 @@ below must pass (a champion criterion is ``skipped`` when there is no champion y
 ``champion_format_compliance``  at least the champion's - ``champion_tolerance``
 ``champion_finish_rate``        at least the champion's - ``champion_tolerance``
 ``champion_perplexity``         at most the champion's x (1 + ``champion_perplexity_tolerance``)
+``traffic_perplexity``          on the traffic slice (a drift retraining's held-out rows shaped like the
+                                served traffic): below the reference's x (1 - ``traffic_min_perplexity_gain``)
+``traffic_accuracy``            on the traffic slice: at least the reference's - ``champion_tolerance``
 ==============================  ====================================================================
+
+The traffic criteria are only decided when a :class:`TrafficSliceScores` is given (an ordinary training
+has no traffic slice, and its decision keeps exactly the criteria above). Their reference is the champion scored on the slice (the base model when there is
+no champion yet). With the champion criteria, a drift retraining is promoted only if it is better on what
+users now ask and not worse beyond tolerance on the standard test split.
 
 A metric that is missing or not a finite number fails the criterion that needs it, with the reason; it
 is never treated as zero. The thresholds live in :class:`GateThresholds` (defaults below); the Dagster
@@ -71,6 +79,12 @@ class GateThresholds(BaseModel):
     )
     champion_perplexity_tolerance: float = Field(
         default=0.05, ge=0, description="largest relative perplexity increase over the champion"
+    )
+    traffic_min_perplexity_gain: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="relative perplexity drop below the reference required on the traffic slice (0: lower)",
     )
 
 
@@ -270,6 +284,39 @@ def _champion_criteria(
     return criteria
 
 
+@dataclass(frozen=True)
+class TrafficSliceScores:
+    """The candidate's and the reference's metrics on the traffic slice (``ModelMetrics.as_dict()``)."""
+
+    candidate: Mapping[str, Any]
+    reference: Mapping[str, Any]
+    reference_name: str = "champion"  # "base" when there is no champion yet
+    rows: int = 0
+
+
+def _traffic_criteria(traffic: TrafficSliceScores | None, thresholds: GateThresholds) -> list[Criterion]:
+    if traffic is None:
+        return []
+    who, rows = traffic.reference_name, f"{traffic.rows} traffic-slice rows"
+    reference_ppl = _number(traffic.reference, PERPLEXITY)
+    gain = thresholds.traffic_min_perplexity_gain
+    perplexity = _compare(
+        "traffic_perplexity", _number(traffic.candidate, PERPLEXITY), "<",
+        None if reference_ppl is None else reference_ppl * (1 - gain),
+        f"{who}'s perplexity {reference_ppl if reference_ppl is None else f'{reference_ppl:.4g}'} "
+        f"x (1 - {gain:g}) on {rows}",
+    )  # fmt: skip
+    reference_acc = _number(traffic.reference, ACCURACY)
+    tolerance = thresholds.champion_tolerance
+    accuracy = _compare(
+        "traffic_accuracy", _number(traffic.candidate, ACCURACY), ">=",
+        None if reference_acc is None else reference_acc - tolerance,
+        f"{who}'s accuracy {reference_acc if reference_acc is None else f'{reference_acc:.4g}'} "
+        f"- tolerance {tolerance:g} on {rows}",
+    )  # fmt: skip
+    return [perplexity, accuracy]
+
+
 def decide_gate(
     candidate: Mapping[str, Any],
     base: Mapping[str, Any],
@@ -277,11 +324,13 @@ def decide_gate(
     *,
     thresholds: GateThresholds | None = None,
     champion_name: str | None = None,
+    traffic: TrafficSliceScores | None = None,
 ) -> GateDecision:
     """Decide whether ``candidate`` may be promoted (see the module docstring for the criteria).
 
     ``candidate``, ``base`` and ``champion`` are metric dicts (``ModelMetrics.as_dict()``) with, for the
     paired accuracy test, ``correct_by_row``: {row id: verdict}; ``champion=None`` when there is none.
+    ``traffic``: the scores on a drift retraining's traffic slice (None: no traffic criteria).
     """
     thresholds = thresholds or GateThresholds()
     base_ppl = _number(base, PERPLEXITY)
@@ -302,6 +351,7 @@ def decide_gate(
             f"x {thresholds.max_perplexity_ratio:g}",
         ),
         *_champion_criteria(candidate, champion, thresholds),
+        *_traffic_criteria(traffic, thresholds),
     ]  # fmt: skip
     return GateDecision(
         passed=all(criterion.passed for criterion in criteria),
@@ -322,6 +372,7 @@ def decide_gate_for_report(
     thresholds: GateThresholds | None = None,
     champion: Mapping[str, Any] | None = None,
     champion_name: str | None = None,
+    traffic: TrafficSliceScores | None = None,
 ) -> GateDecision:
     """:func:`decide_gate` on an eval report: adapter vs base on the same rows, and vs the champion.
 
@@ -342,6 +393,21 @@ def decide_gate_for_report(
         champion_metrics,
         thresholds=thresholds,
         champion_name=champion_name,
+        traffic=traffic,
+    )
+
+
+def traffic_scores_from_report(report: EvalReport) -> TrafficSliceScores:
+    """The traffic criteria's input from an eval report run on the traffic slice: the adapter against the
+    champion scored on the same rows, or against the base model when the report scored no champion."""
+    from llmft_assets.evaluation.report import ADAPTER, BASE, CHAMPION
+
+    reference = CHAMPION if CHAMPION in report.models else BASE
+    return TrafficSliceScores(
+        candidate=report.metrics_for(ADAPTER),
+        reference=report.metrics_for(reference),
+        reference_name=CHAMPION if reference == CHAMPION else "base",
+        rows=report.num_rows,
     )
 
 

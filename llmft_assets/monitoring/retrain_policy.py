@@ -1,7 +1,8 @@
 """When drift starts a retraining, as a pure state machine the drift retraining sensor only translates.
 
-A failed drift_check (status `drift`) starts a retraining in two stages: a data run (fresh data), then,
-once it succeeded, a training run. One drift report starts one retraining (the run keys name the
+A failed drift_check (status `drift`) starts a drift-targeted retraining in two stages: a
+retraining_dataset run (the rows nearest to the drifted traffic), then, once it succeeded, a training run
+on that dataset (release_sensor then evaluates, traffic slice included, and releases). One drift report starts one retraining (the run keys name the
 report), and a cooldown spaces retrainings out. The state between sensor evaluations is a
 `RetrainCursor` (JSON in the sensor's cursor). No Dagster import: the sensor gathers the observations,
 calls `on_check` or `on_pending`, and turns the `RetrainDecision` into run requests.
@@ -15,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from llmft_assets import settings
+from llmft_assets.training.training_data import RETRAINING_DATASET
 
 # A drift retraining's data run that never shows up (e.g. deleted) is given up after this long.
 PENDING_RUN_TIMEOUT_S = 6 * 3600
@@ -69,7 +71,7 @@ class CheckEvaluation:
 
 @dataclass(frozen=True)
 class DataRun:
-    """The data run a pending retraining waits for."""
+    """The retraining_dataset run a pending retraining waits for."""
 
     run_id: str
     finished: bool
@@ -81,9 +83,10 @@ class DataRun:
 class RetrainDecision:
     """What the sensor does: start the data run, start training, or skip (with or without a new cursor)."""
 
-    start: str | None = None  # "data" or "train"
+    start: str | None = None  # "retraining_dataset" or "train"
     report_version: str | None = None
     data_run_id: str | None = None
+    dataset_version: str | None = None  # the retraining_dataset a training run trains on
     skip_reason: str | None = None
     cursor: str | None = None  # None: keep the cursor as it is
     log: str | None = None
@@ -95,7 +98,6 @@ def on_check(
     *,
     now: float,
     cooldown_s: float,
-    splits_version: str | None,
 ) -> RetrainDecision:
     """No retraining pending: does the latest drift_check start one?"""
     if check is None:
@@ -120,61 +122,59 @@ def on_check(
             cursor=cursor.dump(),
         )
     cursor.last_retrain_at = now
-    cursor.pending = {"report_version": report, "requested_at": now, "splits_before": splits_version}
+    cursor.pending = {"report_version": report, "requested_at": now}
     return RetrainDecision(
-        start="data",
+        start=RETRAINING_DATASET,
         report_version=report,
         cursor=cursor.dump(),
-        log=f"drift in report {report}: starting a retraining (fresh data, then training)",
+        log=f"drift in report {report}: building its retraining dataset, then training",
     )
 
 
 def on_pending(
     cursor: RetrainCursor,
-    data_run: DataRun | None,
+    dataset_run: DataRun | None,
     *,
     now: float,
-    splits_after: str | None,
+    dataset_version: str | None,
     base_model_version: str | None,
     trained_on: tuple[str | None, str | None] | None,
-    train_sensor_present: bool,
 ) -> RetrainDecision:
-    """Second stage: once the drift retraining's data run succeeded, start (or hand off) training."""
+    """Second stage: once the drift's retraining_dataset run succeeded, train on that dataset."""
     pending = dict(cursor.pending or {})
     report = str(pending["report_version"])
-    if data_run is None:
+    if dataset_run is None:
         if now - float(pending.get("requested_at", 0)) > PENDING_RUN_TIMEOUT_S:
             cursor.pending = None
             return RetrainDecision(
-                skip_reason=f"data run for drift report {report} never appeared; retraining dropped",
+                skip_reason=f"{RETRAINING_DATASET} run for drift report {report} never appeared; retraining dropped",
                 cursor=cursor.dump(),
             )
-        return RetrainDecision(skip_reason=f"waiting for the data run of drift report {report} to be created")
-    if not data_run.finished:
         return RetrainDecision(
-            skip_reason=f"waiting for data run {data_run.run_id} ({data_run.status}) before training"
+            skip_reason=f"waiting for the {RETRAINING_DATASET} run of drift report {report}"
+        )
+    if not dataset_run.finished:
+        return RetrainDecision(
+            skip_reason=f"waiting for {RETRAINING_DATASET} run {dataset_run.run_id} ({dataset_run.status})"
         )
     cursor.pending = None
-    if not data_run.succeeded:
+    if not dataset_run.succeeded:
         return RetrainDecision(
-            skip_reason=f"data run {data_run.run_id} ended {data_run.status}: no retraining for drift "
-            f"report {report} (the next drift event after the cooldown tries again)",
+            skip_reason=f"{RETRAINING_DATASET} run {dataset_run.run_id} ended {dataset_run.status}: no retraining "
+            f"for drift report {report} (the next drift event after the cooldown tries again)",
             cursor=cursor.dump(),
         )
-    if train_sensor_present and splits_after != pending.get("splits_before"):
-        # train_sensor starts one training per new (splits, base model) pair: a second one here would
-        # train the same data twice.
-        return RetrainDecision(
-            skip_reason=f"new dataset_splits {splits_after}: train_sensor starts the training",
-            cursor=cursor.dump(),
-        )
-    if trained_on == (splits_after, base_model_version):
+    if trained_on == (dataset_version, base_model_version):
         reason = (
-            f"drift report {report}: the fresh data gave the same dataset_splits {splits_after} and "
-            f"the base model is unchanged ({base_model_version}); the current lora_adapter was trained on exactly "
-            "these, so retraining would reproduce it. Nothing to retrain: drop new data under incoming/."
+            f"drift report {report}: {RETRAINING_DATASET} {dataset_version} is the one the current "
+            f"lora_adapter was trained on, with the same base model ({base_model_version}); retraining would "
+            "reproduce it. Nothing to retrain."
         )
         return RetrainDecision(skip_reason=reason, cursor=cursor.dump(), log=reason)
     return RetrainDecision(
-        start="train", report_version=report, data_run_id=data_run.run_id, cursor=cursor.dump()
+        start="train",
+        report_version=report,
+        data_run_id=dataset_run.run_id,
+        dataset_version=dataset_version,
+        cursor=cursor.dump(),
     )

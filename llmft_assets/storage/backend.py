@@ -40,6 +40,11 @@ class StorageBackend(ABC):
     @abstractmethod
     def put_file(self, key: str, local_path: Path) -> None: ...
 
+    def move_file(self, key: str, local_path: Path) -> None:
+        """`put_file` for a file the caller is done with: a backend that can takes the file itself
+        instead of a copy (the local folder renames it into place). `local_path` may be gone afterwards."""
+        self.put_file(key, local_path)
+
     @abstractmethod
     def get_bytes(self, key: str) -> bytes: ...
 
@@ -101,6 +106,16 @@ class LocalBackend(StorageBackend):
                 shutil.copyfileobj(source, handle, length=8 * 1024 * 1024)
 
         self._atomic_write(key, copy)
+
+    def move_file(self, key: str, local_path: Path) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(local_path, "rb") as handle:
+            os.fsync(handle.fileno())  # durable before it becomes visible, as `_atomic_write` makes copies
+        try:
+            os.replace(local_path, target)  # atomic: readers see no file or the whole file
+        except OSError:  # another file system (EXDEV) or a read-only source: copy instead
+            self.put_file(key, local_path)
 
     def get_bytes(self, key: str) -> bytes:
         path = self._path(key)

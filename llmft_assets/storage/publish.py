@@ -95,10 +95,14 @@ def publish_directory(
     metadata: dict[str, Any] | None = None,
     update_pointer: bool = True,
     entries: list[FileEntry] | None = None,
+    move_files: bool = False,
 ) -> PublishedArtifact:
     """Upload `local_dir` under `<prefix>/<version>/`, then its manifest, then the pointer.
 
-    `entries`: the directory's description when the caller already hashed it (not re-read)."""
+    `entries`: the directory's description when the caller already hashed it (not re-read).
+    `move_files`: the caller drops `local_dir` afterwards, so a local backend may rename its files into
+    place instead of copying them (each byte is then written once and hashed once, by `describe_directory`).
+    """
     prefix = prefix.strip("/")
     entries = entries if entries is not None else describe_directory(Path(local_dir))
     version = content_version(entries)
@@ -113,8 +117,9 @@ def publish_directory(
         metadata=metadata or {},
     )
     if not backend.exists(manifest_key):  # same content already published completely: nothing to upload
+        put = backend.move_file if move_files else backend.put_file
         for entry in entries:
-            backend.put_file(f"{version_prefix}/{entry.path}", Path(local_dir) / entry.path)
+            put(f"{version_prefix}/{entry.path}", Path(local_dir) / entry.path)
         backend.put_bytes(manifest_key, json.dumps(artifact.to_json(), indent=2).encode())
     if update_pointer:
         pointer = {"version": version, "manifest_key": manifest_key, "published_at": artifact.published_at}

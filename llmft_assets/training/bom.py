@@ -5,6 +5,7 @@ Pure: no Dagster import; library versions are read from package metadata, not by
 
 from __future__ import annotations
 
+import json
 import platform
 import subprocess
 from datetime import UTC, datetime
@@ -66,6 +67,18 @@ def portable_model_id(model_id: str) -> str:
     if model_id.startswith(("/", "~", ".")) or "\\" in model_id:
         return f"local:{PurePosixPath(model_id).name}"
     return model_id
+
+
+def make_adapter_config_portable(adapter_dir: Path, base_model_id: str) -> None:
+    """Set ``base_model_name_or_path`` in the adapter's ``adapter_config.json`` to the base model's portable id.
+
+    peft records the folder the base model was loaded from, a path on the build machine, which would then
+    travel into MLflow, the bento and every copy of the adapter.
+    """
+    config_file = Path(adapter_dir) / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = portable_model_id(base_model_id)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _portable_base_info(info: dict[str, Any]) -> dict[str, Any]:

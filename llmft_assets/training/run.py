@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmft_assets.data.stage import split_path
 from llmft_assets.manifests import AdapterManifest
 from llmft_assets.storage import StorageBackend
 from llmft_assets.storage.publish import FileEntry, content_version, describe_directory
 from llmft_assets.training.config import TrainingConfig
 from llmft_assets.training.registration import Tracker, register_candidate
+from llmft_assets.training.training_data import DATASET_SPLITS, TrainingData
 
 Log = Callable[[str], None]
 # Runs a launch command with its environment; returns the structured reports the run sent back (Dagster
@@ -45,6 +45,7 @@ REUSED_FIELDS = (
     "dataset_version",
     "base_model_version",
     "checkpoints_uri",
+    "training_data",
 )
 
 
@@ -54,9 +55,10 @@ class TrainingInputs:
     base_model_version: str
     base_model_uri: str
     base_model_info: dict[str, Any]
-    splits_dir: Path
-    splits_version: str
+    data: TrainingData
+    """What it trains on: dataset_splits, or a drift-targeted retraining_dataset (same layout)."""
     dataset: dict[str, Any] | None
+    """Source and licence as raw_dataset recorded them (from the splits), for the bill of materials."""
 
 
 @dataclass
@@ -80,7 +82,7 @@ class AdapterRun:
 
 
 def run_key(inputs: TrainingInputs, config: TrainingConfig, num_processes: int) -> str:
-    parts = [inputs.base_model_version, inputs.splits_version, config.model_dump_json()]
+    parts = [inputs.base_model_version, inputs.data.version, config.model_dump_json()]
     parts += [f"num_processes={num_processes}"] if num_processes > 1 else []
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
@@ -153,7 +155,7 @@ def train_adapter(
     `launcher` runs the `accelerate launch` command of a multi-process run (default: a subprocess whose
     output goes to `log` line by line)."""
     from llmft_assets.evaluation.model_card import MODEL_CARD_FILE, model_card_from_bom
-    from llmft_assets.training.bom import bill_of_materials
+    from llmft_assets.training.bom import bill_of_materials, make_adapter_config_portable
 
     key = run_key(inputs, config, num_processes)
     finished = finished_training(backend, key, adapter_prefix)
@@ -170,7 +172,7 @@ def train_adapter(
             "artifact_version": inputs.base_model_version,
             "artifact_uri": inputs.base_model_uri,
         },
-        dataset_version=inputs.splits_version,
+        dataset_version=inputs.data.version,
         # Source and licence as raw_dataset recorded them (per-source table or config), carried down the chain.
         dataset=inputs.dataset,
         config=config,
@@ -182,7 +184,7 @@ def train_adapter(
         tags={
             "llmft.dagster_run_id": dagster_run_id,
             "llmft.base_model": str(inputs.base_model_info.get("model_id", "")),
-            "llmft.dataset_version": inputs.splits_version,
+            "llmft.dataset_version": inputs.data.version,
             "llmft.run_key": key,
         },
     )
@@ -209,6 +211,7 @@ def train_adapter(
         raise
     staging = new_staging_dir("lora_adapter")
     shutil.copytree(Path(result.adapter_dir), staging / ADAPTER_SUBDIR)
+    make_adapter_config_portable(staging / ADAPTER_SUBDIR, bom["base_model"]["model_id"])
     (staging / RESULT_FILE).write_text(json.dumps(result.to_dict(), indent=2))
     # The bill of materials travels inside the adapter folder: to MLflow, the bento and any copy of it.
     (staging / ADAPTER_SUBDIR / BOM_FILE).write_text(json.dumps(bom, indent=2, default=str))
@@ -217,7 +220,7 @@ def train_adapter(
     )
     registered = register_candidate(
         tracker, run_id, staging / ADAPTER_SUBDIR, bom=bom, result=result, run_key=key,
-        dataset_version=inputs.splits_version,
+        dataset_version=inputs.data.version,
     )  # fmt: skip
     shutil.rmtree(work, ignore_errors=True)
     log(
@@ -231,9 +234,10 @@ def train_adapter(
         "train_loss": result.train_loss,
         "eval_loss": result.eval_loss if result.eval_loss is not None else float("nan"),
         "global_step": result.global_step,
-        "dataset_version": inputs.splits_version,
+        "dataset_version": inputs.data.version,
         "base_model_version": inputs.base_model_version,
         "checkpoints_uri": backend.uri(checkpoint_prefix(key)),
+        "training_data": inputs.data.asset,
     }
     adapter_run = AdapterRun(
         run_key=key,
@@ -243,8 +247,10 @@ def train_adapter(
             mlflow_run_id=run_id,
             registered_version=registered.version,
             base_model_version=inputs.base_model_version,
-            dataset_version=inputs.splits_version,
+            dataset_version=inputs.data.version,
             train_loss=result.train_loss,
+            # Only a retraining says so: the default adapter's manifest stays as it was.
+            training_data=inputs.data.asset if inputs.data.asset != DATASET_SPLITS else None,
         ),
         entries=describe_directory(staging),
         summary=summary,
@@ -289,10 +295,7 @@ def _launch(
     from llmft_assets.training.storage_checkpoints import StorageCheckpointStore
     from llmft_assets.training.trainer import TrainResult, train_lora
 
-    train_path, eval_path = (
-        split_path(inputs.splits_dir, "train"),
-        split_path(inputs.splits_dir, "validation"),
-    )
+    train_path, eval_path = inputs.data.split("train"), inputs.data.split("validation")
     if num_processes <= 1:
         result = train_lora(
             base_model_dir=inputs.base_model_dir,

@@ -13,7 +13,7 @@ from pathlib import Path
 from llmft_assets.storage import StorageBackend, fetch_artifact, publish_directory
 from llmft_assets.storage.publish import MANIFEST_NAME
 
-_CHECKPOINT_KEY = re.compile(r"/checkpoint-(\d+)/[^/]+/" + re.escape(MANIFEST_NAME) + "$")
+_CHECKPOINT_KEY = re.compile(r"/checkpoint-(\d+)/([^/]+)/" + re.escape(MANIFEST_NAME) + "$")
 
 
 class StorageCheckpointStore:
@@ -25,20 +25,27 @@ class StorageCheckpointStore:
         self.cache_root = Path(cache_root)
         self.keep_last = keep_last
 
+    def _published(self) -> dict[int, str]:
+        """Step -> the version whose manifest is written (a checkpoint counts from its manifest on)."""
+        found: dict[int, str] = {}
+        for key in self.backend.iter_keys(self.prefix + "/"):
+            if match := _CHECKPOINT_KEY.search("/" + key):
+                found[int(match.group(1))] = match.group(2)
+        return found
+
     def steps(self) -> list[int]:
-        found = {
-            int(match.group(1))
-            for key in self.backend.iter_keys(self.prefix + "/")
-            if (match := _CHECKPOINT_KEY.search("/" + key))
-        }
-        return sorted(found)
+        return sorted(self._published())
 
     def latest(self) -> Path | None:
-        steps = self.steps()
-        if not steps:
+        published = self._published()
+        if not published:
             return None
-        step = steps[-1]
-        _, local = fetch_artifact(self.backend, f"{self.prefix}/checkpoint-{step}", self.cache_root)
+        step = max(published)
+        # By the manifest's own version, not the LATEST pointer: a run killed between writing the manifest
+        # and the pointer leaves a complete checkpoint that the pointer does not name yet.
+        _, local = fetch_artifact(
+            self.backend, f"{self.prefix}/checkpoint-{step}", self.cache_root, version=published[step]
+        )
         # The Trainer and the step parser read the step from the folder name: hand back `checkpoint-<step>`.
         named = self.cache_root / "resume" / self.prefix / f"checkpoint-{step}"
         named.parent.mkdir(parents=True, exist_ok=True)

@@ -1,13 +1,12 @@
 """Asset checks on the data assets: schema, unique ids, reject rate, loss masks, split isolation."""
 
-from collections import Counter
-
 import dagster as dg
 import pyarrow.parquet as pq
 
 from llmft_assets import settings
 from llmft_assets.data.schema import CONVERSATION_SCHEMA, TOKENIZED_SCHEMA
 from llmft_assets.data.stage import DATA_FILE, SPLIT_NAMES
+from llmft_assets.data.uniqueness import duplicated_values
 from llmft_assets.defs.data.assets import split_file
 from llmft_assets.defs.storage_resources import ArtifactHandle
 from llmft_assets.manifests import SplitsManifest, StageManifest
@@ -35,17 +34,10 @@ def validated_schema(validated_dataset: ArtifactHandle) -> dg.AssetCheckResult:
 
 @dg.asset_check(asset="validated_dataset", blocking=True, description="No conversation id appears twice.")
 def validated_unique_ids(validated_dataset: ArtifactHandle) -> dg.AssetCheckResult:
-    ids: Counter[str] = Counter()
-    for rows in iter_parquet_rows(validated_dataset.file(DATA_FILE), columns=["id"]):
-        ids.update(row["id"] for row in rows)
-    duplicates = sorted(key for key, count in ids.items() if count > 1)
+    rows, duplicates, examples = duplicated_values(validated_dataset.file(DATA_FILE), "id")
     return dg.AssetCheckResult(
-        passed=not duplicates,
-        metadata={
-            "rows": sum(ids.values()),
-            "duplicate_ids": len(duplicates),
-            "examples": dg.MetadataValue.json(duplicates[:10]),
-        },
+        passed=duplicates == 0,
+        metadata={"rows": rows, "duplicate_ids": duplicates, "examples": dg.MetadataValue.json(examples)},
     )
 
 

@@ -3,6 +3,8 @@
 The evaluation step is `llmft_assets.evaluation.run`; this asset wires config, storage and MLflow to it.
 """
 
+from pathlib import Path
+
 import dagster as dg
 from pydantic import Field
 
@@ -22,6 +24,7 @@ from llmft_assets.evaluation.gate import GateThresholds
 from llmft_assets.evaluation.generate import DEFAULT_MAX_NEW_TOKENS
 from llmft_assets.manifests import AdapterManifest, BaseModelManifest
 from llmft_assets.training.run import ADAPTER_SUBDIR
+from llmft_assets.training.training_data import RETRAINING_DATASET, training_data_of
 
 EVALUATION_GROUP = "evaluation"
 
@@ -46,6 +49,15 @@ class EvalReportConfig(dg.Config):
     gate: GateConfig = Field(default_factory=GateConfig, description="the promotion gate's thresholds")  # type: ignore[valid-type]
 
 
+def _traffic_slice(storage: StorageResource, adapter: AdapterManifest) -> tuple[str, Path | None] | None:
+    """(retraining_dataset version, its traffic slice) for an adapter trained on a retraining dataset."""
+    if adapter.training_data != RETRAINING_DATASET:
+        return None
+    version = str(adapter.dataset_version)
+    path = storage.artifact_dir(RETRAINING_DATASET, version)
+    return version, training_data_of(RETRAINING_DATASET, version, path, {}).traffic_slice
+
+
 @dg.asset(group_name=EVALUATION_GROUP, owners=OWNERS, kinds={"mlflow", "html"})
 def eval_report(
     context: dg.AssetExecutionContext,
@@ -57,7 +69,8 @@ def eval_report(
     mlflow: MlflowResource,
 ) -> dg.Output[StagedArtifact]:
     """Base model vs adapter (vs the champion) on the same test rows: verified accuracy, format compliance,
-    finish rate, perplexity and response length, and the gate's decision on every criterion (JSON + HTML)."""
+    finish rate, perplexity and response length, and the gate's decision on every criterion (JSON + HTML).
+    An adapter trained on a retraining_dataset is also scored on its traffic slice (traffic criteria)."""
     from llmft_assets.evaluation.run import Candidate, EmptyTestSplit, EvalSettings, evaluate_candidate
 
     candidate = Candidate(
@@ -66,6 +79,7 @@ def eval_report(
         adapter=lora_adapter.manifest(AdapterManifest),
         base_model_dir=base_model.path,
         base_model_name=base_model.manifest(BaseModelManifest).model_id,
+        traffic_slice=_traffic_slice(storage, lora_adapter.manifest(AdapterManifest)),
     )
     staging = storage.staging_dir("eval_report")
     try:

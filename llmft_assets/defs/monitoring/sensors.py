@@ -1,19 +1,19 @@
-"""`drift_retrain_sensor`: a failed drift_check starts a retraining (data_job, then train_job).
+"""`drift_retrain_sensor`: a failed drift_check starts a drift-targeted retraining (retraining_dataset_job,
+then train_job on that dataset; release_sensor then evaluates and releases).
 
 The state machine is `llmft_assets.monitoring.retrain_policy`; this sensor gathers what it needs from
 the instance and turns its decision into run requests.
 """
 
 import time
-from typing import Any
 
 import dagster as dg
 
 from llmft_assets import settings
-from llmft_assets.defs.data.jobs import data_job, fresh_data_selection
 from llmft_assets.defs.monitoring.assets import DRIFT_REPORT
 from llmft_assets.defs.monitoring.checks import DRIFT_CHECK
-from llmft_assets.defs.training.jobs import train_job
+from llmft_assets.defs.monitoring.retraining import retraining_dataset_job
+from llmft_assets.defs.training.jobs import DRIFT_TRAIN_RUN_CONFIG, train_job
 from llmft_assets.defs.training.sensors import latest_metadata, latest_version
 from llmft_assets.monitoring.retrain_policy import (
     CheckEvaluation,
@@ -24,7 +24,8 @@ from llmft_assets.monitoring.retrain_policy import (
     on_pending,
     retrain_cooldown_s,
 )
-from llmft_assets.run_tags import TAG_DRIFT_REPORT, TAG_RETRAIN_STAGE, TAG_TRIGGER
+from llmft_assets.run_tags import TAG_DRIFT_REPORT, TAG_RETRAIN_STAGE, TAG_RETRAINING_DATASET, TAG_TRIGGER
+from llmft_assets.training.training_data import RETRAINING_DATASET
 
 
 def _latest_check(instance: dg.DagsterInstance) -> CheckEvaluation | None:
@@ -45,9 +46,9 @@ def _latest_check(instance: dg.DagsterInstance) -> CheckEvaluation | None:
     )
 
 
-def _data_run(instance: dg.DagsterInstance, report_version: str) -> DataRun | None:
-    tags = {TAG_DRIFT_REPORT: report_version, TAG_RETRAIN_STAGE: "data"}
-    runs = instance.get_runs(filters=dg.RunsFilter(job_name=data_job.name, tags=tags), limit=1)
+def _dataset_run(instance: dg.DagsterInstance, report_version: str) -> DataRun | None:
+    tags = {TAG_DRIFT_REPORT: report_version, TAG_RETRAIN_STAGE: RETRAINING_DATASET}
+    runs = instance.get_runs(filters=dg.RunsFilter(job_name=retraining_dataset_job.name, tags=tags), limit=1)
     if not runs:
         return None
     run = runs[0]
@@ -55,73 +56,60 @@ def _data_run(instance: dg.DagsterInstance, report_version: str) -> DataRun | No
     return DataRun(run_id=run.run_id, finished=run.is_finished, succeeded=succeeded, status=run.status.value)
 
 
-def _fresh_data_run_config(context: dg.SensorEvaluationContext) -> dict[str, Any]:
-    """Re-read the source the current raw_dataset came from (an S3 prefix, a drop...), else defaults."""
-    source = latest_metadata(context, "raw_dataset", "source")
-    if not source:
-        return {}
-    raw_config = latest_metadata(context, "raw_dataset", "config")
-    config = None if raw_config in (None, "None", "null", "") else raw_config
-    return {"ops": {"raw_dataset": {"config": {"source": source, "config": config}}}}
-
-
 def _decide(context: dg.SensorEvaluationContext, cursor: RetrainCursor) -> RetrainDecision:
     instance, now = context.instance, time.time()
     if not cursor.pending:
-        splits = latest_version(context, "dataset_splits")
-        return on_check(
-            cursor, _latest_check(instance), now=now, cooldown_s=retrain_cooldown_s(), splits_version=splits
-        )
+        return on_check(cursor, _latest_check(instance), now=now, cooldown_s=retrain_cooldown_s())
     trained_on = None
     if instance.get_latest_materialization_event(dg.AssetKey("lora_adapter")) is not None:
         trained_on = (
             latest_metadata(context, "lora_adapter", "dataset_version"),
             latest_metadata(context, "lora_adapter", "base_model_version"),
         )
-    repository = context.repository_def
     return on_pending(
         cursor,
-        _data_run(instance, str(cursor.pending["report_version"])),
+        _dataset_run(instance, str(cursor.pending["report_version"])),
         now=now,
-        splits_after=latest_version(context, "dataset_splits"),
+        dataset_version=latest_version(context, RETRAINING_DATASET),
         base_model_version=latest_version(context, "base_model"),
         trained_on=trained_on,
-        train_sensor_present=repository is not None and repository.has_sensor_def("train_sensor"),
     )
 
 
-def _run_request(context: dg.SensorEvaluationContext, decision: RetrainDecision) -> dg.RunRequest:
+def _run_request(decision: RetrainDecision) -> dg.RunRequest:
     report = str(decision.report_version)
     tags = {TAG_TRIGGER: "drift", TAG_DRIFT_REPORT: report, TAG_RETRAIN_STAGE: str(decision.start)}
-    if decision.start == "data":
+    if decision.start == RETRAINING_DATASET:
         return dg.RunRequest(
-            job_name=data_job.name,
-            run_key=f"drift-{report}-data",
-            run_config=_fresh_data_run_config(context),
-            asset_selection=fresh_data_selection(context.instance),
-            tags=tags,
+            job_name=retraining_dataset_job.name, run_key=f"drift-{report}-retraining-dataset", tags=tags
         )
     return dg.RunRequest(
         job_name=train_job.name,
         run_key=f"drift-{report}-train",
-        tags={**tags, "llmft/data_run": str(decision.data_run_id)},
+        run_config=DRIFT_TRAIN_RUN_CONFIG,
+        tags={
+            **tags,
+            TAG_RETRAINING_DATASET: str(decision.dataset_version),
+            "llmft/retraining_dataset_run": str(decision.data_run_id),
+        },
     )
 
 
 @dg.sensor(
-    jobs=[data_job, train_job],
+    jobs=[retraining_dataset_job, train_job],
     minimum_interval_seconds=settings.get().drift_sensor_interval_s,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="A failed drift_check starts a retraining: data_job (fresh data), then train_job. One "
-    "drift report starts one retraining (run keys); retrainings are spaced by "
-    "$LLMFT_RETRAIN_COOLDOWN_HOURS (default 24 h).",
+    description="A failed drift_check starts a drift-targeted retraining: retraining_dataset_job (the rows "
+    "nearest to the drifted traffic), then train_job on that dataset; release_sensor evaluates (traffic "
+    "slice included) and releases. One drift report starts one retraining (run keys); retrainings are "
+    "spaced by $LLMFT_RETRAIN_COOLDOWN_HOURS (default 24 h).",
 )
 def drift_retrain_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
     decision = _decide(context, RetrainCursor.parse(context.cursor))
     if decision.log:
         context.log.info(decision.log)
     if decision.start:
-        return dg.SensorResult(run_requests=[_run_request(context, decision)], cursor=decision.cursor)
+        return dg.SensorResult(run_requests=[_run_request(decision)], cursor=decision.cursor)
     if decision.cursor is None:
         return dg.SkipReason(decision.skip_reason)
     return dg.SensorResult(skip_reason=decision.skip_reason, cursor=decision.cursor)

@@ -24,6 +24,13 @@ from llmft_assets.defs.storage_resources import (
 from llmft_assets.manifests import BaseModelManifest, SplitsManifest, StageManifest
 from llmft_assets.training.config import TrainingConfig
 from llmft_assets.training.run import Launcher
+from llmft_assets.training.training_data import (
+    DATASET_SPLITS,
+    RETRAINING_DATASET,
+    TrainingData,
+    TrainingDataSource,
+    training_data_of,
+)
 
 TRAINING_GROUP = "training"
 GPU_POOL = "gpu"
@@ -37,31 +44,64 @@ LoraAdapterConfig = dagster_config(
         "num_processes": (
             int,
             Field(default=1, description=">1 runs the same entry point under `accelerate launch` (DDP/FSDP)"),
-        )
+        ),
+        "training_data": (
+            TrainingDataSource,
+            Field(
+                default=DATASET_SPLITS,
+                description="dataset_splits (the input) or the latest retraining_dataset (drift-targeted)",
+            ),
+        ),
     },
 )
 
 
-def _tokenized_max_seq_len(storage: StorageResource, dataset_splits: ArtifactHandle) -> int:
-    """The max_seq_len the splits' rows were tokenized with, from the tokenized_dataset manifest."""
+def _tokenized_max_seq_len(storage: StorageResource, tokenized_version: str | None) -> int:
+    """The max_seq_len the training rows were tokenized with, from the tokenized_dataset manifest."""
     from llmft_assets.storage.publish import read_manifest
 
-    tokenized_version = str(dataset_splits.manifest(SplitsManifest).upstream)
     published = read_manifest(
-        storage.backend(), asset_prefix(dg.AssetKey("tokenized_dataset")), tokenized_version
+        storage.backend(), asset_prefix(dg.AssetKey("tokenized_dataset")), str(tokenized_version)
     )
     return int(StageManifest.from_dict(published.metadata).max_seq_len or 0)
 
 
 def _training_config(
-    config: LoraAdapterConfig, storage: StorageResource, splits: ArtifactHandle
+    config: LoraAdapterConfig, storage: StorageResource, data: TrainingData
 ) -> TrainingConfig:
     try:
-        return config.to_domain(asset="lora_adapter").with_max_seq_len(
-            _tokenized_max_seq_len(storage, splits)
-        )
+        domain = config.to_domain(asset="lora_adapter")
+        return domain.with_max_seq_len(_tokenized_max_seq_len(storage, data.tokenized_version))
     except ValueError as exc:
         raise dg.Failure(description=f"lora_adapter config is invalid: {exc}", allow_retries=False) from exc
+
+
+def _training_data(
+    context: dg.AssetExecutionContext, source: str, dataset_splits: ArtifactHandle, storage: StorageResource
+) -> TrainingData:
+    """The splits input, or the retraining_dataset version Dagster materialized last (fetched by version)."""
+    from llmft_assets.storage import fetch_artifact
+
+    if source == DATASET_SPLITS:
+        return training_data_of(
+            DATASET_SPLITS, dataset_splits.version, dataset_splits.path, dataset_splits.metadata
+        )
+    event = context.instance.get_latest_materialization_event(dg.AssetKey(RETRAINING_DATASET))
+    materialization = None if event is None else event.asset_materialization
+    version_value = None if materialization is None else materialization.metadata.get("version")
+    if version_value is None:
+        raise dg.Failure(
+            description=f"lora_adapter: training_data={source} but no {source} is materialized; run "
+            "retraining_dataset_job first",
+            allow_retries=False,
+        )
+    published, path = fetch_artifact(
+        storage.backend(),
+        asset_prefix(dg.AssetKey(RETRAINING_DATASET)),
+        storage.cache_dir(),
+        version=str(getattr(version_value, "value", version_value)),
+    )
+    return training_data_of(RETRAINING_DATASET, published.version, path, published.metadata)
 
 
 def _pipes_launcher(context: dg.AssetExecutionContext) -> Launcher:
@@ -96,10 +136,12 @@ def _pipes_launcher(context: dg.AssetExecutionContext) -> Launcher:
     retry_policy=dg.RetryPolicy(max_retries=2, delay=15),
     # Read by k8s_job_executor for this step's pod (dagster issue 22865); ignored in-process.
     op_tags=gpu_op_tags(),
+    # Lineage: a drift retraining (training_data=retraining_dataset) trains on it; read by version, not loaded.
+    deps=[RETRAINING_DATASET],
 )
 def lora_adapter(
     context: dg.AssetExecutionContext,
-    config: LoraAdapterConfig,
+    config: LoraAdapterConfig,  # type: ignore[valid-type]
     base_model: ArtifactHandle,
     dataset_splits: ArtifactHandle,
     storage: StorageResource,
@@ -114,14 +156,13 @@ def lora_adapter(
         base_model_version=base_model.version,
         base_model_uri=base_model.uri,
         base_model_info=base_model.manifest(BaseModelManifest).model_info,
-        splits_dir=dataset_splits.path,
-        splits_version=dataset_splits.version,
+        data=_training_data(context, config.training_data, dataset_splits, storage),
         dataset=dataset_splits.manifest(SplitsManifest).dataset,
     )
     try:
         run = train_adapter(
             inputs,
-            _training_config(config, storage, dataset_splits),
+            _training_config(config, storage, inputs.data),
             num_processes=config.num_processes,
             backend=storage.backend(),
             storage_root=storage.root_uri(),

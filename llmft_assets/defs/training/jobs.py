@@ -4,6 +4,7 @@ import dagster as dg
 
 from llmft_assets import settings
 from llmft_assets.defs.k8s_tags import gpu_run_tags
+from llmft_assets.training.training_data import RETRAINING_DATASET
 
 TRAIN_SELECTION = dg.AssetSelection.assets("lora_adapter")
 
@@ -31,3 +32,6 @@ train_job = dg.define_asset_job(
         **({} if _train_on_k8s_steps else gpu_run_tags()),
     },
 )
+
+# train_job's run config for a drift retraining: lora_adapter trains on the latest retraining_dataset.
+DRIFT_TRAIN_RUN_CONFIG = {"ops": {"lora_adapter": {"config": {"training_data": RETRAINING_DATASET}}}}
