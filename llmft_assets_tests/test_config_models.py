@@ -30,7 +30,7 @@ from llmft_assets.training.config import TrainingConfig
 
 REPO = Path(__file__).resolve().parent.parent
 DERIVED = [
-    (LoraAdapterConfig, TrainingConfig, {"num_processes"}),
+    (LoraAdapterConfig, TrainingConfig, {"num_processes", "training_data"}),
     (ValidationConfig, ValidationLimits, set()),
     (SplitConfig, SplitSettings, set()),
 ]
