@@ -1,38 +1,33 @@
-"""The one Dagster code location of llmft: assets, checks, jobs, schedules, sensors and resources.
+"""The one Dagster code location of llmft: every asset, check, job, schedule and sensor found under
+`llmft_assets/defs/<domain>/` (data, training, evaluation, serving, monitoring), plus the resources.
 
 Heavy libraries (torch, transformers, mlflow, evidently, bentoml) are imported inside the asset bodies:
 every step of a multiprocess run re-imports this module.
 """
 
+import warnings
+
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 
-from llmft_assets.defs.data_assets import (
-    base_model,
-    cleaned_dataset,
-    dataset_splits,
-    raw_dataset,
-    tokenized_dataset,
-    validated_dataset,
-)
-from llmft_assets.defs.data_checks import DATA_CHECKS
-from llmft_assets.defs.export_assets import merged_model
-from llmft_assets.defs.jobs import data_job, release_job, train_job
+import llmft_assets.defs
+from llmft_assets.defs.data import assets as data_assets
+from llmft_assets.defs.evaluation.assets import eval_report
 from llmft_assets.defs.mlflow_resource import MlflowResource
-from llmft_assets.defs.monitoring_assets import (
-    MONITORING_ASSETS,
-    MONITORING_CHECKS,
-    MONITORING_JOBS,
-    MONITORING_SCHEDULES,
-    MONITORING_SENSORS,
-)
-from llmft_assets.defs.retraining_assets import RETRAINING_ASSETS, RETRAINING_JOBS
-from llmft_assets.defs.serving_assets import license_policy, model_bento
+from llmft_assets.defs.serving.assets import model_bento
+from llmft_assets.defs.serving.export import merged_model
 from llmft_assets.defs.storage_resources import ArtifactIOManager, StorageResource
-from llmft_assets.defs.training_assets import eval_gate, eval_report, lora_adapter
-from llmft_assets.defs.training_sensors import release_sensor, train_sensor
+from llmft_assets.defs.training.assets import lora_adapter
 
-DATA_ASSETS = [raw_dataset, cleaned_dataset, validated_dataset, base_model, tokenized_dataset, dataset_splits]
+# Named groups of assets for tests and tools that build a smaller Definitions around some of them.
+DATA_ASSETS = [
+    data_assets.raw_dataset,
+    data_assets.cleaned_dataset,
+    data_assets.validated_dataset,
+    data_assets.base_model,
+    data_assets.tokenized_dataset,
+    data_assets.dataset_splits,
+]
 TRAINING_ASSETS = [lora_adapter, eval_report]
 SERVING_ASSETS = [model_bento]
 EXPORT_ASSETS = [merged_model]
@@ -49,18 +44,15 @@ def build_resources() -> dict[str, object]:
     }
 
 
-defs = dg.Definitions(
-    assets=[
-        *DATA_ASSETS,
-        *TRAINING_ASSETS,
-        *SERVING_ASSETS,
-        *EXPORT_ASSETS,
-        *MONITORING_ASSETS,
-        *RETRAINING_ASSETS,
-    ],
-    asset_checks=[*DATA_CHECKS, eval_gate, license_policy, *MONITORING_CHECKS],
-    jobs=[data_job, train_job, release_job, *MONITORING_JOBS, *RETRAINING_JOBS],
-    sensors=[train_sensor, release_sensor, *MONITORING_SENSORS],
-    schedules=MONITORING_SCHEDULES,
-    resources=build_resources(),
-)
+def build_defs() -> dg.Definitions:
+    """Every definition in the `llmft_assets.defs` package (each module's assets, checks, jobs, schedules
+    and sensors, found by type; an object imported into several modules counts once), with the resources.
+
+    Not `dg.load_from_defs_folder`: that needs the project's pyproject.toml at run time, which the
+    installed package in the container image does not have."""
+    with warnings.catch_warnings():  # the package loader is marked preview; it is the documented one
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+        return dg.load_definitions_from_package_module(llmft_assets.defs, resources=build_resources())
+
+
+defs = build_defs()

@@ -58,6 +58,9 @@ class Settings(BaseModel):
     incoming_max_runs: int = Field(2, ge=1, description="data_job runs from incoming drops at once")
     drift_sensor_interval_s: int = Field(60, ge=5)
     drift_schedule_cron: str = Field("0 6 * * *")
+    drift_freshness_hours: float = Field(
+        36.0, gt=0.0, description="drift_report older than this fails its freshness check"
+    )
     alert_webhook_url: SecretStr | None = Field(None, description="Slack-compatible webhook for drift alerts")
     # ---- training placement on Kubernetes (deploy/README.md)
     gpu_count: int = Field(1, ge=1)

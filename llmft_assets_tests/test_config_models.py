@@ -18,19 +18,19 @@ from llmft_assets.data.splits import SplitSettings
 from llmft_assets.data.validation import ValidationLimits
 from llmft_assets.definitions import defs
 from llmft_assets.defs.config_models import dagster_config, domain_fields
-from llmft_assets.defs.data_assets import (
+from llmft_assets.defs.data.assets import (
     BaseModelConfig,
     RawDatasetConfig,
     SplitConfig,
     TokenizeConfig,
     ValidationConfig,
 )
-from llmft_assets.defs.training_assets import LoraAdapterConfig
+from llmft_assets.defs.training.assets import LoraAdapterConfig
 from llmft_assets.training.config import TrainingConfig
 
 REPO = Path(__file__).resolve().parent.parent
 DERIVED = [
-    (LoraAdapterConfig, TrainingConfig, {"num_processes"}),
+    (LoraAdapterConfig, TrainingConfig, {"num_processes", "training_data"}),
     (ValidationConfig, ValidationLimits, set()),
     (SplitConfig, SplitSettings, set()),
 ]

@@ -51,7 +51,7 @@ def test_there_are_configs_for_cpu_one_gpu_and_many_gpus() -> None:
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda path: path.name)
 def test_config_validates_for_its_command(path: Path) -> None:
-    from llmft_assets.defs.training_assets import LoraAdapterConfig
+    from llmft_assets.defs.training.assets import LoraAdapterConfig
 
     command = _command(path)
     assert command[:6] == ["dagster", "asset", "materialize", "-m", "llmft_assets.definitions", "--select"]

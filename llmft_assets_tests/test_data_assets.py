@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from llmft_assets.definitions import DATA_ASSETS, build_resources, defs
-from llmft_assets.defs.data_checks import DATA_CHECKS
+from llmft_assets.defs.data.checks import DATA_CHECKS
 from llmft_assets.storage import open_storage
 from llmft_assets.storage.publish import latest_version, read_manifest
 

@@ -79,7 +79,7 @@ def test_readme_example_lines_each_clean_validate_and_name_their_format() -> Non
 
 
 def test_readme_columns_example_maps_a_custom_layout(tmp_path: Path) -> None:
-    from llmft_assets.defs.data_assets import RawDatasetConfig
+    from llmft_assets.defs.data.assets import RawDatasetConfig
 
     config = yaml.safe_load(readme_block("Bring your data", "yaml"))["ops"]["raw_dataset"]["config"]
     source = tmp_path / "qa.jsonl"
@@ -378,7 +378,7 @@ def _write_jsonl(path: Path, rows: list[Any]) -> None:
 @pytest.mark.slow
 def test_mixed_format_folder_goes_from_raw_to_splits(llmft_home: Path, tmp_path: Path) -> None:
     from llmft_assets.definitions import DATA_ASSETS, build_resources
-    from llmft_assets.defs.data_checks import DATA_CHECKS
+    from llmft_assets.defs.data.checks import DATA_CHECKS
     from llmft_assets.storage import open_storage
     from llmft_assets.storage.publish import latest_version
 

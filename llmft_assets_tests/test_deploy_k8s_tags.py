@@ -300,8 +300,8 @@ def test_bad_settings_fail_with_a_clear_error(
 def test_the_projects_train_job_lands_on_a_gpu_node(
     k8s_instance: DagsterInstance, kubeconfig_file: str
 ) -> None:
-    """The real train_job (llmft_assets.defs.jobs) through the K8sRunLauncher, with its tags as defined."""
-    from llmft_assets.defs import jobs
+    """The real train_job (llmft_assets.defs.training.jobs) through the K8sRunLauncher, with its tags as defined."""
+    from llmft_assets.defs.training import jobs
 
     tags = dict(jobs.train_job.tags or {})
     if K8S_CONFIG_TAG not in tags:

@@ -11,9 +11,9 @@ import dagster as dg
 import pytest
 
 from llmft_assets.definitions import build_resources
-from llmft_assets.defs.data_assets import base_model
-from llmft_assets.defs.export_assets import merged_model
+from llmft_assets.defs.data.assets import base_model
 from llmft_assets.defs.mlflow_resource import MlflowResource
+from llmft_assets.defs.serving.export import merged_model
 from llmft_assets.storage import open_storage
 from llmft_assets.storage.publish import fetch_artifact, latest_version, publish_directory
 

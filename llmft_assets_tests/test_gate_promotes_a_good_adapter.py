@@ -14,8 +14,8 @@ import dagster as dg
 import pytest
 
 from llmft_assets.definitions import DATA_ASSETS, TRAINING_ASSETS, build_resources
-from llmft_assets.defs.data_checks import DATA_CHECKS
-from llmft_assets.defs.training_assets import eval_gate
+from llmft_assets.defs.data.checks import DATA_CHECKS
+from llmft_assets.defs.evaluation.checks import eval_gate
 from llmft_assets_tests.servers import mlflow_server
 
 pytestmark = pytest.mark.slow

@@ -183,8 +183,8 @@ def test_readme_config_examples_reach_the_bom_and_the_gate(llmft_home) -> None:
     import dagster as dg
 
     from llmft_assets.definitions import build_resources
-    from llmft_assets.defs.data_assets import raw_dataset
-    from llmft_assets.defs.training_assets import EvalReportConfig
+    from llmft_assets.defs.data.assets import raw_dataset
+    from llmft_assets.defs.evaluation.assets import EvalReportConfig
     from llmft_assets.evaluation.gate import GateThresholds
 
     result = dg.materialize(
@@ -206,7 +206,7 @@ def test_readme_config_examples_reach_the_bom_and_the_gate(llmft_home) -> None:
         "license": "cc-by-4.0",
         "license_source": "config override",
     }
-    from llmft_assets.defs.data_assets import base_model
+    from llmft_assets.defs.data.assets import base_model
 
     built = dg.materialize(
         [base_model],

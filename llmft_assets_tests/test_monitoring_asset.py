@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from llmft_assets.definitions import build_resources
-from llmft_assets.defs.monitoring_assets import drift_check, drift_report
+from llmft_assets.defs.monitoring.assets import drift_report
+from llmft_assets.defs.monitoring.checks import drift_check
 from llmft_assets.monitoring.request_logs import partition_days, read_request_log_window, window_bounds
 from llmft_assets.serving.request_log import RequestLogRecord, records_to_parquet_bytes, request_log_key
 from llmft_assets.storage import LocalBackend, StorageBackend, open_storage

@@ -15,39 +15,22 @@ from dagster._core.storage.dagster_run import DagsterRun
 from dagster_aws.s3 import S3Resource
 
 from llmft_assets import definitions
-from llmft_assets.defs.monitoring_assets import (
-    DRIFT_CHECK,
-    DRIFT_REPORT,
-    MONITORING_ASSETS,
-    MONITORING_CHECKS,
-    MONITORING_JOBS,
-    MONITORING_SCHEDULES,
-    MONITORING_SENSORS,
-    RetrainCursor,
-    drift_retrain_sensor,
-    drift_schedule,
-    incoming_data_sensor,
-    incoming_uri,
-    send_alert_if_configured,
-)
+from llmft_assets.defs.data.sensors import incoming_data_sensor
+from llmft_assets.defs.monitoring.assets import DRIFT_REPORT
+from llmft_assets.defs.monitoring.checks import DRIFT_CHECK
+from llmft_assets.defs.monitoring.schedules import drift_schedule
+from llmft_assets.defs.monitoring.sensors import drift_retrain_sensor
 from llmft_assets.defs.storage_resources import StorageResource
+from llmft_assets.monitoring.alerts import send_alert_if_configured
+from llmft_assets.monitoring.retrain_policy import RetrainCursor
+from llmft_assets.storage.incoming import incoming_uri
 from llmft_assets_tests.test_monitoring_asset import WebhookReceiver
 
 
 @pytest.fixture(scope="module")
 def repository() -> dg.RepositoryDefinition:
-    """The real code location, with the monitoring definitions added if the lead has not wired them yet."""
-    repo = definitions.defs.get_repository_def()
-    if repo.has_sensor_def("incoming_data_sensor"):
-        return repo
-    monitoring = dg.Definitions(
-        assets=MONITORING_ASSETS,
-        asset_checks=MONITORING_CHECKS,
-        jobs=MONITORING_JOBS,
-        sensors=MONITORING_SENSORS,
-        schedules=MONITORING_SCHEDULES,
-    )
-    return dg.Definitions.merge(definitions.defs, monitoring).get_repository_def()
+    """The real code location."""
+    return definitions.defs.get_repository_def()
 
 
 @pytest.fixture
@@ -284,7 +267,7 @@ def _llmft_tags(request: dg.RunRequest) -> dict[str, str]:
 def test_drift_builds_the_retraining_dataset_then_trains_on_it_once(
     instance: dg.DagsterInstance, repository: dg.RepositoryDefinition, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from llmft_assets.defs.training_sensors import release_sensor
+    from llmft_assets.defs.evaluation.sensors import release_sensor
 
     monkeypatch.setenv("LLMFT_RETRAIN_COOLDOWN_HOURS", "24")
     requests, cursor, skip = _evaluate_drift(instance, None, repository)

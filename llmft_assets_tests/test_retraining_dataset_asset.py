@@ -18,11 +18,8 @@ from llmft_assets.data.cleaning import to_conversation
 from llmft_assets.data.sample_gen import generate_rows
 from llmft_assets.data.schema import TOKENIZED_SCHEMA
 from llmft_assets.definitions import build_resources
-from llmft_assets.defs.retraining_assets import (
-    SELECTION_FILE,
-    TRAFFIC_SLICE_FILE,
-    retraining_dataset,
-)
+from llmft_assets.defs.monitoring.retraining import retraining_dataset
+from llmft_assets.monitoring.retraining_step import SELECTION_FILE, TRAFFIC_SLICE_FILE
 from llmft_assets.storage import LocalBackend, StorageBackend, open_storage
 from llmft_assets.storage.publish import publish_directory
 from llmft_assets_tests.test_monitoring_asset import log_requests

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from llmft_assets import settings
-from llmft_assets.defs.monitoring_assets import retrain_cooldown_s
+from llmft_assets.monitoring.retrain_policy import retrain_cooldown_s
 
 REPO = Path(__file__).resolve().parent.parent
 # Variables of the deployment files themselves (compose / k8s shell), not read by any Python code.

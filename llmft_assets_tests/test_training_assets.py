@@ -19,8 +19,8 @@ import dagster as dg
 import pytest
 
 from llmft_assets.definitions import DATA_ASSETS, TRAINING_ASSETS, build_resources
-from llmft_assets.defs.data_checks import DATA_CHECKS
-from llmft_assets.defs.training_assets import eval_gate
+from llmft_assets.defs.data.checks import DATA_CHECKS
+from llmft_assets.defs.evaluation.checks import eval_gate
 from llmft_assets_tests.servers import mlflow_server
 
 pytestmark = pytest.mark.slow
@@ -270,8 +270,11 @@ def test_same_inputs_and_config_reuse_the_adapter_and_never_reregister(workspace
 
 def test_two_process_training_through_the_asset(workspace: dict[str, str]) -> None:
     """`num_processes: 2` runs the same entry point under `accelerate launch` (DDP over gloo on CPU)."""
+    instance = dg.DagsterInstance.ephemeral()
     result = _materialize(
-        ["lora_adapter"], {"lora_adapter": {"config": {**TRAIN_CONFIG, "max_steps": 4, "num_processes": 2}}}
+        ["lora_adapter"],
+        {"lora_adapter": {"config": {**TRAIN_CONFIG, "max_steps": 4, "num_processes": 2}}},
+        instance=instance,
     )
     assert result.success, [e.event_specific_data.error.message for e in result.get_step_failure_events()]
     metadata = _metadata(result, "lora_adapter")
@@ -285,6 +288,15 @@ def test_two_process_training_through_the_asset(workspace: dict[str, str]) -> No
         metadata["mlflow_run_id"], "loss"
     )
     assert {point.step for point in losses} >= {1, 2, 3, 4}
+    # Dagster Pipes: rank 0 sent every logged loss back as a structured message (the same values MLflow
+    # recorded), and its log lines arrive as Dagster log events; the other rank's do not.
+    reported = metadata["pipes_loss_reports"]
+    assert [report["step"] for report in reported] == [1, 2, 3, 4]
+    by_step = {point.step: point.value for point in losses}
+    assert all(abs(report["loss"] - by_step[report["step"]]) < 1e-6 for report in reported)
+    messages = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    assert any("[rank 0/2] done: world size 2, 4 steps" in message for message in messages), messages
+    assert not any("[rank 1/2]" in message for message in messages)
 
 
 KILLABLE_RUN = """

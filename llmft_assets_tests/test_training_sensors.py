@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dagster as dg
 
-from llmft_assets.defs.training_sensors import release_sensor, train_sensor
+from llmft_assets.defs.evaluation.sensors import release_sensor
+from llmft_assets.defs.training.sensors import train_sensor
 
 
 def _record(instance: dg.DagsterInstance, asset: str, **metadata: str) -> None:

@@ -121,7 +121,7 @@ def test_switches_are_recorded_in_the_bill_of_materials() -> None:
 def test_dagster_config_passes_every_switch_through() -> None:
     import dagster as dg
 
-    from llmft_assets.defs.training_assets import LoraAdapterConfig
+    from llmft_assets.defs.training.assets import LoraAdapterConfig
 
     training = LoraAdapterConfig(**SWITCHES).to_domain(asset="lora_adapter")
     assert {key: getattr(training, key) for key in SWITCHES} == SWITCHES

@@ -2,7 +2,7 @@
 
 A small ``ConfigurableResource`` around :mod:`llmft_assets.training.tracking` rather than
 dagster-mlflow's ``mlflow_tracking`` (a legacy function resource that sets the process-wide tracking
-URI and active run). Every call goes through an ``MlflowClient`` bound to this resource's URI.
+URI and active run; not a dependency). Every call goes through an ``MlflowClient`` bound to this resource's URI.
 mlflow itself is imported only inside the tracking functions.
 """
 

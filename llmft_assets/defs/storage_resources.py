@@ -16,12 +16,13 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 
 from llmft_assets import settings
+from llmft_assets.manifests import Manifest
 from llmft_assets.storage import StorageBackend, fetch_artifact, open_storage, publish_directory
 from llmft_assets.storage.publish import FileEntry, content_version, describe_directory
 
@@ -33,6 +34,10 @@ class StagedArtifact:
     path: Path
     metadata: dict[str, Any] = field(default_factory=dict)
     entries: list[FileEntry] | None = field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, path: Path, manifest: Manifest) -> "StagedArtifact":
+        return cls(path, metadata=manifest.to_dict())
 
     def content_version(self) -> str:
         """The version storage will give these bytes (hashed once, reused by the IO manager)."""
@@ -50,6 +55,9 @@ def artifact_output(artifact: StagedArtifact, metadata: dict[str, Any] | None = 
         )
 
 
+ManifestT = TypeVar("ManifestT", bound=Manifest)
+
+
 @dataclass(frozen=True)
 class ArtifactHandle:
     """A published artifact as a downstream asset sees it."""
@@ -62,6 +70,10 @@ class ArtifactHandle:
 
     def file(self, name: str) -> Path:
         return self.path / name
+
+    def manifest(self, kind: type[ManifestT]) -> ManifestT:
+        """What the upstream asset recorded for its downstream assets, as its typed manifest."""
+        return kind.from_dict(self.metadata)
 
 
 class StorageResource(dg.ConfigurableResource):
@@ -85,6 +97,13 @@ class StorageResource(dg.ConfigurableResource):
 
     def cache_dir(self) -> Path:
         return settings.cache_dir("artifacts")
+
+    def artifact_dir(self, asset: str, version: str) -> Path:
+        """The local folder of one published version of `asset` (fetched into the cache if needed)."""
+        _, path = fetch_artifact(
+            self.backend(), asset_prefix(dg.AssetKey(asset)), self.cache_dir(), version=version
+        )
+        return path
 
 
 def asset_prefix(asset_key: dg.AssetKey) -> str:

@@ -144,3 +144,25 @@ def _post_once(webhook_url: str, body: bytes, *, timeout_s: float) -> None:
     except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
         reason = getattr(error, "reason", error)
         raise _TransientWebhookError(f"connection failed: {type(reason).__name__}") from None
+
+
+def send_alert_if_configured(summary: dict[str, Any], report_uri: str | None, log: Any) -> str:
+    """Post the drift alert to $LLMFT_ALERT_WEBHOOK_URL; returns what happened (for metadata).
+
+    Unset webhook: skipped with a log line. Delivery failure: logged as an error, never raised (the
+    check's verdict is the record of the drift; a flaky chat server must not hide it).
+    """
+    from llmft_assets import settings
+
+    secret = settings.get().alert_webhook_url
+    webhook_url = secret.get_secret_value().strip() if secret is not None else ""
+    if not webhook_url:
+        log.info("drift alert not sent: LLMFT_ALERT_WEBHOOK_URL is not set")
+        return "skipped (no webhook configured)"
+    try:
+        send_drift_alert(webhook_url, summary, report_uri=report_uri)
+    except (WebhookError, ValueError) as error:  # messages never contain the (secret) URL
+        log.error(f"drift alert not delivered: {error}")
+        return f"failed: {error}"
+    log.info("drift alert sent to the configured webhook")
+    return "sent"

@@ -7,6 +7,10 @@
 
 Rank 0 writes the adapter to `OUTPUT/adapter` and the result to `OUTPUT/train_result.json`; every
 rank logs with a `[rank r/w]` prefix. Exit status 2 means bad input (config, paths, data).
+
+Launched by Dagster through Pipes (the `lora_adapter` asset with `num_processes` > 1), rank 0 also reports
+its log lines as Dagster log events and every logged training loss as a structured message
+(`{"step": ..., "loss": ...}`); the other ranks print to the step's captured output only.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 EXIT_BAD_INPUT = 2
 
@@ -63,14 +69,46 @@ def _checkpoint_store(args: argparse.Namespace) -> object | None:
     return LocalCheckpointStore(args.checkpoint_dir) if args.checkpoint_dir is not None else None
 
 
+def _open_pipes(rank: int, stack: ExitStack) -> Any:
+    """The Dagster Pipes connection of rank 0 when Dagster launched this run through Pipes; else None
+    (one writer per session: the other ranks never open it)."""
+    from dagster_pipes import DAGSTER_PIPES_CONTEXT_ENV_VAR, open_dagster_pipes
+
+    if rank != 0 or DAGSTER_PIPES_CONTEXT_ENV_VAR not in os.environ:
+        return None
+    return stack.enter_context(open_dagster_pipes())
+
+
+def _pipes_loss_callback(pipes: Any) -> Any:
+    """A transformers callback reporting each logged training loss over Pipes."""
+    from transformers import TrainerCallback
+
+    class PipesLossCallback(TrainerCallback):
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **_: Any
+        ) -> None:
+            if logs and "loss" in logs:
+                pipes.report_custom_message({"step": int(state.global_step), "loss": float(logs["loss"])})
+
+    return PipesLossCallback()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    with ExitStack() as stack:
+        return _main(argv, stack)
+
+
+def _main(argv: Sequence[str] | None, stack: ExitStack) -> int:
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     prefix = f"[rank {rank}/{world_size}]"
+    pipes = _open_pipes(rank, stack)
 
     def log(message: str) -> None:
         print(f"{prefix} {message}", flush=True)
+        if pipes is not None:
+            pipes.log.info(f"{prefix} {message}")
 
     from llmft_assets.training.config import TrainingConfig
     from llmft_assets.training.trainer import train_lora
@@ -84,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             # The callback logs from the main process only, so every rank can carry it.
             callbacks.append(MlflowTrainingCallback(args.mlflow_run_id))
+        if pipes is not None:
+            callbacks.append(_pipes_loss_callback(pipes))
         result = train_lora(
             base_model_dir=args.base_model,
             train_path=args.train,

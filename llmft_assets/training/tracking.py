@@ -269,17 +269,14 @@ def log_adapter(
     return f"runs:/{run_id}/{artifact_path}"
 
 
-def log_loss_curve(
-    run_id: str,
-    loss_history: list[tuple[int, float]],
-    *,
-    eval_loss_history: list[tuple[int, float]] | None = None,
-    artifact_file: str = LOSS_CURVE_ARTIFACT_FILE,
-    tracking_uri: str | None = None,
-) -> str | None:
-    """Plot training (and eval) loss against the step as a PNG artifact; None when there is no data."""
+def render_loss_curve_png(
+    loss_history: list[tuple[int, float]], eval_loss_history: list[tuple[int, float]] | None = None
+) -> bytes | None:
+    """Training (and eval) loss against the step as PNG bytes; None when there is no data."""
     if not loss_history and not eval_loss_history:
         return None
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers; must precede pyplot
@@ -299,15 +296,33 @@ def log_loss_curve(
         axes.grid(True, alpha=0.3)
         axes.legend()
         figure.tight_layout()
-        with tempfile.TemporaryDirectory(prefix="llmft-plot-") as tmp:
-            png_path = Path(tmp) / Path(artifact_file).name
-            figure.savefig(png_path, format="png")
-            artifact_dir = str(Path(artifact_file).parent)
-            make_client(tracking_uri).log_artifact(
-                run_id, str(png_path), artifact_path=None if artifact_dir == "." else artifact_dir
-            )
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png")
     finally:
         plt.close(figure)
+    return buffer.getvalue()
+
+
+def log_loss_curve(
+    run_id: str,
+    loss_history: list[tuple[int, float]],
+    *,
+    eval_loss_history: list[tuple[int, float]] | None = None,
+    artifact_file: str = LOSS_CURVE_ARTIFACT_FILE,
+    tracking_uri: str | None = None,
+    png: bytes | None = None,
+) -> str | None:
+    """Log the loss curve PNG (rendered here unless `png` is given) as a run artifact; None when no data."""
+    png = png if png is not None else render_loss_curve_png(loss_history, eval_loss_history)
+    if png is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="llmft-plot-") as tmp:
+        png_path = Path(tmp) / Path(artifact_file).name
+        png_path.write_bytes(png)
+        artifact_dir = str(Path(artifact_file).parent)
+        make_client(tracking_uri).log_artifact(
+            run_id, str(png_path), artifact_path=None if artifact_dir == "." else artifact_dir
+        )
     return artifact_file
 
 

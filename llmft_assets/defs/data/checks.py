@@ -5,9 +5,11 @@ import pyarrow.parquet as pq
 
 from llmft_assets import settings
 from llmft_assets.data.schema import CONVERSATION_SCHEMA, TOKENIZED_SCHEMA
+from llmft_assets.data.stage import DATA_FILE, SPLIT_NAMES
 from llmft_assets.data.uniqueness import duplicated_values
-from llmft_assets.defs.data_assets import DATA_FILE, SPLIT_NAMES, split_file
+from llmft_assets.defs.data.assets import split_file
 from llmft_assets.defs.storage_resources import ArtifactHandle
+from llmft_assets.manifests import SplitsManifest, StageManifest
 from llmft_assets.storage.tables import iter_parquet_rows
 
 
@@ -45,7 +47,7 @@ def validated_unique_ids(validated_dataset: ArtifactHandle) -> dg.AssetCheckResu
     description="Validation rejects at most LLMFT_MAX_REJECT_RATE (default 20%) of its input.",
 )
 def validated_reject_rate(validated_dataset: ArtifactHandle) -> dg.AssetCheckResult:
-    counts = validated_dataset.metadata["counts"]
+    counts = validated_dataset.manifest(StageManifest).counts
     rate = counts["quarantined"] / counts["rows_in"] if counts["rows_in"] else 0.0
     max_reject_rate = settings.get().max_reject_rate
     return dg.AssetCheckResult(
@@ -103,7 +105,8 @@ def splits_disjoint(dataset_splits: ArtifactHandle) -> dg.AssetCheckResult:
         ]
         prompts[name] = [row["messages"] for row in rows]
         hashes[name] = [row["content_hash"] for row in rows]
-    threshold = float(dataset_splits.metadata.get("near_duplicate_jaccard", NEAR_DUPLICATE_JACCARD))
+    recorded = dataset_splits.manifest(SplitsManifest).near_duplicate_jaccard
+    threshold = float(recorded if recorded is not None else NEAR_DUPLICATE_JACCARD)
     report = split_isolation_problems(prompts, hashes, threshold=threshold)
     return dg.AssetCheckResult(
         passed=not any(report["counts"].values()),

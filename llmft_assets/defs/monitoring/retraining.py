@@ -1,0 +1,92 @@
+"""Drift-targeted retraining data: the `retraining_dataset` asset, its job and its sensor.
+
+Lineage: drift_report (which request-log window drifted) + the request log of that window + the candidate
+pool (tokenized_dataset: every row the pipeline ingested, streamed) + dataset_splits (the current training
+rows to mix with, the held-out problems never to take). The step is
+`llmft_assets.monitoring.retraining_step` over `llmft_assets.monitoring.retrain_selection` (no Dagster there).
+
+`drift_retrain_sensor` (defs/monitoring/sensors.py) builds it once per drift event: a failed drift_check with
+a drift verdict starts `retraining_dataset_job` (run key per drift report version; the retraining cooldown
+applies), then `train_job` with lora_adapter's `training_data=retraining_dataset`.
+
+The artifact has dataset_splits' layout (train / validation / test .parquet, tokenized) plus
+`traffic_slice.parquet` (held-out rows shaped like the traffic, for the gate) and `selection.json`.
+"""
+
+import dagster as dg
+from pydantic import Field
+
+from llmft_assets.data.stage import DATA_FILE
+from llmft_assets.defs import metadata
+from llmft_assets.defs.config_models import dagster_config
+from llmft_assets.defs.owners import OWNERS
+from llmft_assets.defs.storage_resources import (
+    ArtifactHandle,
+    StagedArtifact,
+    StorageResource,
+    artifact_output,
+)
+from llmft_assets.manifests import DriftManifest
+from llmft_assets.monitoring.retrain_selection import SelectionSettings
+from llmft_assets.training.training_data import RETRAINING_DATASET
+
+RETRAINING_GROUP = "retraining"
+
+RetrainingDatasetConfig = dagster_config(
+    SelectionSettings,
+    "RetrainingDatasetConfig",
+    doc="How the retraining dataset is selected (SelectionSettings) and which traffic it follows.",
+    extra_fields={
+        "model_version": (
+            str | None,
+            Field(default=None, description="only the traffic this adapter version answered; None: all"),
+        ),
+        "batch_rows": (int, Field(default=10_000, gt=0, description="pool rows read per streamed batch")),
+    },
+)
+
+
+@dg.asset(group_name=RETRAINING_GROUP, owners=OWNERS, kinds={"parquet"})
+def retraining_dataset(
+    context: dg.AssetExecutionContext,
+    config: RetrainingDatasetConfig,  # type: ignore[valid-type]
+    drift_report: ArtifactHandle,
+    dataset_splits: ArtifactHandle,
+    tokenized_dataset: ArtifactHandle,
+    storage: StorageResource,
+) -> dg.Output[StagedArtifact]:
+    """The pool rows nearest to what users asked in the drift report's window, mixed with the current
+    training rows; held-out test/validation problems never taken; a traffic-shaped evaluation slice."""
+    from llmft_assets.monitoring.retraining_step import RetrainingInputs, build_retraining_dataset
+
+    inputs = RetrainingInputs(
+        drift_report_version=drift_report.version,
+        drift_summary=drift_report.manifest(DriftManifest).summary,
+        splits_dir=dataset_splits.path,
+        splits_version=dataset_splits.version,
+        pool_file=tokenized_dataset.file(DATA_FILE),
+        pool_version=tokenized_dataset.version,
+    )
+    staging = storage.staging_dir(RETRAINING_DATASET)
+    try:
+        result = build_retraining_dataset(
+            inputs,
+            storage.backend(),
+            settings=config.to_domain(asset=RETRAINING_DATASET),
+            model_version=config.model_version,
+            batch_rows=config.batch_rows,
+            staging=staging,
+            log=context.log.info,
+        )
+    except ValueError as error:  # e.g. no traffic in the window: one clear line, no retry can fix it
+        raise dg.Failure(description=f"{RETRAINING_DATASET}: {error}", allow_retries=False) from error
+    return artifact_output(
+        StagedArtifact.of(staging, result.manifest), metadata=metadata.retraining_metadata(result)
+    )
+
+
+retraining_dataset_job = dg.define_asset_job(
+    "retraining_dataset_job",
+    selection=dg.AssetSelection.assets(RETRAINING_DATASET),
+    description="The drift-targeted retraining dataset of the latest drift report.",
+)

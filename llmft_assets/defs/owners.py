@@ -1,0 +1,3 @@
+"""Who owns llmft's assets (shown in the UI, used by alert routing)."""
+
+OWNERS = ["team:llmft"]
