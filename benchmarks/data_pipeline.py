@@ -149,10 +149,12 @@ def load_tokenizer(tokenizer_dir: str) -> Any:
 
 def run_ours(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     """The five data assets through `dagster.materialize`, on local storage in `out_dir`."""
-    os.environ["LLMFT_HOME"] = str(out_dir)
+    from llmft_assets import settings
+
+    os.environ[settings.env_name("home")] = str(out_dir)
     os.environ["DAGSTER_HOME"] = str(out_dir / "dagster")
     (out_dir / "dagster").mkdir()
-    for variable in ("LLMFT_STORAGE", "MLFLOW_TRACKING_URI"):
+    for variable in (settings.env_name("storage"), "MLFLOW_TRACKING_URI"):
         os.environ.pop(variable, None)
     import dagster as dg
 
