@@ -410,4 +410,19 @@ def retraining_metadata(result: Any) -> dict[str, Any]:
         "dataset_splits_version": manifest.dataset_splits_version,
         "pool_version": manifest.pool_version,
         "request_log_window": manifest.request_log_window,
+        **pool_preparation_metadata(result.pool_preparation),
+    }
+
+
+def pool_preparation_metadata(preparation: dict[str, Any] | None) -> dict[str, Any]:
+    """A raw pool's rows that never reached the selection (parse, clean, validate), by stage and reason."""
+    if not preparation:
+        return {}
+    return {
+        "pool_raw_rows": preparation["raw_rows"],
+        "pool_rejected_rows": preparation["rejected_rows"],
+        "pool_duplicate_rows": preparation["duplicate_rows"],
+        "pool_reject_reasons": markdown_table(
+            ["stage.reason", "rows"], [[reason, n] for reason, n in preparation["reject_reasons"].items()]
+        ),
     }

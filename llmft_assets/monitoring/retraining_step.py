@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -15,10 +15,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from llmft_assets.data.schema import TOKENIZED_SCHEMA
+from llmft_assets.data.schema import QUARANTINE_SCHEMA, TOKENIZED_SCHEMA, StageCounts
 from llmft_assets.data.stage import split_path
+from llmft_assets.data.validation import ValidationLimits
 from llmft_assets.manifests import RetrainingManifest
-from llmft_assets.monitoring.retrain_selection import SelectionSettings
+from llmft_assets.monitoring.retrain_pool import PoolLocations, RawPool, quarantine_path, tokenize_selected
+from llmft_assets.monitoring.retrain_selection import SelectionSettings, TrafficSelection
 from llmft_assets.storage import StorageBackend
 from llmft_assets.storage.tables import iter_parquet_batches
 from llmft_assets.training.training_data import TRAFFIC_SLICE_FILE
@@ -36,12 +38,25 @@ class RetrainingInputs:
     pool_version: str
 
 
+@dataclass(frozen=True)
+class RawPoolInputs:
+    """A pool of raw R1-Distill-SFT files, prepared as the data chain prepares its rows."""
+
+    locations: PoolLocations
+    tokenizer_dir: Path  # the base model tokenized_dataset was tokenized with
+    max_seq_len: int  # tokenized_dataset's
+    prefer_reannotated: bool  # cleaned_dataset's
+    limits: ValidationLimits  # validated_dataset's
+    s3_client: Any = None
+
+
 @dataclass
 class RetrainingResult:
     manifest: RetrainingManifest
     stats: Any  # retrain_selection.SelectionStats
     traffic_prompts: int
     current_train_rows_kept: int
+    pool_preparation: dict[str, Any] | None = None  # raw pools: rows rejected before the selection, why
 
 
 def window_of(drift_report_version: str, summary: dict[str, Any]) -> tuple[float, datetime]:
@@ -70,10 +85,15 @@ def build_retraining_dataset(
     batch_rows: int,
     staging: Path,
     log: Callable[[str], None],
+    raw_pool: RawPoolInputs | None = None,
 ) -> RetrainingResult:
     """Select, mix and write train / validation / test / traffic_slice + selection.json into `staging`.
 
-    Raises ValueError when there is nothing to select for (no window, no traffic): no retry can fix it."""
+    ``raw_pool``: select from raw files instead of ``inputs.pool_file`` (tokenized_dataset); their rejected
+    rows are in ``pool_quarantine.parquet`` and counted in the selection statistics.
+
+    Raises ValueError when there is nothing to select for (no window, no traffic) and DataSourceError for
+    a raw pool that cannot be read: no retry can fix either."""
     from llmft_assets.monitoring.request_logs import read_request_log_window
     from llmft_assets.monitoring.retrain_selection import mix_with_training, problem_keys, select_for_traffic
 
@@ -85,12 +105,17 @@ def build_retraining_dataset(
             split_path(inputs.splits_dir, name), batch_size=batch_rows, columns=["id", "messages"]
         )
         held_out |= problem_keys(batches)
-    selection = select_for_traffic(
-        window.table.column("prompt").to_pylist(),
-        iter_parquet_batches(inputs.pool_file, batch_size=batch_rows),
-        excluded_keys=held_out,
-        settings=settings,
-    )
+    prompts = window.table.column("prompt").to_pylist()
+    preparation: dict[str, Any] | None = None
+    if raw_pool is None:
+        selection = select_for_traffic(
+            prompts,
+            iter_parquet_batches(inputs.pool_file, batch_size=batch_rows),
+            excluded_keys=held_out,
+            settings=settings,
+        )
+    else:
+        selection, preparation = _select_from_raw(raw_pool, prompts, held_out, settings, batch_rows, staging)
     mixed = mix_with_training(
         selection,
         iter_parquet_batches(split_path(inputs.splits_dir, "train"), batch_size=batch_rows),
@@ -103,6 +128,8 @@ def build_retraining_dataset(
     for name in ("validation", "test"):
         rows[name] = _write(pq.read_table(split_path(inputs.splits_dir, name)), staging / f"{name}.parquet")
     stats = selection.stats.as_dict()
+    if preparation is not None:
+        stats["pool_preparation"] = preparation
     (staging / SELECTION_FILE).write_text(json.dumps(stats, indent=1), encoding="utf-8")
     log(f"retraining_dataset: {rows} from {selection.stats.pool_rows} pool rows")
     manifest = RetrainingManifest(
@@ -110,7 +137,7 @@ def build_retraining_dataset(
         selection=stats,
         drift_report_version=inputs.drift_report_version,
         dataset_splits_version=inputs.splits_version,
-        pool_version=inputs.pool_version,
+        pool_version=inputs.pool_version if raw_pool is None else raw_pool.locations.version,
         request_log_window=f"[{window.start.isoformat()}, {window.end.isoformat()})",
     )
     return RetrainingResult(
@@ -118,4 +145,44 @@ def build_retraining_dataset(
         stats=selection.stats,
         traffic_prompts=window.rows,
         current_train_rows_kept=mixed.current_rows_kept,
+        pool_preparation=preparation,
     )
+
+
+def _select_from_raw(
+    raw_pool: RawPoolInputs,
+    prompts: list[str],
+    held_out: set[str],
+    settings: SelectionSettings,
+    batch_rows: int,
+    staging: Path,
+) -> tuple[TrafficSelection, dict[str, Any]]:
+    """Select over the cleaned and validated raw rows, then tokenize only the selected ones."""
+    from llmft_assets.data.parallel import load_tokenizer
+    from llmft_assets.monitoring.retrain_selection import select_for_traffic
+    from llmft_assets.storage.tables import ParquetSink
+
+    with ParquetSink(quarantine_path(staging), QUARANTINE_SCHEMA) as quarantine:
+        pool = RawPool(
+            raw_pool.locations,
+            quarantine,
+            batch_rows=batch_rows,
+            prefer_reannotated=raw_pool.prefer_reannotated,
+            limits=raw_pool.limits,
+            s3_client=raw_pool.s3_client,
+        )
+        selection = select_for_traffic(prompts, pool.batches(), excluded_keys=held_out, settings=settings)
+    tokenizer = load_tokenizer(raw_pool.tokenizer_dir)
+    counts = StageCounts(stage="tokenized")
+    selection = replace(
+        selection,
+        training_rows=tokenize_selected(
+            selection.training_rows, tokenizer, max_seq_len=raw_pool.max_seq_len, counts=counts
+        ),
+        traffic_slice=tokenize_selected(
+            selection.traffic_slice, tokenizer, max_seq_len=raw_pool.max_seq_len, counts=counts
+        ),
+    )
+    preparation = pool.stats()
+    preparation["tokenized"] = {key: counts.extra[key] for key in ("truncated", "no_assistant_tokens")}
+    return selection, preparation

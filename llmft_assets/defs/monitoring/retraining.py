@@ -26,8 +26,10 @@ from llmft_assets.defs.storage_resources import (
     StorageResource,
     artifact_output,
 )
-from llmft_assets.manifests import DriftManifest
+from llmft_assets.manifests import DriftManifest, StageManifest
+from llmft_assets.monitoring.retrain_pool import DEFAULT_POOL, POOL_DESCRIPTION
 from llmft_assets.monitoring.retrain_selection import SelectionSettings
+from llmft_assets.monitoring.retraining_step import RawPoolInputs
 from llmft_assets.training.training_data import RETRAINING_DATASET
 
 RETRAINING_GROUP = "retraining"
@@ -42,6 +44,7 @@ RetrainingDatasetConfig = dagster_config(
             Field(default=None, description="only the traffic this adapter version answered; None: all"),
         ),
         "batch_rows": (int, Field(default=10_000, gt=0, description="pool rows read per streamed batch")),
+        "pool": (str, Field(default=DEFAULT_POOL, description=POOL_DESCRIPTION)),
     },
 )
 
@@ -57,6 +60,7 @@ def retraining_dataset(
 ) -> dg.Output[StagedArtifact]:
     """The pool rows nearest to what users asked in the drift report's window, mixed with the current
     training rows; held-out test/validation problems never taken; a traffic-shaped evaluation slice."""
+    from llmft_assets.data.raw_sources import DataSourceError
     from llmft_assets.monitoring.retraining_step import RetrainingInputs, build_retraining_dataset
 
     inputs = RetrainingInputs(
@@ -69,6 +73,7 @@ def retraining_dataset(
     )
     staging = storage.staging_dir(RETRAINING_DATASET)
     try:
+        raw_pool = _raw_pool(config.pool, tokenized_dataset, storage)
         result = build_retraining_dataset(
             inputs,
             storage.backend(),
@@ -77,11 +82,37 @@ def retraining_dataset(
             batch_rows=config.batch_rows,
             staging=staging,
             log=context.log.info,
+            raw_pool=raw_pool,
         )
-    except ValueError as error:  # e.g. no traffic in the window: one clear line, no retry can fix it
+    except (ValueError, DataSourceError) as error:  # e.g. no traffic, no pool: one clear line, no retry
         raise dg.Failure(description=f"{RETRAINING_DATASET}: {error}", allow_retries=False) from error
     return artifact_output(
         StagedArtifact.of(staging, result.manifest), metadata=metadata.retraining_metadata(result)
+    )
+
+
+def _raw_pool(pool: str, tokenized_dataset: ArtifactHandle, storage: StorageResource) -> RawPoolInputs | None:
+    """A raw pool is prepared like the data chain's rows: its cleaning and validation defaults, and the
+    tokenizer and max_seq_len tokenized_dataset was built with."""
+    from llmft_assets.data.validation import ValidationLimits
+    from llmft_assets.defs.data.assets import CleanConfig
+    from llmft_assets.monitoring.retrain_pool import resolve_pool
+
+    tokenized = tokenized_dataset.manifest(StageManifest)
+    locations = resolve_pool(pool, dataset=tokenized.dataset, backend=storage.backend())
+    if locations is None:
+        return None
+    if not tokenized.base_model_version or not tokenized.max_seq_len:
+        raise ValueError(
+            "tokenized_dataset records no base_model_version/max_seq_len to tokenize the pool with"
+        )
+    return RawPoolInputs(
+        locations=locations,
+        tokenizer_dir=storage.artifact_dir("base_model", tokenized.base_model_version),
+        max_seq_len=tokenized.max_seq_len,
+        prefer_reannotated=CleanConfig.model_fields["prefer_reannotated"].default,
+        limits=ValidationLimits(),
+        s3_client=storage.s3.get_client() if any(s.startswith("s3://") for s in locations.sources) else None,
     )
 
 
