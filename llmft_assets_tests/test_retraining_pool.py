@@ -1,0 +1,222 @@
+"""retraining_dataset over a raw candidate pool (a local folder, an S3 prefix on moto_server, the incoming/
+drops): raw R1-Distill-SFT files of another problem kind than the training split are parsed, cleaned,
+validated, selected and tokenized like the data chain's rows; what fails is counted with its reason and
+kept in pool_quarantine.parquet; problems of the held-out splits are still never taken."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pyarrow.parquet as pq
+import pytest
+
+from llmft_assets.data.cleaning import to_conversation
+from llmft_assets.data.sample_gen import generate_rows, write_parquet
+from llmft_assets.data.tokenization import tokenize_batch
+from llmft_assets.definitions import build_resources
+from llmft_assets.defs.monitoring.retraining import retraining_dataset
+from llmft_assets.monitoring.retrain_pool import POOL_QUARANTINE_FILE
+from llmft_assets.monitoring.retraining_step import SELECTION_FILE, TRAFFIC_SLICE_FILE
+from llmft_assets.storage import LocalBackend, open_storage
+from llmft_assets_tests.test_monitoring_asset import log_requests
+from llmft_assets_tests.test_retraining_dataset_asset import (
+    UPSTREAM,
+    WINDOW_END,
+    conversations,
+    publish,
+    tokenized,
+)
+
+MAX_SEQ_LEN = 512
+# min_similarity 0 and a target above the pool's size: every pool row is a candidate, so the counts are exact.
+SELECTION = {"target_rows": 500, "mix_ratio": 0.5, "traffic_slice_fraction": 0.25, "min_similarity": 0.0}
+HELD_OUT_WORD = slice(4, 10)  # the word rows of the validation (4:6) and test (6:10) splits below
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from llmft_assets.modeling.tiny_model import build_tiny_tokenizer
+
+    rows = generate_rows(150, schema="v0", seed=21, family="word")
+    folder = tmp_path_factory.mktemp("base_model")
+    build_tiny_tokenizer(
+        [row["problem"] + "\n" + row["reannotated_assistant_content"] for row in rows], vocab_size=800
+    ).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def storage(llmft_home: Path, tmp_path: Path, tokenizer_dir: Path) -> dict[str, Any]:
+    """The splits are arithmetic (plus 4 word rows in train); the traffic is word problems."""
+    from llmft_assets.storage.publish import publish_directory
+
+    backend = open_storage(str(llmft_home / "storage"))
+    assert isinstance(backend, LocalBackend)
+    arithmetic = conversations(300, family="arithmetic", seed=1)
+    word = conversations(80, family="word", seed=1)
+    splits = {
+        "train.parquet": tokenized(arithmetic[:200] + word[:4]),
+        "validation.parquet": tokenized(arithmetic[200:210] + word[4:6]),
+        "test.parquet": tokenized(arithmetic[210:230] + word[6:10]),
+    }
+    publish(backend, tmp_path, "dataset_splits", splits)
+    base_model = publish_directory(backend, "assets/base_model", tokenizer_dir).version
+    publish(
+        backend,
+        tmp_path,
+        "tokenized_dataset",
+        {"data.parquet": tokenized(arithmetic)},
+        counts={},
+        max_seq_len=MAX_SEQ_LEN,
+        base_model_version=base_model,
+        dataset={"source": "sample", "config": "all"},
+    )
+    window = {"start": (WINDOW_END - timedelta(days=3)).isoformat(), "end": WINDOW_END.isoformat()}
+    publish(backend, tmp_path, "drift_report", {"summary.json": tokenized([])}, summary={"window": window})
+    traffic = generate_rows(100, schema="v0", seed=9, family="word")
+    log_requests(
+        backend,
+        [(row["problem"], row["solution"]) for row in traffic],
+        start=WINDOW_END - timedelta(days=2),
+        spacing=timedelta(minutes=20),
+        batch="shifted",
+    )
+    return {
+        "root": Path(str(backend.local_path(""))),
+        "held_out_ids": {row["id"] for row in word[HELD_OUT_WORD]},
+    }
+
+
+def write_pool(folder: Path) -> dict[str, Any]:
+    """Raw files of word problems (v1 and v0), the held-out splits' word problems, and a JSON lines file
+    with one good row, one malformed line and one row without an id."""
+    new_v1 = generate_rows(40, schema="v1", seed=5, family="word")
+    new_v0 = generate_rows(20, schema="v0", seed=6, family="word")
+    held_out = generate_rows(80, schema="v1", seed=1, family="word")[HELD_OUT_WORD]
+    (good_jsonl,) = generate_rows(1, schema="v0", seed=7, family="word")
+    no_id = {
+        key: value
+        for key, value in generate_rows(1, schema="v0", seed=8, family="word")[0].items()
+        if key != "id"
+    }
+    write_parquet(new_v1, folder / "v1" / "word.parquet", "v1")
+    write_parquet(new_v0, folder / "v0" / "word.parquet", "v0")
+    write_parquet(held_out, folder / "held_out.parquet", "v1")
+    lines = [json.dumps(good_jsonl), '{"id": "broken", "problem": ', json.dumps(no_id)]
+    (folder / "extra.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    new = [*new_v1, *new_v0, good_jsonl]
+    return {"new": new, "raw_rows": len(new) + len(held_out) + 2}
+
+
+def materialize(pool: str) -> tuple[dict[str, Any], Path]:
+    result = dg.materialize(
+        [*UPSTREAM, retraining_dataset],
+        selection=dg.AssetSelection.assets(retraining_dataset),
+        resources=build_resources(),
+        run_config={"ops": {"retraining_dataset": {"config": {**SELECTION, "pool": pool}}}},
+        instance=dg.DagsterInstance.ephemeral(),
+    )
+    assert result.success
+    (materialization,) = result.asset_materializations_for_node("retraining_dataset")
+    metadata = {key: getattr(value, "value", value) for key, value in materialization.metadata.items()}
+    return metadata, Path(str(metadata["version"]))
+
+
+def check_selected_from_pool(
+    storage: dict[str, Any],
+    pool: dict[str, Any],
+    metadata: dict[str, Any],
+    version: Path,
+    tokenizer_dir: Path,
+) -> None:
+    folder = storage["root"] / "assets" / "retraining_dataset" / str(version)
+    new_ids = {row["id"] for row in pool["new"]}
+    assert len(new_ids) == 61
+    stats = json.loads((folder / SELECTION_FILE).read_text())
+    preparation = stats["pool_preparation"]
+    assert preparation["raw_rows"] == pool["raw_rows"] == 69
+    assert preparation["rejected_rows"] == 2 and preparation["duplicate_rows"] == 0
+    assert preparation["reject_reasons"] == {"raw.malformed_json": 1, "cleaned.missing_column": 1}
+    assert preparation["rows_to_selection"] == 67 == metadata["pool_rows"] == stats["pool_rows"]
+    assert metadata["pool_rejected_rows"] == 2 and metadata["pool_raw_rows"] == 69
+    # The held-out splits' 6 word problems were in the pool and are not taken; every new row is.
+    assert metadata["dropped_in_held_out_splits"] == 6
+    assert metadata["selected_rows"] == 61
+    train = pq.read_table(folder / "train.parquet")
+    traffic_slice = pq.read_table(folder / TRAFFIC_SLICE_FILE)
+    selected = (set(train.column("id").to_pylist()) | set(traffic_slice.column("id").to_pylist())) & (
+        new_ids | storage["held_out_ids"]
+    )
+    assert selected == new_ids
+    assert traffic_slice.num_rows == metadata["traffic_slice_rows"] > 0
+    assert set(traffic_slice.column("id").to_pylist()) <= new_ids
+    # Rendered and tokenized as tokenized_dataset does: the base model's template, assistant-only labels.
+    from transformers import AutoTokenizer
+
+    raw = {row["id"]: row for row in pool["new"]}
+    row = next(r for r in train.to_pylist() if r["id"] in new_ids)
+    (expected,) = tokenize_batch(
+        [to_conversation(raw[row["id"]], prefer_reannotated=True)],
+        AutoTokenizer.from_pretrained(tokenizer_dir),
+        max_seq_len=MAX_SEQ_LEN,
+    )
+    assert (row["input_ids"], row["labels"]) == (expected["input_ids"], expected["labels"])
+    quarantine = pq.read_table(folder / POOL_QUARANTINE_FILE).to_pylist()
+    assert [(q["stage"], q["reason"].split(":")[0]) for q in quarantine] == [
+        ("raw", "malformed_json"),
+        ("cleaned", "missing_column"),
+    ]
+    assert all(q["origin"].endswith(("extra.jsonl#1", "extra.jsonl#2")) for q in quarantine)
+
+
+def test_a_folder_pool_of_another_kind_is_selected_from(
+    storage: dict[str, Any], tmp_path: Path, tokenizer_dir: Path
+) -> None:
+    pool = write_pool(tmp_path / "pool")
+    metadata, version = materialize(str(tmp_path / "pool"))
+    assert metadata["pool_version"] == f"location:{tmp_path / 'pool'}"
+    check_selected_from_pool(storage, pool, metadata, version, tokenizer_dir)
+
+
+def test_the_incoming_drops_are_a_pool(storage: dict[str, Any], tokenizer_dir: Path) -> None:
+    pool = write_pool(storage["root"] / "incoming" / "drop-1")
+    metadata, version = materialize("incoming")
+    assert metadata["pool_version"] == f"incoming:{storage['root'] / 'incoming' / 'drop-1'}"
+    check_selected_from_pool(storage, pool, metadata, version, tokenizer_dir)
+
+
+def test_an_s3_prefix_pool_on_moto_server(
+    storage: dict[str, Any], s3_bucket: str, tmp_path: Path, tokenizer_dir: Path
+) -> None:
+    import boto3
+
+    pool = write_pool(tmp_path / "pool")
+    client = boto3.client("s3")  # AWS_ENDPOINT_URL: the test's moto_server
+    for path in sorted((tmp_path / "pool").rglob("*.*")):
+        client.upload_file(str(path), s3_bucket, f"raw/pool/{path.relative_to(tmp_path / 'pool')}")
+    client.put_object(Bucket=s3_bucket, Key="raw/other/ignored.parquet", Body=b"not under the prefix")
+    metadata, version = materialize(f"s3://{s3_bucket}/raw/pool/")
+    assert metadata["pool_version"] == f"location:s3://{s3_bucket}/raw/pool/"
+    check_selected_from_pool(storage, pool, metadata, version, tokenizer_dir)
+
+
+def test_a_pool_that_names_nothing_fails_with_a_clear_reason(storage: dict[str, Any], tmp_path: Path) -> None:
+    for pool, reason in [
+        (str(tmp_path / "missing"), "no such file or directory"),
+        ("incoming", "incoming/ holds no .parquet/.jsonl/.json drop"),
+    ]:
+        result = dg.materialize(
+            [*UPSTREAM, retraining_dataset],
+            selection=dg.AssetSelection.assets(retraining_dataset),
+            resources=build_resources(),
+            run_config={"ops": {"retraining_dataset": {"config": {"pool": pool}}}},
+            instance=dg.DagsterInstance.ephemeral(),
+            raise_on_error=False,
+        )
+        assert not result.success
+        (failure,) = [event for event in result.all_events if event.is_step_failure]
+        assert reason in str(failure.step_failure_data.error.message)
