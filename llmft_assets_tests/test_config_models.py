@@ -25,6 +25,7 @@ from llmft_assets.defs.data.assets import (
     TokenizeConfig,
     ValidationConfig,
 )
+from llmft_assets.defs.monitoring.retraining import RetrainingDatasetConfig
 from llmft_assets.defs.training.assets import LoraAdapterConfig
 from llmft_assets.training.config import TrainingConfig
 
@@ -41,6 +42,7 @@ OP_CONFIGS = {
     "validated_dataset": ValidationConfig,
     "dataset_splits": SplitConfig,
     "lora_adapter": LoraAdapterConfig,
+    "retraining_dataset": RetrainingDatasetConfig,
 }
 
 

@@ -112,12 +112,24 @@ def write_pool(folder: Path) -> dict[str, Any]:
     return {"new": new, "raw_rows": len(new) + len(held_out) + 2}
 
 
-def materialize(pool: str) -> tuple[dict[str, Any], Path]:
+def readme_retraining_config() -> dict[str, Any]:
+    """The README's retraining_dataset example (its pool setting)."""
+    import re
+
+    import yaml
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    blocks = [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", text, flags=re.S)]
+    (config,) = [b["ops"]["retraining_dataset"]["config"] for b in blocks if "retraining_dataset" in b["ops"]]
+    return config
+
+
+def materialize(pool: str, config: dict[str, Any] | None = None) -> tuple[dict[str, Any], Path]:
     result = dg.materialize(
         [*UPSTREAM, retraining_dataset],
         selection=dg.AssetSelection.assets(retraining_dataset),
         resources=build_resources(),
-        run_config={"ops": {"retraining_dataset": {"config": {**SELECTION, "pool": pool}}}},
+        run_config={"ops": {"retraining_dataset": {"config": config or {**SELECTION, "pool": pool}}}},
         instance=dg.DagsterInstance.ephemeral(),
     )
     assert result.success
@@ -182,9 +194,13 @@ def test_a_folder_pool_of_another_kind_is_selected_from(
     check_selected_from_pool(storage, pool, metadata, version, tokenizer_dir)
 
 
-def test_the_incoming_drops_are_a_pool(storage: dict[str, Any], tokenizer_dir: Path) -> None:
+def test_the_incoming_drops_are_a_pool_as_the_readme_configures_it(
+    storage: dict[str, Any], tokenizer_dir: Path
+) -> None:
+    config = readme_retraining_config()
+    assert config == {"pool": "incoming", "target_rows": 2000}
     pool = write_pool(storage["root"] / "incoming" / "drop-1")
-    metadata, version = materialize("incoming")
+    metadata, version = materialize("incoming", config)
     assert metadata["pool_version"] == f"incoming:{storage['root'] / 'incoming' / 'drop-1'}"
     check_selected_from_pool(storage, pool, metadata, version, tokenizer_dir)
 
