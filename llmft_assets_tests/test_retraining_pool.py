@@ -73,7 +73,7 @@ def storage(llmft_home: Path, tmp_path: Path, tokenizer_dir: Path) -> dict[str, 
         counts={},
         max_seq_len=MAX_SEQ_LEN,
         base_model_version=base_model,
-        dataset={"source": "sample", "config": "all"},
+        dataset={"source": str(tmp_path / "pool"), "config": None},  # the data chain's source
     )
     window = {"start": (WINDOW_END - timedelta(days=3)).isoformat(), "end": WINDOW_END.isoformat()}
     publish(backend, tmp_path, "drift_report", {"summary.json": tokenized([])}, summary={"window": window})
@@ -191,6 +191,15 @@ def test_a_folder_pool_of_another_kind_is_selected_from(
     pool = write_pool(tmp_path / "pool")
     metadata, version = materialize(str(tmp_path / "pool"))
     assert metadata["pool_version"] == f"location:{tmp_path / 'pool'}"
+    check_selected_from_pool(storage, pool, metadata, version, tokenizer_dir)
+
+
+def test_the_data_chains_source_at_full_size_is_a_pool(
+    storage: dict[str, Any], tmp_path: Path, tokenizer_dir: Path
+) -> None:
+    pool = write_pool(tmp_path / "pool")  # tokenized_dataset holds none of its rows: it read a slice
+    metadata, version = materialize("source")
+    assert metadata["pool_version"] == f"source:{tmp_path / 'pool'}"
     check_selected_from_pool(storage, pool, metadata, version, tokenizer_dir)
 
 

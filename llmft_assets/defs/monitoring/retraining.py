@@ -1,7 +1,8 @@
 """Drift-targeted retraining data: the `retraining_dataset` asset, its job and its sensor.
 
 Lineage: drift_report (which request-log window drifted) + the request log of that window + the candidate
-pool (tokenized_dataset: every row the pipeline ingested, streamed) + dataset_splits (the current training
+pool (config `pool`: tokenized_dataset, every row the pipeline ingested, by default; or raw files,
+`llmft_assets.monitoring.retrain_pool`) + dataset_splits (the current training
 rows to mix with, the held-out problems never to take). The step is
 `llmft_assets.monitoring.retraining_step` over `llmft_assets.monitoring.retrain_selection` (no Dagster there).
 
@@ -27,7 +28,7 @@ from llmft_assets.defs.storage_resources import (
     artifact_output,
 )
 from llmft_assets.manifests import DriftManifest, StageManifest
-from llmft_assets.monitoring.retrain_pool import DEFAULT_POOL, POOL_DESCRIPTION
+from llmft_assets.monitoring.retrain_pool import DEFAULT_POOL, POOL_DESCRIPTION, POOL_TOKENIZED
 from llmft_assets.monitoring.retrain_selection import SelectionSettings
 from llmft_assets.monitoring.retraining_step import RawPoolInputs
 from llmft_assets.training.training_data import RETRAINING_DATASET
@@ -98,6 +99,8 @@ def _raw_pool(pool: str, tokenized_dataset: ArtifactHandle, storage: StorageReso
     from llmft_assets.defs.data.assets import CleanConfig
     from llmft_assets.monitoring.retrain_pool import resolve_pool
 
+    if pool.strip() == POOL_TOKENIZED:
+        return None  # the tokenized rows themselves: nothing to prepare
     tokenized = tokenized_dataset.manifest(StageManifest)
     locations = resolve_pool(pool, dataset=tokenized.dataset, backend=storage.backend())
     if locations is None:
