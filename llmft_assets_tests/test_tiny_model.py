@@ -256,11 +256,14 @@ def test_addition_worksheets_are_correct_seeded_and_never_hold_a_sample_problem(
         title, *blocks = sheet.split("\n\n")
         assert title == "Column addition practice:" and len(blocks) == 6
         for block in blocks:
-            header, *working, total = block.splitlines()
-            a, b = (int(n) for n in re.fullmatch(r"(\d\d) \+ (\d\d)", header).groups())
-            assert total == f"So {a} + {b} = {a + b}." and working[0].startswith(
-                f"Ones: {a % 10} + {b % 10} = "
+            question, *middle, total = block.splitlines()
+            a, b = (int(n) for n in re.findall(r"\d+", question))
+            working = [line for line in middle if line.startswith(("Ones:", "Tens:"))]
+            assert (
+                working[0].startswith(f"Ones: {a % 10} + {b % 10} = ") and total == f"So {a} + {b} = {a + b}."
             )
+            assert any(f"{a}" in line and f"{b}" in line for line in middle)  # the opener restates them
+            assert "\\boxed" not in block and "<think>" not in block
             seen.add((min(a, b), max(a, b)))
     assert seen and not seen & held_out  # the sample's test rows stay unseen by the base model
 
@@ -309,7 +312,8 @@ def test_the_default_build_is_the_shipped_one_and_others_are_built(llmft_home: P
 
 def test_the_shipped_base_model_adds_two_digit_numbers_it_never_saw_in_plain_text() -> None:
     """The skill the demo's adapter builds on: column addition on the bundled sample's own (unseen) problems,
-    asked in the worksheets' plain-text form. The chat form and the R1 answer format are the adapter's job."""
+    asked in the worksheets' plain-text form. The chat form, the R1 answer format and stopping are the
+    adapter's job."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -321,7 +325,7 @@ def test_the_shipped_base_model_adds_two_digit_numbers_it_never_saw_in_plain_tex
     pairs = sorted(sample_arithmetic_pairs())[::120]  # 20 problems spread over the sample
     right = 0
     for a, b in pairs:
-        prompt = f"Column addition practice:\n\n{a} + {b}\n"
+        prompt = f"Column addition practice:\n\nWhat is {a} + {b}?\n"
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=64, do_sample=False, pad_token_id=tokenizer.pad_token_id)

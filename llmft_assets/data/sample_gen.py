@@ -541,6 +541,13 @@ def render_arithmetic_think(a: int, b: int, rng: random.Random) -> str:
     return "\n".join([rng.choice(_ARITHMETIC_OPENERS).format(a=a, b=b), *column_addition_lines(a, b)])
 
 
+def worked_addition(a: int, b: int, rng: random.Random, gap: str = "") -> str:
+    """A question as the sample asks it, ``gap``, then its column-by-column working, as plain text (no
+    ``<think>``, no boxed answer): the worksheet form the tiny base model is pretrained on."""
+    question = rng.choice(_ARITHMETIC_QUESTIONS).format(a=a, b=b)
+    return f"{question}\n{gap}{render_arithmetic_think(a, b, rng)}"
+
+
 def sample_arithmetic_pairs() -> set[tuple[int, int]]:
     """Every problem of the bundled sample files, as unordered addend pairs: what pretraining must not see."""
     import re

@@ -105,10 +105,22 @@ _PRETRAIN_ROWS = 150
 _PRETRAIN_FACT_SHEETS = 40
 _PRETRAIN_WORKSHEETS = 1500
 _WORKSHEET_PROBLEMS = 6
+# Lines of varying length between a question and its working. Measured with the demo's training (300 LoRA
+# steps, 64 held-out test rows): with no gap the base learned to copy the addends from a fixed distance, which
+# chat markup then shifts, and the adapter answered 9% right; with these gaps, 100%.
+_WORKSHEET_GAPS = (
+    "",
+    "Solution:\n",
+    "Let me work it out.\n",
+    "Answer below.\n",
+    "(show your working)\n",
+    "Worked answer, column by column, as usual:\n",
+    "Here is the working, one line at a time, and a check at the end:\n",
+)
 _PRETRAIN_BLOCK = 128
 _PRETRAIN_BATCH = 8
 # Bump when the build changes what it makes (the shipped default build is only used under the same recipe).
-_CODE_VERSION = "tiny-model-2"
+_CODE_VERSION = "tiny-model-4"
 # The default build (DEFAULT_PRETRAIN_STEPS, seed 0, default shape) ships with the package, as a real base
 # model comes from the hub: it takes minutes of CPU to make. scripts/build_tiny_model.py remakes it.
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parent.parent / "sample_data" / "tiny_model"
@@ -145,17 +157,13 @@ def addition_fact_sheets(count: int, seed: int) -> list[str]:
 
 
 def addition_worksheets(count: int, seed: int) -> list[str]:
-    """``count`` plain-text worksheets of two-digit column additions, worked line by line (the skill), on
-    addend pairs the bundled sample never uses, so its test rows stay unseen. No question sentence, no
-    ``<think>``, no boxed answer, no chat markup: answering a user's question in R1's format is left to the
-    adapter."""
+    """``count`` plain-text worksheets of two-digit additions, each asked as the sample asks and worked
+    column by column (the skill), on addend pairs the bundled sample never uses, so its test rows stay
+    unseen. No chat markup, no ``<think>``, no boxed answer and no end token: answering a chat request in
+    R1's format, and stopping, are left to the adapter."""
     import random
 
-    from llmft_assets.data.sample_gen import (
-        ARITHMETIC_ADDENDS,
-        column_addition_lines,
-        sample_arithmetic_pairs,
-    )
+    from llmft_assets.data.sample_gen import ARITHMETIC_ADDENDS, sample_arithmetic_pairs, worked_addition
 
     low, high = ARITHMETIC_ADDENDS
     held_out = sample_arithmetic_pairs()
@@ -168,8 +176,10 @@ def addition_worksheets(count: int, seed: int) -> list[str]:
     rng = random.Random(f"worksheets:{seed}")
     sheets = []
     for _ in range(count):
-        problems = [rng.choice(pairs) for _ in range(_WORKSHEET_PROBLEMS)]
-        blocks = ["\n".join([f"{a} + {b}", *column_addition_lines(a, b)]) for a, b in problems]
+        blocks = [
+            worked_addition(*rng.choice(pairs), rng, gap=rng.choice(_WORKSHEET_GAPS))
+            for _ in range(_WORKSHEET_PROBLEMS)
+        ]
         sheets.append("Column addition practice:\n\n" + "\n\n".join(blocks))
     return sheets
 
