@@ -1,7 +1,7 @@
 """`model_bento`: the champion (adapter merged into the base) in the BentoML model store, and a bento built
 from `bentos/`, exported into storage so a deployment pulls exactly these bytes.
 
-The packaging step is `llmft_assets.serving.packaging.package_bento`; this asset wires config, storage
+The packaging step is `llmft_assets.serving.release.package_bento`; this asset wires config, storage
 and MLflow to it.
 """
 
@@ -20,7 +20,7 @@ from llmft_assets.defs.storage_resources import (
     artifact_output,
 )
 from llmft_assets.manifests import AdapterManifest, EvalManifest
-from llmft_assets.serving.packaging import NotReleasable, ReleaseCandidate, package_bento
+from llmft_assets.serving.release import NotReleasable, ReleaseCandidate, package_bento
 from llmft_assets.training.registration import CHAMPION_ALIAS
 from llmft_assets.training.run import ADAPTER_SUBDIR
 

@@ -17,7 +17,7 @@ from llmft_assets.training.run import ADAPTER_SUBDIR
     "(`commercial`, or a list of allowed licences); blocks packaging when they do not.",
 )
 def license_policy(lora_adapter: ArtifactHandle) -> dg.AssetCheckResult:
-    from llmft_assets.serving.packaging import license_problems
+    from llmft_assets.serving.release import license_problems
 
     policy, licenses, problems = license_problems(lora_adapter.path / ADAPTER_SUBDIR)
     return dg.AssetCheckResult(
