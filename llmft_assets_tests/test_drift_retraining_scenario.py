@@ -3,10 +3,13 @@ flags it; the retraining dataset over-represents it; the retrained adapter's per
 slice beats the champion's by a stated margin, measured here; the gate promotes it; the same traffic drifts
 less from the retraining split than from the old one.
 
-Sized for 2 CPU cores (the tiny model, short rows, a few dozen optimizer steps each). The tiny model
-cannot answer the problems yet (issue 9 teaches it arithmetic), so the gate's answer criteria (paired
-accuracy, format, finish rate) are opened here; the perplexity criteria decide, measured: the standard
-test split against the base model and the champion, and the traffic slice against the champion.
+Sized for 2 CPU cores (the tiny model from random init, short rows, a few dozen optimizer steps each).
+The shifted-to kind is the word-problem family (multi-step problems with R1's long, uneven traces): the
+tiny model learns its token distribution in a few dozen steps but cannot solve those problems (it learns
+only the bundled sample's two-digit additions, in the demo's 300 steps), so verified accuracy cannot
+separate champion and candidate here. The gate's answer criteria (paired accuracy, format, finish rate)
+are therefore opened; the perplexity criteria decide, measured: the standard test split against the base
+model and the champion, and the traffic slice against the champion.
 """
 
 from __future__ import annotations
