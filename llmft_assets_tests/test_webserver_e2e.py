@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -227,7 +228,14 @@ def test_materialize_all_then_incoming_drop_starts_a_data_run(
             },
             "runConfigData": run_config,
             "mode": "default",
-            "executionMetadata": {"tags": [{"key": "llmft/e2e", "value": "materialize-all"}]},
+            # drift_report is daily-partitioned: the UI's 'Materialize all' asks which partition; one
+            # partition (today's) makes one run, whose tag the unpartitioned assets ignore.
+            "executionMetadata": {
+                "tags": [
+                    {"key": "llmft/e2e", "value": "materialize-all"},
+                    {"key": "dagster/partition", "value": datetime.now(UTC).strftime("%Y-%m-%d")},
+                ]
+            },
         },
     )["launchRun"]
     assert launched["__typename"] == "LaunchRunSuccess", launched

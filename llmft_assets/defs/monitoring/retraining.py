@@ -52,7 +52,14 @@ RetrainingDatasetConfig = dagster_config(
 )
 
 
-@dg.asset(group_name=RETRAINING_GROUP, owners=OWNERS, kinds={"parquet"})
+# drift_report is daily-partitioned; this asset is not: it follows the newest report (the one whose
+# drift_check started the retraining), drawn in the graph as the last partition.
+@dg.asset(
+    group_name=RETRAINING_GROUP,
+    owners=OWNERS,
+    kinds={"parquet"},
+    ins={"drift_report": dg.AssetIn(partition_mapping=dg.LastPartitionMapping())},
+)
 def retraining_dataset(
     context: dg.AssetExecutionContext,
     config: RetrainingDatasetConfig,  # type: ignore[valid-type]
