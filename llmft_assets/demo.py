@@ -1,8 +1,8 @@
 """`make demo`: materialize the whole asset graph on the embedded default and say what was made.
 
 data_job -> train_job -> release_job (eval gate, bento) -> served traffic through `bentoml serve` and the
-official openai client -> drift_job. Runs go through the Dagster instance under $DAGSTER_HOME, so
-`make ui` shows them afterwards with their lineage, metadata and logs.
+official openai client -> drift_job (today's partition of drift_report). Runs go through the Dagster
+instance under $DAGSTER_HOME, so `make ui` shows them afterwards with their lineage, metadata and logs.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,7 @@ OFF_TOPIC_PROMPTS = [
 ]
 
 
-def _run_job(defs: Any, instance: Any, job_name: str) -> dict[str, dict]:
+def _run_job(defs: Any, instance: Any, job_name: str, partition_key: str | None = None) -> dict[str, dict]:
     job = defs.get_job_def(job_name)
     started = time.monotonic()
     # INFO on the console (progress, loss, tokens/s); every DEBUG event is still in the run's log in the UI.
@@ -67,7 +68,9 @@ def _run_job(defs: Any, instance: Any, job_name: str) -> dict[str, dict]:
         **DEMO_RUN_CONFIG.get(job_name, {}),
         "loggers": {"console": {"config": {"log_level": "INFO"}}},
     }
-    result = job.execute_in_process(instance=instance, run_config=run_config, raise_on_error=False)
+    result = job.execute_in_process(
+        instance=instance, run_config=run_config, partition_key=partition_key, raise_on_error=False
+    )
     failed_checks = [e for e in result.get_asset_check_evaluations() if not e.passed]
     for evaluation in failed_checks:
         print(f"  check {evaluation.check_name} on {evaluation.asset_key.to_user_string()} did not pass")
@@ -254,7 +257,10 @@ def main() -> int:
             f"  traffic: {traffic} in {time.monotonic() - serve_started:.0f}s (load average {_load_average()})"
         )
     if "drift_job" in {job.name for job in defs.resolve_all_job_defs()}:
-        made.update(_run_job(defs, instance, "drift_job"))
+        # drift_report is daily-partitioned: today's partition holds the traffic just sent.
+        made.update(
+            _run_job(defs, instance, "drift_job", partition_key=datetime.now(UTC).strftime("%Y-%m-%d"))
+        )
 
     print()
     print("What was made:")

@@ -206,9 +206,10 @@ def test_table_assets_carry_row_count_and_column_schema(tmp_path: Path) -> None:
     assert _table_metadata(result, "raw_dataset")[0] == 40
 
 
-def _plant_drift_report(instance: dg.DagsterInstance, at: datetime) -> None:
+def _plant_drift_report(instance: dg.DagsterInstance, at: datetime, day: str) -> None:
+    """A materialization of drift_report's partition `day` (any partition counts for freshness)."""
     with freeze_time(at):
-        instance.report_runless_asset_event(dg.AssetMaterialization(asset_key="drift_report"))
+        instance.report_runless_asset_event(dg.AssetMaterialization(asset_key="drift_report", partition=day))
 
 
 def _freshness(instance: dg.DagsterInstance, at: datetime) -> dg.AssetCheckEvaluation:
@@ -228,10 +229,10 @@ def test_freshness_check_fails_on_a_stale_drift_report_and_passes_on_a_fresh_one
     window = timedelta(hours=settings.get().drift_freshness_hours)
     published = datetime(2026, 3, 1, 6, 0, tzinfo=UTC)
     with dg.instance_for_test() as instance:
-        _plant_drift_report(instance, published)
+        _plant_drift_report(instance, published, "2026-02-28")
         fresh = _freshness(instance, published + window - timedelta(minutes=5))
         stale = _freshness(instance, published + window + timedelta(minutes=5))
-        _plant_drift_report(instance, published + window)
+        _plant_drift_report(instance, published + window, "2026-03-01")  # the next day's report
         refreshed = _freshness(instance, published + window + timedelta(minutes=10))
     assert (fresh.check_name, fresh.passed) == ("freshness_check", True)
     assert (stale.passed, stale.severity) == (False, dg.AssetCheckSeverity.WARN)

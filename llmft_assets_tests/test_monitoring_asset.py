@@ -28,6 +28,7 @@ from llmft_assets.storage.publish import publish_directory
 # The upstream as the IO manager sees it: drift_report loads the published artifact, nothing is rebuilt.
 DATASET_SPLITS = dg.SourceAsset("dataset_splits")
 WINDOW_END = datetime(2025, 3, 10, 12, 0, tzinfo=UTC)
+WINDOW_DAY = "2025-03-10"  # drift_report's partition of WINDOW_END: its window ends at 2025-03-11 00:00 UTC
 MATH_TOPICS = ["integer", "triangle", "probability", "polynomial", "sequence", "circle", "prime", "matrix"]
 MATH_WORDS = ["sum", "of", "the", "digits", "remainder", "divided", "by", "real", "numbers", "positive"]
 OTHER_TOPICS = ["recipe", "itinerary", "contract", "symptom", "poem", "invoice", "playlist", "garden"]
@@ -161,20 +162,18 @@ def storage(llmft_home: Path, tmp_path: Path) -> LocalBackend:
 # ------------------------------------------------------------------------------------ materialization
 
 
-def materialize_drift(instance: dg.DagsterInstance | None = None, **config: Any) -> dg.ExecuteInProcessResult:
-    run_config = {
-        "ops": {
-            "drift_report": {
-                "config": {"end_time": WINDOW_END.isoformat(), "window_days": 3, "min_rows": 50, **config}
-            }
-        }
-    }
+def materialize_drift(
+    instance: dg.DagsterInstance | None = None, *, day: str = WINDOW_DAY, **config: Any
+) -> dg.ExecuteInProcessResult:
+    """drift_report's partition `day` (default: WINDOW_END's day, with the 3 days up to its end)."""
+    run_config = {"ops": {"drift_report": {"config": {"window_days": 3, "min_rows": 50, **config}}}}
     return dg.materialize(
         [DATASET_SPLITS, drift_report, drift_check],
         selection=dg.AssetSelection.assets(drift_report),
         resources=build_resources(),
         run_config=run_config,
         instance=instance or dg.DagsterInstance.ephemeral(),
+        partition_key=day,
     )
 
 
@@ -296,6 +295,66 @@ def test_empty_request_log_and_no_webhook(storage: LocalBackend, monkeypatch: py
     assert (metadata["current_rows"], metadata["request_log_batches"]) == (0, 0)
 
 
+def test_a_backfill_of_two_days_gives_each_day_its_own_report(storage: LocalBackend) -> None:
+    """Two partitions, each the request log of its own day: on-topic traffic on 03-09, shifted on 03-10."""
+    log_requests(
+        storage,
+        synthetic_pairs(90, shifted=False, seed=12),
+        start=datetime(2025, 3, 9, 1, 0, tzinfo=UTC),
+        spacing=timedelta(minutes=10),
+        batch="day1",
+    )
+    log_requests(
+        storage,
+        synthetic_pairs(80, shifted=True, seed=13),
+        start=datetime(2025, 3, 10, 1, 0, tzinfo=UTC),
+        spacing=timedelta(minutes=10),
+        batch="day2",
+    )
+    instance = dg.DagsterInstance.ephemeral()
+    days = ["2025-03-09", "2025-03-10"]
+    reports = {day: report_metadata(materialize_drift(instance, day=day, window_days=1)) for day in days}
+    assert {day: (m["current_rows"], m["status"]) for day, m in reports.items()} == {
+        "2025-03-09": (90, "ok"),
+        "2025-03-10": (80, "drift"),
+    }
+    assert {day: (m["window_start"], m["window_end"]) for day, m in reports.items()} == {
+        "2025-03-09": ("2025-03-09T00:00:00+00:00", "2025-03-10T00:00:00+00:00"),
+        "2025-03-10": ("2025-03-10T00:00:00+00:00", "2025-03-11T00:00:00+00:00"),
+    }
+    # Per-day history in the instance: each partition keeps its own report version.
+    assert instance.get_materialized_partitions(dg.AssetKey("drift_report")) == set(days)
+    for day in days:
+        (record,) = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("drift_report"), asset_partitions=[day]), limit=1
+        ).records
+        assert record.asset_materialization.metadata["version"].value == reports[day]["version"]
+    assert reports["2025-03-09"]["version"] != reports["2025-03-10"]["version"]
+
+
+def test_a_day_without_traffic_is_a_not_enough_data_report(storage: LocalBackend) -> None:
+    log_requests(
+        storage,
+        synthetic_pairs(90, shifted=True, seed=14),
+        start=datetime(2025, 3, 10, 1, 0, tzinfo=UTC),
+        spacing=timedelta(minutes=10),
+        batch="next-day",
+    )
+    result = materialize_drift(day="2025-03-09", window_days=1)
+    assert result.success
+    metadata = report_metadata(result)
+    assert (metadata["status"], metadata["current_rows"], metadata["request_log_batches"]) == (
+        "not_enough_data",
+        0,
+        0,
+    )
+    assert metadata["message"] == (
+        "Not enough data for a drift report: reference has 200 rows and current has 0 rows; at least 50 "
+        "rows are needed in each window."
+    )
+    assert check_evaluation(result).passed  # a WARN, not an alarm
+
+
 def test_bad_config_is_a_clear_failure(storage: LocalBackend) -> None:
     result = dg.materialize(
         [DATASET_SPLITS, drift_report, drift_check],
@@ -303,6 +362,7 @@ def test_bad_config_is_a_clear_failure(storage: LocalBackend) -> None:
         resources=build_resources(),
         run_config={"ops": {"drift_report": {"config": {"drift_share_threshold": 1.5}}}},
         instance=dg.DagsterInstance.ephemeral(),
+        partition_key=WINDOW_DAY,
         raise_on_error=False,
     )
     assert not result.success

@@ -450,9 +450,14 @@ def test_daily_drift_schedule(instance: dg.DagsterInstance, repository: dg.Repos
         dg.build_schedule_context(instance=instance, scheduled_execution_time=tick)
     )
     (request,) = data.run_requests or []
-    assert request.run_config == {"ops": {"drift_report": {"config": {"end_time": tick.isoformat()}}}}
-    assert request.run_key == f"drift-{tick.isoformat()}"
-    assert dg.validate_run_config(repository.get_job("drift_job"), request.run_config)
+    # The 06:00 tick of 03-10 reports the last complete day, 03-09 (drift_report's partition).
+    assert (request.partition_key, request.run_key) == ("2025-03-09", "drift-2025-03-09")
+    assert request.tags["dagster/partition"] == "2025-03-09" and request.tags["llmft/trigger"] == "schedule"
+    assert request.run_config == {}
+    job = repository.get_job("drift_job")
+    assert job.partitions_def is not None and "2025-03-10" in job.partitions_def.get_partition_keys(
+        current_time=tick
+    )  # end_offset=1: today's partition exists too
     # Daily at 06:00 UTC: consecutive ticks are a day apart.
     from dagster._utils.schedules import cron_string_iterator
 

@@ -120,6 +120,13 @@ def test_pending_outcomes_that_start_no_training() -> None:
     )
     same_inputs = _follow(_pending(), DONE, trained_on=("d1", "b1"))
     assert same_inputs.start is None and "retraining would reproduce it" in str(same_inputs.skip_reason)
+    carried = _follow(_pending(), DONE, carried_over="no served traffic")
+    assert (carried.start, carried.skip_reason) == (
+        None,
+        "drift report r1: retraining_dataset d1 selected nothing (no served traffic); retraining on it "
+        "would reproduce the current adapter. Nothing to retrain.",
+    )
+    assert RetrainCursor.parse(carried.cursor).pending is None
 
 
 def _drop(root: Path, name: str, rows: int) -> Path:

@@ -5,49 +5,28 @@ kind, never holds a held-out problem, and carries its selection statistics as me
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from llmft_assets.data.cleaning import to_conversation
-from llmft_assets.data.sample_gen import generate_rows
-from llmft_assets.data.schema import TOKENIZED_SCHEMA
 from llmft_assets.definitions import build_resources
+from llmft_assets.defs.evaluation.assets import _traffic_slice
 from llmft_assets.defs.monitoring.retraining import retraining_dataset
-from llmft_assets.monitoring.retraining_step import SELECTION_FILE, TRAFFIC_SLICE_FILE
-from llmft_assets.storage import LocalBackend, StorageBackend, open_storage
-from llmft_assets.storage.publish import publish_directory
-from llmft_assets_tests.test_monitoring_asset import log_requests
-
-WINDOW_END = datetime(2025, 3, 10, 12, 0, tzinfo=UTC)
-UPSTREAM = [dg.SourceAsset(name) for name in ("drift_report", "dataset_splits", "tokenized_dataset")]
-
-
-def tokenized(rows: list[dict[str, Any]]) -> pa.Table:
-    """Conversations with placeholder token columns (the asset copies them; it does not read them)."""
-    fake = {"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "num_tokens": 3, "num_assistant_tokens": 2}
-    return pa.Table.from_pylist(
-        [{**row, **fake, "truncated": False} for row in rows], schema=TOKENIZED_SCHEMA
-    )
-
-
-def conversations(n: int, *, family: str, seed: int, schema: str = "v1") -> list[dict[str, Any]]:
-    return [to_conversation(row) for row in generate_rows(n, schema=schema, seed=seed, family=family)]  # type: ignore[arg-type]
-
-
-def publish(
-    backend: StorageBackend, tmp_path: Path, asset: str, files: dict[str, pa.Table], **metadata: Any
-) -> str:
-    folder = tmp_path / asset
-    folder.mkdir()
-    for name, table in files.items():
-        pq.write_table(table, folder / name, row_group_size=50)
-    return publish_directory(backend, f"assets/{asset}", folder, metadata=metadata).version
+from llmft_assets.manifests import AdapterManifest
+from llmft_assets.monitoring.retraining_step import NO_TRAFFIC, SELECTION_FILE, TRAFFIC_SLICE_FILE
+from llmft_assets.storage import LocalBackend, open_storage
+from llmft_assets.training.training_data import RETRAINING_DATASET, training_data_of
+from llmft_assets_tests.retraining_inputs import (
+    HELD_OUT_WORD,
+    TRAFFIC_PROMPTS,
+    UPSTREAM,
+    conversations,
+    publish_retraining_inputs,
+    tokenized,
+)
 
 
 @pytest.fixture
@@ -56,46 +35,47 @@ def storage(llmft_home: Path, tmp_path: Path) -> dict[str, Any]:
     assert isinstance(backend, LocalBackend)
     arithmetic = conversations(400, family="arithmetic", seed=1)
     word = conversations(80, family="word", seed=1)
-    splits = {
-        "train.parquet": tokenized(arithmetic[:200] + word[:4]),
-        "validation.parquet": tokenized(arithmetic[200:210] + word[4:6]),
-        "test.parquet": tokenized(arithmetic[210:230] + word[6:10]),
-    }
-    publish(backend, tmp_path, "dataset_splits", splits)
     # The pool: everything ingested (the splits' rows too) plus word problems the splits never saw.
-    publish(backend, tmp_path, "tokenized_dataset", {"data.parquet": tokenized(arithmetic + word)})
-    window = {"start": (WINDOW_END - timedelta(days=3)).isoformat(), "end": WINDOW_END.isoformat()}
-    publish(
-        backend, tmp_path, "drift_report", {"summary.json": pa.table({"x": [1]})}, summary={"window": window}
-    )
-    traffic = generate_rows(100, schema="v0", seed=9, family="word")
-    log_requests(
-        backend,
-        [(row["problem"], row["solution"]) for row in traffic],
-        start=WINDOW_END - timedelta(days=2),
-        spacing=timedelta(minutes=20),
-        batch="shifted",
+    publish_retraining_inputs(
+        backend, tmp_path, arithmetic=arithmetic, word=word, pool=tokenized(arithmetic + word)
     )
     return {
         "root": str(backend.local_path("")),
         "word": {row["messages"][0]["content"] for row in word},
-        "held_out": {row["id"] for row in word[4:10] + arithmetic[200:230]},
+        "held_out": {row["id"] for row in word[HELD_OUT_WORD] + arithmetic[200:230]},
     }
+
+
+def _materialize(
+    config: dict[str, Any] | None = None, instance: dg.DagsterInstance | None = None
+) -> dg.ExecuteInProcessResult:
+    return dg.materialize(
+        [*UPSTREAM, retraining_dataset],
+        selection=dg.AssetSelection.assets(retraining_dataset),
+        resources=build_resources(),
+        run_config={"ops": {"retraining_dataset": {"config": config or {}}}},
+        instance=instance or dg.DagsterInstance.ephemeral(),
+    )
+
+
+def _gate_traffic_slice(version: str) -> tuple[str, Path | None] | None:
+    """What eval_report scores an adapter trained on this retraining_dataset version on, besides the test."""
+    adapter = AdapterManifest(training_data=RETRAINING_DATASET, dataset_version=version)
+    return _traffic_slice(build_resources()["storage"], adapter)  # type: ignore[arg-type]
+
+
+def _metadata(result: dg.ExecuteInProcessResult) -> dict[str, Any]:
+    (materialization,) = result.asset_materializations_for_node("retraining_dataset")
+    return {key: getattr(value, "value", value) for key, value in materialization.metadata.items()}
 
 
 def test_retraining_dataset_follows_the_traffic_and_publishes_its_statistics(storage: dict[str, Any]) -> None:
     config = {"target_rows": 60, "mix_ratio": 0.5, "traffic_slice_fraction": 0.25, "min_similarity": 0.2}
-    result = dg.materialize(
-        [*UPSTREAM, retraining_dataset],
-        selection=dg.AssetSelection.assets(retraining_dataset),
-        resources=build_resources(),
-        run_config={"ops": {"retraining_dataset": {"config": config}}},
-        instance=dg.DagsterInstance.ephemeral(),
-    )
+    result = _materialize(config)
     assert result.success
-    (materialization,) = result.asset_materializations_for_node("retraining_dataset")
-    metadata = {key: getattr(value, "value", value) for key, value in materialization.metadata.items()}
-    assert metadata["traffic_prompts"] == 100
+    metadata = _metadata(result)
+    assert "carried_over" not in metadata
+    assert metadata["traffic_prompts"] == TRAFFIC_PROMPTS
     assert metadata["pool_rows"] == 480
     assert metadata["dropped_in_held_out_splits"] >= 1  # the held-out word problems are in the pool
     assert "| cluster | traffic share |" in metadata["rows_per_traffic_cluster"]
@@ -116,26 +96,53 @@ def test_retraining_dataset_follows_the_traffic_and_publishes_its_statistics(sto
     assert pq.read_table(folder / "test.parquet").num_rows == 24
     stats = json.loads((folder / SELECTION_FILE).read_text())
     assert stats["selected_rows"] == metadata["selected_rows"]
+    assert _gate_traffic_slice(str(metadata["version"])) == (
+        str(metadata["version"]),
+        folder / TRAFFIC_SLICE_FILE,
+    )
 
 
-def test_a_window_without_traffic_fails_with_a_clear_reason(
+def test_a_window_without_traffic_carries_the_current_splits_over_unchanged(
     storage: dict[str, Any], llmft_home: Path
 ) -> None:
+    """A fresh install (no served traffic): nothing to select for, so the asset publishes the current
+    splits byte for byte, with no traffic slice, and says so; the pool is not read."""
     backend = open_storage(str(llmft_home / "storage"))
     for key in list(backend.iter_keys("request_logs/")):
         backend.delete(key)
-    result = dg.materialize(
-        [*UPSTREAM, retraining_dataset],
-        selection=dg.AssetSelection.assets(retraining_dataset),
-        resources=build_resources(),
-        instance=dg.DagsterInstance.ephemeral(),
-        raise_on_error=False,
+    instance = dg.DagsterInstance.ephemeral()
+    result = _materialize({"target_rows": 60}, instance)
+    assert result.success
+    metadata = _metadata(result)
+    assert (
+        metadata["carried_over"]
+        == NO_TRAFFIC
+        == ("no served traffic in the window: current splits carried over unchanged")
     )
-    assert not result.success
-    (failure,) = [event for event in result.all_events if event.is_step_failure]
-    assert "retraining_dataset: no traffic prompt to select for" in str(
-        failure.step_failure_data.error.message
+    assert (metadata["traffic_prompts"], metadata["selected_rows"], metadata["current_train_rows_kept"]) == (
+        0,
+        0,
+        204,
     )
+    rows = {name: metadata[f"{name}_rows"] for name in ("train", "validation", "test", "traffic_slice")}
+    assert rows == {"train": 204, "validation": 12, "test": 24, "traffic_slice": 0}
+    assert "pool_rows" not in metadata and "rows_per_traffic_cluster" not in metadata
+    messages = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    assert any(f"retraining_dataset: {NO_TRAFFIC} (0 requests logged in" in m for m in messages)
+    root = Path(storage["root"]) / "assets"
+    folder = root / "retraining_dataset" / str(metadata["version"])
+    splits = root / "dataset_splits" / str(metadata["dataset_splits_version"])
+    for name in ("train", "validation", "test"):  # rows in = rows out, byte for byte
+        assert (folder / f"{name}.parquet").read_bytes() == (splits / f"{name}.parquet").read_bytes()
+    assert not (folder / TRAFFIC_SLICE_FILE).exists()
+    data = training_data_of(RETRAINING_DATASET, str(metadata["version"]), folder, {})
+    assert (data.carried_over, data.traffic_slice) == (NO_TRAFFIC, None)
+    assert _gate_traffic_slice(str(metadata["version"])) is None  # the gate keeps the standard criteria only
+    assert json.loads((folder / SELECTION_FILE).read_text()) == {
+        "carried_over": NO_TRAFFIC,
+        "traffic_prompts": 0,
+        "selected_rows": 0,
+    }
 
 
 def test_definitions_carry_the_retraining_dataset_job_and_its_lineage_to_the_adapter() -> None:

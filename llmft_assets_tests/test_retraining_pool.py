@@ -6,7 +6,6 @@ kept in pool_quarantine.parquet; problems of the held-out splits are still never
 from __future__ import annotations
 
 import json
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +21,17 @@ from llmft_assets.defs.monitoring.retraining import retraining_dataset
 from llmft_assets.monitoring.retrain_pool import POOL_QUARANTINE_FILE
 from llmft_assets.monitoring.retraining_step import SELECTION_FILE, TRAFFIC_SLICE_FILE
 from llmft_assets.storage import LocalBackend, open_storage
-from llmft_assets_tests.test_monitoring_asset import log_requests
-from llmft_assets_tests.test_retraining_dataset_asset import (
+from llmft_assets_tests.retraining_inputs import (
+    HELD_OUT_WORD,
     UPSTREAM,
-    WINDOW_END,
     conversations,
-    publish,
+    publish_retraining_inputs,
     tokenized,
 )
 
 MAX_SEQ_LEN = 512
 # min_similarity 0 and a target above the pool's size: every pool row is a candidate, so the counts are exact.
 SELECTION = {"target_rows": 500, "mix_ratio": 0.5, "traffic_slice_fraction": 0.25, "min_similarity": 0.0}
-HELD_OUT_WORD = slice(4, 10)  # the word rows of the validation (4:6) and test (6:10) splits below
 
 
 @pytest.fixture(scope="module")
@@ -58,32 +55,17 @@ def storage(llmft_home: Path, tmp_path: Path, tokenizer_dir: Path) -> dict[str, 
     assert isinstance(backend, LocalBackend)
     arithmetic = conversations(300, family="arithmetic", seed=1)
     word = conversations(80, family="word", seed=1)
-    splits = {
-        "train.parquet": tokenized(arithmetic[:200] + word[:4]),
-        "validation.parquet": tokenized(arithmetic[200:210] + word[4:6]),
-        "test.parquet": tokenized(arithmetic[210:230] + word[6:10]),
-    }
-    publish(backend, tmp_path, "dataset_splits", splits)
     base_model = publish_directory(backend, "assets/base_model", tokenizer_dir).version
-    publish(
+    publish_retraining_inputs(
         backend,
         tmp_path,
-        "tokenized_dataset",
-        {"data.parquet": tokenized(arithmetic)},
+        arithmetic=arithmetic,
+        word=word,
+        pool=tokenized(arithmetic),
         counts={},
         max_seq_len=MAX_SEQ_LEN,
         base_model_version=base_model,
         dataset={"source": str(tmp_path / "pool"), "config": None},  # the data chain's source
-    )
-    window = {"start": (WINDOW_END - timedelta(days=3)).isoformat(), "end": WINDOW_END.isoformat()}
-    publish(backend, tmp_path, "drift_report", {"summary.json": tokenized([])}, summary={"window": window})
-    traffic = generate_rows(100, schema="v0", seed=9, family="word")
-    log_requests(
-        backend,
-        [(row["problem"], row["solution"]) for row in traffic],
-        start=WINDOW_END - timedelta(days=2),
-        spacing=timedelta(minutes=20),
-        batch="shifted",
     )
     return {
         "root": Path(str(backend.local_path(""))),

@@ -374,8 +374,24 @@ def drift_check_metadata(
 
 
 def retraining_metadata(result: Any) -> dict[str, Any]:
-    """retraining_dataset: rows per split, what the selection kept and dropped, per traffic cluster."""
+    """retraining_dataset: rows per split, what the selection kept and dropped, per traffic cluster; or,
+    without served traffic, that the current splits were carried over (rows in = rows out)."""
     stats, manifest = result.stats, result.manifest
+    lineage = {
+        "drift_report_version": manifest.drift_report_version,
+        "dataset_splits_version": manifest.dataset_splits_version,
+        "pool_version": manifest.pool_version,
+        "request_log_window": manifest.request_log_window,
+    }
+    if result.carried_over:
+        return {
+            **{f"{name}_rows": count for name, count in manifest.rows.items()},
+            "carried_over": result.carried_over,
+            "traffic_prompts": result.traffic_prompts,
+            "selected_rows": 0,
+            "current_train_rows_kept": result.current_train_rows_kept,
+            **lineage,
+        }
     clusters = [
         [
             item.cluster.index,
@@ -406,10 +422,7 @@ def retraining_metadata(result: Any) -> dict[str, Any]:
             ["cluster", "traffic share", "top words", "quota", "selected", "mean similarity"], clusters
         ),
         "similarity_histogram": markdown_table(["similarity", "pool rows", "selected"], histogram),
-        "drift_report_version": manifest.drift_report_version,
-        "dataset_splits_version": manifest.dataset_splits_version,
-        "pool_version": manifest.pool_version,
-        "request_log_window": manifest.request_log_window,
+        **lineage,
         **pool_preparation_metadata(result.pool_preparation),
     }
 

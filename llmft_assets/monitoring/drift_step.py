@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +23,35 @@ REPORT_JSON = "report.json"
 SUMMARY_JSON = "summary.json"
 
 
+def _described(default: Any, description: str) -> Any:
+    return field(default=default, metadata={"description": description})
+
+
 @dataclass(frozen=True)
 class DriftSettings:
-    window_days: float = 7.0
-    end_time: str | None = None
-    drift_share_threshold: float = 0.5
-    min_rows: int = 50
-    sample_size: int | None = 2_000
-    model_version: str | None = None
-    max_rows_per_window: int = 50_000
-    text_method: str = "abs_text_content_drift"
-    seed: int = 0
+    """How served traffic is compared with the training data (the one home of these defaults; the Dagster
+    config `DriftReportConfig` derives from it). The window's end is not a setting: it is the end of the
+    report's day (its daily partition)."""
+
+    window_days: float = _described(
+        1.0,
+        "days of request log compared, ending with the report's day: 1 is that day alone, 7 the week up to it",
+    )
+    drift_share_threshold: float = _described(
+        0.5, "drift when at least this share of the compared columns drifted (Evidently's DataDriftPreset)"
+    )
+    min_rows: int = _described(50, "fewer rows in either window is a 'not enough data' report, not a verdict")
+    sample_size: int | None = _described(
+        2_000, "rows per window the text-drift columns are compared on (None: every row)"
+    )
+    model_version: str | None = _described(
+        None, "only the traffic one adapter version answered (the request log's model_version); None: all"
+    )
+    max_rows_per_window: int = _described(
+        50_000, "deterministic sample cap per window for the whole comparison (bounds memory on a big split)"
+    )
+    text_method: str = _described("abs_text_content_drift", "Evidently's text drift method")
+    seed: int = _described(0, "sampling seed")
 
 
 @dataclass
@@ -45,15 +63,13 @@ class DriftOutcome:
     manifest: DriftManifest
 
 
-def parse_end_time(end_time: str | None) -> datetime | None:
-    """An ISO-8601 time (UTC when it has no offset); ValueError naming the value otherwise."""
-    if end_time is None:
-        return None
+def day_window_end(day: str) -> datetime:
+    """The end of a report's day `YYYY-MM-DD` (its daily partition): the next midnight, UTC."""
     try:
-        parsed = datetime.fromisoformat(end_time)
+        start = datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=UTC)
     except ValueError as error:
-        raise ValueError(f"end_time {end_time!r} is not an ISO-8601 time") from error
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+        raise ValueError(f"report day {day!r} is not YYYY-MM-DD") from error
+    return start + timedelta(days=1)
 
 
 def build_drift_artifacts(
@@ -62,15 +78,17 @@ def build_drift_artifacts(
     *,
     splits_version: str,
     settings: DriftSettings,
+    end: datetime,
     staging: Path,
     version_prefix: Callable[[str], str],
     log: Callable[[str], None],
     warn: Callable[[str], None],
 ) -> DriftOutcome:
-    """Compare, write the report into `staging`, and return it with the URIs it will be published under
-    (`version_prefix(content version)` is where the IO manager publishes these bytes).
+    """Compare the request log's [end - window_days, end) with the train split, write the report into
+    `staging`, and return it with the URIs it will be published under (`version_prefix(content version)` is
+    where the IO manager publishes these bytes). A window without traffic is a 'not enough data' report.
 
-    Raises ValueError for bad settings (end time, thresholds, method): no retry can fix them."""
+    Raises ValueError for bad settings (window, thresholds, method): no retry can fix them."""
     from llmft_assets.monitoring.drift import build_drift_report
     from llmft_assets.monitoring.reference import reference_from_train_split, sample_table
     from llmft_assets.monitoring.request_logs import read_request_log_window
@@ -78,7 +96,7 @@ def build_drift_artifacts(
     window = read_request_log_window(
         backend,
         window_days=settings.window_days,
-        end=parse_end_time(settings.end_time),
+        end=end,
         model_version=settings.model_version,
     )
     for key, reason in window.skipped_batches.items():

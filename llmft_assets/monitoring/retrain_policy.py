@@ -139,8 +139,12 @@ def on_pending(
     dataset_version: str | None,
     base_model_version: str | None,
     trained_on: tuple[str | None, str | None] | None,
+    carried_over: str | None = None,
 ) -> RetrainDecision:
-    """Second stage: once the drift's retraining_dataset run succeeded, train on that dataset."""
+    """Second stage: once the drift's retraining_dataset run succeeded, train on that dataset.
+
+    ``carried_over``: why that dataset holds the current splits unchanged (no served traffic in its
+    window): training on it would reproduce the current adapter, so the retraining ends there."""
     pending = dict(cursor.pending or {})
     report = str(pending["report_version"])
     if dataset_run is None:
@@ -164,6 +168,12 @@ def on_pending(
             f"for drift report {report} (the next drift event after the cooldown tries again)",
             cursor=cursor.dump(),
         )
+    if carried_over:
+        reason = (
+            f"drift report {report}: {RETRAINING_DATASET} {dataset_version} selected nothing ({carried_over}); "
+            "retraining on it would reproduce the current adapter. Nothing to retrain."
+        )
+        return RetrainDecision(skip_reason=reason, cursor=cursor.dump(), log=reason)
     if trained_on == (dataset_version, base_model_version):
         reason = (
             f"drift report {report}: {RETRAINING_DATASET} {dataset_version} is the one the current "

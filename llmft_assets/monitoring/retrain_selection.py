@@ -86,6 +86,11 @@ def topic_text(prompt: str) -> str:
 # ------------------------------------------------------------------------------------------- traffic
 
 
+def traffic_texts(traffic_prompts: Sequence[str | None]) -> list[str]:
+    """The topic texts of the non-empty traffic prompts: none means there is nothing to select for."""
+    return [topic_text(prompt) for prompt in traffic_prompts if isinstance(prompt, str) and prompt.strip()]
+
+
 @dataclass(frozen=True)
 class TrafficCluster:
     index: int
@@ -103,9 +108,7 @@ class TrafficIndex:
         from sklearn.feature_extraction.text import HashingVectorizer, TfidfTransformer
         from sklearn.preprocessing import normalize
 
-        texts = [
-            topic_text(prompt) for prompt in traffic_prompts if isinstance(prompt, str) and prompt.strip()
-        ]
+        texts = traffic_texts(traffic_prompts)
         if not texts:
             raise ValueError(
                 "no traffic prompt to select for: the request-log window has no non-empty prompt"

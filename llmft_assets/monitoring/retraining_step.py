@@ -23,9 +23,10 @@ from llmft_assets.monitoring.retrain_pool import PoolLocations, RawPool, quarant
 from llmft_assets.monitoring.retrain_selection import SelectionSettings, TrafficSelection
 from llmft_assets.storage import StorageBackend
 from llmft_assets.storage.tables import iter_parquet_batches
-from llmft_assets.training.training_data import TRAFFIC_SLICE_FILE
+from llmft_assets.training.training_data import SELECTION_FILE, TRAFFIC_SLICE_FILE
 
-SELECTION_FILE = "selection.json"
+SPLIT_NAMES = ("train", "validation", "test")
+NO_TRAFFIC = "no served traffic in the window: current splits carried over unchanged"
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,11 @@ class RawPoolInputs:
 @dataclass
 class RetrainingResult:
     manifest: RetrainingManifest
-    stats: Any  # retrain_selection.SelectionStats
+    stats: Any  # retrain_selection.SelectionStats; None when the splits were carried over
     traffic_prompts: int
     current_train_rows_kept: int
     pool_preparation: dict[str, Any] | None = None  # raw pools: rows rejected before the selection, why
+    carried_over: str | None = None  # why the current splits were published unchanged (no selection)
 
 
 def window_of(drift_report_version: str, summary: dict[str, Any]) -> tuple[float, datetime]:
@@ -92,20 +94,30 @@ def build_retraining_dataset(
     ``raw_pool``: select from raw files instead of ``inputs.pool_file`` (tokenized_dataset); their rejected
     rows are in ``pool_quarantine.parquet`` and counted in the selection statistics.
 
-    Raises ValueError when there is nothing to select for (no window, no traffic) and DataSourceError for
-    a raw pool that cannot be read: no retry can fix either."""
+    A window without a non-empty prompt (no served traffic, e.g. a fresh install) selects nothing: the
+    current splits are published unchanged, without a traffic slice (see ``carry_over``).
+
+    Raises ValueError when the drift report records no window and DataSourceError for a raw pool that
+    cannot be read: no retry can fix either."""
     from llmft_assets.monitoring.request_logs import read_request_log_window
-    from llmft_assets.monitoring.retrain_selection import mix_with_training, problem_keys, select_for_traffic
+    from llmft_assets.monitoring.retrain_selection import (
+        mix_with_training,
+        problem_keys,
+        select_for_traffic,
+        traffic_texts,
+    )
 
     window_days, end = window_of(inputs.drift_report_version, inputs.drift_summary)
     window = read_request_log_window(backend, window_days=window_days, end=end, model_version=model_version)
+    prompts = window.table.column("prompt").to_pylist()
+    if not traffic_texts(prompts):
+        return carry_over(inputs, window, staging=staging, log=log)
     held_out: set[str] = set()
     for name in ("validation", "test"):  # a validation problem in training would flatter its loss
         batches = iter_parquet_batches(
             split_path(inputs.splits_dir, name), batch_size=batch_rows, columns=["id", "messages"]
         )
         held_out |= problem_keys(batches)
-    prompts = window.table.column("prompt").to_pylist()
     preparation: dict[str, Any] | None = None
     if raw_pool is None:
         selection = select_for_traffic(
@@ -125,7 +137,7 @@ def build_retraining_dataset(
         "train": _write(mixed.train, staging / "train.parquet"),
         "traffic_slice": _write(mixed.traffic_slice, staging / TRAFFIC_SLICE_FILE),
     }
-    for name in ("validation", "test"):
+    for name in SPLIT_NAMES[1:]:
         rows[name] = _write(pq.read_table(split_path(inputs.splits_dir, name)), staging / f"{name}.parquet")
     stats = selection.stats.as_dict()
     if preparation is not None:
@@ -146,6 +158,43 @@ def build_retraining_dataset(
         traffic_prompts=window.rows,
         current_train_rows_kept=mixed.current_rows_kept,
         pool_preparation=preparation,
+    )
+
+
+def carry_over(
+    inputs: RetrainingInputs, window: Any, *, staging: Path, log: Callable[[str], None]
+) -> RetrainingResult:
+    """No traffic to select for: train / validation / test are the current splits' files, byte for byte,
+    and there is no traffic slice (an adapter trained on it is judged on the standard criteria alone;
+    drift_retrain_sensor does not train on it). The pool is not read."""
+    import shutil
+
+    rows = {}
+    for name in SPLIT_NAMES:
+        source = split_path(inputs.splits_dir, name)
+        shutil.copyfile(source, staging / f"{name}.parquet")
+        rows[name] = pq.ParquetFile(source).metadata.num_rows
+    rows["traffic_slice"] = 0
+    selection = {"carried_over": NO_TRAFFIC, "traffic_prompts": window.rows, "selected_rows": 0}
+    (staging / SELECTION_FILE).write_text(json.dumps(selection, indent=1), encoding="utf-8")
+    log(
+        f"retraining_dataset: {NO_TRAFFIC} ({window.rows} requests logged in "
+        f"[{window.start.isoformat()}, {window.end.isoformat()}), none with a prompt); rows in = rows out: {rows}"
+    )
+    manifest = RetrainingManifest(
+        rows=rows,
+        selection=selection,
+        drift_report_version=inputs.drift_report_version,
+        dataset_splits_version=inputs.splits_version,
+        pool_version=inputs.pool_version,
+        request_log_window=f"[{window.start.isoformat()}, {window.end.isoformat()})",
+    )
+    return RetrainingResult(
+        manifest=manifest,
+        stats=None,
+        traffic_prompts=window.rows,
+        current_train_rows_kept=rows["train"],
+        carried_over=NO_TRAFFIC,
     )
 
 

@@ -6,6 +6,7 @@ traffic slice). Both are tokenized the same way; they differ in which tokenized_
 came from (the splits' `upstream`, the retraining dataset's `pool_version`).
 """
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ RETRAINING_DATASET = "retraining_dataset"
 TrainingDataSource = Literal["dataset_splits", "retraining_dataset"]
 # Held-out rows of a retraining dataset shaped like the traffic it followed (read by the gate).
 TRAFFIC_SLICE_FILE = "traffic_slice.parquet"
+SELECTION_FILE = "selection.json"  # a retraining dataset's selection statistics (or why it carried over)
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,15 @@ class TrainingData:
         """The traffic slice, for a retraining dataset that has one."""
         path = self.folder / TRAFFIC_SLICE_FILE
         return path if self.asset == RETRAINING_DATASET and path.exists() else None
+
+    @property
+    def carried_over(self) -> str | None:
+        """Why a retraining dataset holds the current splits unchanged (no served traffic to select
+        for); None when it selected rows, or for dataset_splits."""
+        path = self.folder / SELECTION_FILE
+        if self.asset != RETRAINING_DATASET or not path.exists():
+            return None
+        return json.loads(path.read_text(encoding="utf-8")).get("carried_over")
 
 
 def training_data_of(asset: str, version: str, folder: Path, metadata: Mapping[str, Any]) -> TrainingData:

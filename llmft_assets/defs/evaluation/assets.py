@@ -50,12 +50,14 @@ class EvalReportConfig(dg.Config):
 
 
 def _traffic_slice(storage: StorageResource, adapter: AdapterManifest) -> tuple[str, Path | None] | None:
-    """(retraining_dataset version, its traffic slice) for an adapter trained on a retraining dataset."""
+    """(retraining_dataset version, its traffic slice) for an adapter trained on a retraining dataset that
+    selected for traffic; None for dataset_splits or a retraining dataset that carried the splits over."""
     if adapter.training_data != RETRAINING_DATASET:
         return None
     version = str(adapter.dataset_version)
     path = storage.artifact_dir(RETRAINING_DATASET, version)
-    return version, training_data_of(RETRAINING_DATASET, version, path, {}).traffic_slice
+    data = training_data_of(RETRAINING_DATASET, version, path, {})
+    return None if data.carried_over else (version, data.traffic_slice)
 
 
 @dg.asset(group_name=EVALUATION_GROUP, owners=OWNERS, kinds={"mlflow", "html"})

@@ -8,6 +8,7 @@ import dagster as dg
 
 from llmft_assets.data.stage import split_path
 from llmft_assets.defs import metadata
+from llmft_assets.defs.config_models import dagster_config
 from llmft_assets.defs.owners import OWNERS
 from llmft_assets.defs.storage_resources import (
     ArtifactHandle,
@@ -16,41 +17,37 @@ from llmft_assets.defs.storage_resources import (
     artifact_output,
     asset_prefix,
 )
+from llmft_assets.monitoring.drift_step import DriftSettings
+
+DRIFT_START_DATE = "2025-01-01"  # the first day a drift report can be made for (backfills start here)
 
 MONITORING_GROUP = "monitoring"
 DRIFT_REPORT = "drift_report"
 
 
-class DriftReportConfig(dg.Config):
-    window_days: float = 7.0
-    """The request log window compared with the training prompts: the `window_days` before `end_time`."""
-    end_time: str | None = None
-    """ISO-8601 end of the window (UTC if no offset); default now. The schedule sets its tick time."""
-    drift_share_threshold: float = 0.5
-    """Drift when at least this share of the compared columns drifted (Evidently's DataDriftPreset)."""
-    min_rows: int = 50
-    """Fewer rows in either window is a 'not enough data' report, not a verdict."""
-    sample_size: int | None = 2_000
-    """Rows per window the text-drift columns are compared on (None: every row)."""
-    model_version: str | None = None
-    """Only the traffic one adapter version answered (the request log's `model_version`); None: all."""
-    max_rows_per_window: int = 50_000
-    """Deterministic sample cap per window for the whole comparison (bounds memory on a big train split)."""
-    text_method: str = "abs_text_content_drift"
-    seed: int = 0
+# One report per day of the request log (`request_logs/date=YYYY-MM-DD/`): backfills and per-day history.
+# end_offset=1: today's partition exists (a report on the traffic so far, rematerialized once the day is over).
+DRIFT_PARTITIONS = dg.DailyPartitionsDefinition(start_date=DRIFT_START_DATE, end_offset=1, timezone="UTC")
+
+DriftReportConfig = dagster_config(
+    DriftSettings, "DriftReportConfig", doc="How the partition's day of traffic is compared (DriftSettings)."
+)
 
 
-@dg.asset(group_name=MONITORING_GROUP, owners=OWNERS, kinds={"evidently", "html"})
+@dg.asset(
+    group_name=MONITORING_GROUP, owners=OWNERS, kinds={"evidently", "html"}, partitions_def=DRIFT_PARTITIONS
+)
 def drift_report(
     context: dg.AssetExecutionContext,
-    config: DriftReportConfig,
+    config: DriftReportConfig,  # type: ignore[valid-type]
     dataset_splits: ArtifactHandle,
     storage: StorageResource,
 ) -> dg.Output[StagedArtifact]:
-    """Evidently drift of served traffic (the request log over `window_days`) against what the model
-    was trained on (the train split's prompts and responses): HTML + JSON report, drift share and
-    drifted columns as metadata. Too little data in either window is a 'not enough data' report."""
-    from llmft_assets.monitoring.drift_step import DriftSettings, build_drift_artifacts
+    """Evidently drift of one day's served traffic (the partition; `window_days` > 1: the days up to it)
+    against what the model was trained on (the train split's prompts and responses): HTML + JSON report,
+    drift share and drifted columns as metadata. Too little data in either window (a day without traffic)
+    is a 'not enough data' report."""
+    from llmft_assets.monitoring.drift_step import build_drift_artifacts, day_window_end
 
     backend, staging = storage.backend(), storage.staging_dir(DRIFT_REPORT)
     try:
@@ -58,7 +55,8 @@ def drift_report(
             backend,
             split_path(dataset_splits.path, "train"),
             splits_version=dataset_splits.version,
-            settings=DriftSettings(**config.model_dump()),
+            settings=config.to_domain(asset=DRIFT_REPORT),
+            end=day_window_end(context.partition_key),
             staging=staging,
             version_prefix=lambda version: f"{asset_prefix(context.asset_key)}/{version}",
             log=context.log.info,

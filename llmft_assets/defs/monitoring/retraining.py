@@ -11,7 +11,9 @@ a drift verdict starts `retraining_dataset_job` (run key per drift report versio
 applies), then `train_job` with lora_adapter's `training_data=retraining_dataset`.
 
 The artifact has dataset_splits' layout (train / validation / test .parquet, tokenized) plus
-`traffic_slice.parquet` (held-out rows shaped like the traffic, for the gate) and `selection.json`.
+`traffic_slice.parquet` (held-out rows shaped like the traffic, for the gate) and `selection.json`. A window
+without served traffic (a fresh install) selects nothing: the current splits are published unchanged, with no
+traffic slice, so 'Materialize all' succeeds and drift_retrain_sensor does not train on it.
 """
 
 import dagster as dg
@@ -50,7 +52,14 @@ RetrainingDatasetConfig = dagster_config(
 )
 
 
-@dg.asset(group_name=RETRAINING_GROUP, owners=OWNERS, kinds={"parquet"})
+# drift_report is daily-partitioned; this asset is not: it follows the newest report (the one whose
+# drift_check started the retraining), drawn in the graph as the last partition.
+@dg.asset(
+    group_name=RETRAINING_GROUP,
+    owners=OWNERS,
+    kinds={"parquet"},
+    ins={"drift_report": dg.AssetIn(partition_mapping=dg.LastPartitionMapping())},
+)
 def retraining_dataset(
     context: dg.AssetExecutionContext,
     config: RetrainingDatasetConfig,  # type: ignore[valid-type]
@@ -60,7 +69,8 @@ def retraining_dataset(
     storage: StorageResource,
 ) -> dg.Output[StagedArtifact]:
     """The pool rows nearest to what users asked in the drift report's window, mixed with the current
-    training rows; held-out test/validation problems never taken; a traffic-shaped evaluation slice."""
+    training rows; held-out test/validation problems never taken; a traffic-shaped evaluation slice.
+    A window without served traffic publishes the current splits unchanged (metadata `carried_over`)."""
     from llmft_assets.data.raw_sources import DataSourceError
     from llmft_assets.monitoring.retraining_step import RetrainingInputs, build_retraining_dataset
 
@@ -85,7 +95,7 @@ def retraining_dataset(
             log=context.log.info,
             raw_pool=raw_pool,
         )
-    except (ValueError, DataSourceError) as error:  # e.g. no traffic, no pool: one clear line, no retry
+    except (ValueError, DataSourceError) as error:  # e.g. no window, no pool: one clear line, no retry
         raise dg.Failure(description=f"{RETRAINING_DATASET}: {error}", allow_retries=False) from error
     return artifact_output(
         StagedArtifact.of(staging, result.manifest), metadata=metadata.retraining_metadata(result)

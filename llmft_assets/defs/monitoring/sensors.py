@@ -73,6 +73,7 @@ def _decide(context: dg.SensorEvaluationContext, cursor: RetrainCursor) -> Retra
         dataset_version=latest_version(context, RETRAINING_DATASET),
         base_model_version=latest_version(context, "base_model"),
         trained_on=trained_on,
+        carried_over=latest_metadata(context, RETRAINING_DATASET, "carried_over"),
     )
 
 
