@@ -48,6 +48,9 @@ class Settings(BaseModel):
     data_max_runtime_s: int = Field(4 * 3600, ge=60, description="dagster/max_runtime of data_job")
     train_max_runtime_s: int = Field(24 * 3600, ge=60, description="dagster/max_runtime of train_job")
     train_executor: Literal["in_process", "k8s"] = Field("in_process", description="train_job's executor")
+    shard_executor: Literal["multiprocess", "k8s"] = Field(
+        "multiprocess", description="shard_job's executor (k8s: each step of a shard run in its own pod)"
+    )
     # ---- evaluation
     eval_backend: Literal["auto", "vllm", "transformers"] = Field(
         "auto", description="where eval_report generates answers (vllm needs vLLM and a GPU)"

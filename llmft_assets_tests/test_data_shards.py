@@ -1,0 +1,239 @@
+"""The data chain partitioned by source shard: a source's files become `source_shards` partitions, each
+shard runs raw -> tokenized as its own run (here three runs in parallel processes), and
+`sharded_dataset_splits` assembles them, removing exact duplicates and repeated ids across shards, into
+the same splits the unpartitioned chain cuts from the same rows in one file."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pyarrow.parquet as pq
+import pytest
+
+from llmft_assets.data.raw_sources import SAMPLE_DIR, DataSourceError
+from llmft_assets.data.shards import (
+    SourceShard,
+    UnknownShardError,
+    list_source_shards,
+    read_shard,
+    register_shards,
+    shard_key,
+)
+from llmft_assets.storage import open_storage
+from llmft_assets.storage.publish import latest_version
+
+SHARD_RUN_CONFIG = {
+    "ops": {
+        "shard_tokenized_dataset": {"config": {"max_seq_len": 512, "workers": 1}},
+    }
+}
+SPLIT_CONFIG = {"validation_fraction": 0.2, "test_fraction": 0.2}
+
+
+def _write_jsonl(path: Path, lines: list[str]) -> None:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def _sample_rows(count: int) -> list[dict[str, Any]]:
+    return pq.read_table(SAMPLE_DIR / "r1_distill_sft_v0.parquet").slice(0, count).to_pylist()
+
+
+def _multi_shard_source(folder: Path) -> tuple[list[str], list[str], list[str]]:
+    """Three jsonl files: b repeats a row of a exactly, c holds a broken line and a different row under
+    an id a already uses."""
+    rows = _sample_rows(60)
+    collision = {**rows[45], "id": rows[10]["id"]}
+    a = [json.dumps(row) for row in rows[:20]]
+    b = [json.dumps(row) for row in rows[20:40]] + [json.dumps(rows[5])]
+    c = [json.dumps(row) for row in rows[40:45]] + ["{not json"] + [json.dumps(collision)]
+    c += [json.dumps(row) for row in rows[46:60]]
+    folder.mkdir(parents=True)
+    for name, lines in (("part-a", a), ("part-b", b), ("part-c", c)):
+        _write_jsonl(folder / f"{name}.jsonl", lines)
+    return a, b, c
+
+
+def _materialize_shard(instance_ref: Any, key: str) -> tuple[str, bool]:
+    """One shard's run in its own process (what a backfill's run per partition is)."""
+    from llmft_assets.definitions import SHARDED_DATA_ASSETS, build_resources
+    from llmft_assets.defs.data.shards import SHARD_ASSETS
+
+    result = dg.materialize(
+        SHARDED_DATA_ASSETS,
+        selection=list(SHARD_ASSETS),
+        partition_key=key,
+        resources=build_resources(),
+        run_config=SHARD_RUN_CONFIG,
+        instance=dg.DagsterInstance.from_ref(instance_ref),
+        raise_on_error=False,
+    )
+    return key, result.success
+
+
+def _metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict[str, Any]:
+    for event in result.get_asset_materialization_events():
+        materialization = event.event_specific_data.materialization
+        if materialization.asset_key.to_user_string() == asset:
+            return {key: getattr(value, "value", value) for key, value in materialization.metadata.items()}
+    raise AssertionError(f"{asset} was not materialized")
+
+
+def _splits(root: Path, asset: str) -> dict[str, list[dict[str, Any]]]:
+    version = latest_version(open_storage(str(root)), f"assets/{asset}")
+    tables = {name: pq.read_table(root / "assets" / asset / str(version) / f"{name}.parquet") for name in
+              ("train", "validation", "test")}  # fmt: skip
+    return {name: table.drop_columns(["origin"]).to_pylist() for name, table in tables.items()}
+
+
+@pytest.mark.slow
+def test_a_multi_shard_source_runs_per_shard_and_assembles_the_same_splits(
+    llmft_home: Path, tmp_path: Path
+) -> None:
+    from llmft_assets.definitions import DATA_ASSETS, SHARDED_DATA_ASSETS, build_resources
+    from llmft_assets.defs.data import assets, shards
+
+    a, b, c = _multi_shard_source(tmp_path / "source")
+    instance = dg.DagsterInstance.local_temp(str(tmp_path / "dagster_home"))
+    resources = build_resources()
+    keys = shards.register_source_shards(instance, resources["storage"], str(tmp_path / "source"), None)
+    assert keys == [
+        shard_key(str(tmp_path / "source" / f"{name}.jsonl"), None) for name in ("part-a", "part-b", "part-c")
+    ]
+    assert instance.get_dynamic_partitions("source_shards") == keys
+    # Registering again adds nothing.
+    assert (
+        shards.register_source_shards(instance, resources["storage"], str(tmp_path / "source"), None) == keys
+    )
+    assert instance.get_dynamic_partitions("source_shards") == keys
+
+    base = dg.materialize(
+        [assets.base_model],
+        resources=resources,
+        run_config={"ops": {"base_model": {"config": {"pretrain_steps": 0}}}},
+        instance=instance,
+    )
+    assert base.success
+    # The three shards as three runs at once, each in its own process (a backfill's run per partition).
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=3, mp_context=context) as pool:
+        done = dict(pool.map(_materialize_shard, [instance.get_ref()] * 3, keys))
+    assert done == dict.fromkeys(keys, True)
+    raw_rows = {}
+    for key in keys:
+        record = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("shard_raw_dataset"), asset_partitions=[key]), limit=1
+        ).records[0]
+        raw_rows[key] = record.asset_materialization.metadata["rows_in"].value
+        # Each partition is published under its own prefix with its own LATEST pointer.
+        assert (llmft_home / "storage" / "assets" / "shard_tokenized_dataset" / key / "LATEST.json").is_file()
+    assert list(raw_rows.values()) == [len(a), len(b), len(c)]
+
+    assembled = dg.materialize(
+        SHARDED_DATA_ASSETS,
+        selection=["sharded_dataset_splits"],
+        resources=resources,
+        run_config={"ops": {"sharded_dataset_splits": {"config": SPLIT_CONFIG}}},
+        instance=instance,
+    )
+    assert assembled.success
+    meta = _metadata(assembled, "sharded_dataset_splits")
+    assert meta["shards"] == 3
+    # The exact duplicate (b repeats a row of a) and the repeated id (c) are caught across shards.
+    assert (meta["cross_shard_duplicates"], meta["repeated_ids_quarantined"]) == (1, 1)
+    assert meta["rows_in"] == meta["rows_out"] + 2
+    assert meta["train_rows"] + meta["validation_rows"] + meta["test_rows"] == meta["rows_out"]
+
+    # The same rows as one file through the unpartitioned chain: the same splits, row for row.
+    single = tmp_path / "single.jsonl"
+    _write_jsonl(single, a + b + c)
+    whole = dg.materialize(
+        DATA_ASSETS,
+        selection=[
+            "raw_dataset",
+            "cleaned_dataset",
+            "validated_dataset",
+            "tokenized_dataset",
+            "dataset_splits",
+        ],
+        resources=resources,
+        run_config={
+            "ops": {
+                "raw_dataset": {"config": {"source": str(single), "config": None}},
+                "tokenized_dataset": {"config": {"max_seq_len": 512, "workers": 1}},
+                "dataset_splits": {"config": SPLIT_CONFIG},
+            }
+        },
+        instance=instance,
+    )
+    assert whole.success
+    assert _metadata(whole, "cleaned_dataset")["duplicates_dropped"] == 1
+    assert _metadata(whole, "dataset_splits")["rows_in"] == meta["rows_out"]
+    root = llmft_home / "storage"
+    sharded, unsharded = _splits(root, "sharded_dataset_splits"), _splits(root, "dataset_splits")
+    assert {name: len(rows) for name, rows in sharded.items()} == {
+        name: meta[f"{name}_rows"] for name in ("train", "validation", "test")
+    }
+    assert sharded == unsharded
+    version = latest_version(open_storage(str(root)), "assets/sharded_dataset_splits")
+    quarantine = pq.read_table(
+        root / "assets" / "sharded_dataset_splits" / str(version) / "quarantine.parquet"
+    )
+    (reason,) = quarantine.column("reason").to_pylist()
+    assert reason.startswith("duplicate_id:") and keys[0] in reason
+
+
+def test_sample_shards_are_its_configs_and_a_folder_its_files(tmp_path: Path) -> None:
+    assert [(s.key, s.source, s.config) for s in list_source_shards("sample", "all")] == [
+        ("sample-v0", "sample", "v0"),
+        ("sample-v1", "sample", "v1"),
+    ]
+    assert [s.key for s in list_source_shards("sample", "v1")] == ["sample-v1"]
+    folder = tmp_path / "drop"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("b.jsonl", "a.parquet", "sub/c d.json", "notes.txt"):
+        (folder / name).write_text("")
+    listed = list_source_shards(str(folder))
+    assert [Path(s.source).relative_to(folder).as_posix() for s in listed] == [
+        "a.parquet",
+        "b.jsonl",
+        "sub/c d.json",
+    ]
+    assert [s.key.rsplit("-", 1)[0] for s in listed] == ["a", "b", "c_d"]
+    assert {s.listed_from for s in listed} == {str(folder)}
+    # Same stem, other folder: another key.
+    assert shard_key(str(folder / "b.jsonl"), None) != shard_key(str(tmp_path / "b.jsonl"), None)
+    with pytest.raises(DataSourceError, match="Hugging Face dataset id"):
+        list_source_shards("ServiceNow-AI/R1-Distill-SFT")
+
+
+def test_a_shard_reads_back_from_its_key_and_an_unknown_key_fails(tmp_path: Path) -> None:
+    backend = open_storage(str(tmp_path / "storage"))
+    shard = SourceShard(
+        key="sample-v1", source="sample", config="v1", listed_from="sample", listed_config="all"
+    )
+    assert register_shards(backend, [shard]) == ["sample-v1"]
+    assert read_shard(backend, "sample-v1") == shard
+    with pytest.raises(UnknownShardError, match="'sample-v0' is not registered"):
+        read_shard(backend, "sample-v0")
+    with pytest.raises(UnknownShardError, match="is not a shard key"):
+        read_shard(backend, "../etc")
+
+
+def test_assembly_without_shards_fails_clearly(llmft_home: Path) -> None:
+    from llmft_assets.definitions import SHARDED_DATA_ASSETS, build_resources
+
+    result = dg.materialize(
+        SHARDED_DATA_ASSETS,
+        selection=["sharded_dataset_splits"],
+        resources=build_resources(),
+        instance=dg.DagsterInstance.ephemeral(),
+        raise_on_error=False,
+    )
+    assert not result.success
+    (failure,) = [event for event in result.all_events if event.is_step_failure]
+    assert "no tokenized shard to assemble" in str(failure.event_specific_data.error)
