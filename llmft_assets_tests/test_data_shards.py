@@ -98,6 +98,7 @@ def test_a_multi_shard_source_runs_per_shard_and_assembles_the_same_splits(
     from llmft_assets.defs.data import assets, shards
 
     a, b, c = _multi_shard_source(tmp_path / "source")
+    (tmp_path / "dagster_home").mkdir()
     instance = dg.DagsterInstance.local_temp(str(tmp_path / "dagster_home"))
     resources = build_resources()
     keys = shards.register_source_shards(instance, resources["storage"], str(tmp_path / "source"), None)
@@ -123,6 +124,10 @@ def test_a_multi_shard_source_runs_per_shard_and_assembles_the_same_splits(
     with ProcessPoolExecutor(max_workers=3, mp_context=context) as pool:
         done = dict(pool.map(_materialize_shard, [instance.get_ref()] * 3, keys))
     assert done == dict.fromkeys(keys, True)
+    partition_runs = [
+        run.tags["dagster/partition"] for run in instance.get_runs() if "dagster/partition" in run.tags
+    ]
+    assert sorted(partition_runs) == keys  # one run per shard
     raw_rows = {}
     for key in keys:
         record = instance.fetch_materializations(
@@ -145,8 +150,9 @@ def test_a_multi_shard_source_runs_per_shard_and_assembles_the_same_splits(
     assert meta["shards"] == 3
     # The exact duplicate (b repeats a row of a) and the repeated id (c) are caught across shards.
     assert (meta["cross_shard_duplicates"], meta["repeated_ids_quarantined"]) == (1, 1)
-    assert meta["rows_in"] == meta["rows_out"] + 2
-    assert meta["train_rows"] + meta["validation_rows"] + meta["test_rows"] == meta["rows_out"]
+    # 20 + 21 + 20 tokenized rows (c's broken line is quarantined in its shard) = 59 split + 1 + 1.
+    assert (meta["rows_in"], meta["rows_out"]) == (61, 59)
+    assert (meta["train_rows"], meta["validation_rows"], meta["test_rows"]) == (39, 8, 12)
 
     # The same rows as one file through the unpartitioned chain: the same splits, row for row.
     single = tmp_path / "single.jsonl"
@@ -184,7 +190,10 @@ def test_a_multi_shard_source_runs_per_shard_and_assembles_the_same_splits(
         root / "assets" / "sharded_dataset_splits" / str(version) / "quarantine.parquet"
     )
     (reason,) = quarantine.column("reason").to_pylist()
-    assert reason.startswith("duplicate_id:") and keys[0] in reason
+    assert (
+        reason
+        == f"duplicate_id: {json.loads(c[6])['id']!r} (shard {keys[2]}) is already the id of a different, kept row"
+    )
 
 
 def test_sample_shards_are_its_configs_and_a_folder_its_files(tmp_path: Path) -> None:

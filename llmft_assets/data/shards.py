@@ -175,7 +175,7 @@ def _dedup_batch(
                     "id": row_id,
                     "stage": ASSEMBLED_STAGE,
                     "payload": None,
-                    "reason": f"duplicate_id: {row_id!r} is already taken by a row of another shard ({key})",
+                    "reason": f"duplicate_id: {row_id!r} (shard {key}) is already the id of a different, kept row",
                 }
             )
             keep.append(False)
