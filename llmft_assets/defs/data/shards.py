@@ -10,8 +10,6 @@ LLMFT_SHARD_EXECUTOR=k8s each step as a pod (`k8s_job_executor`). Cross-shard ex
 ids are removed where the shards meet (`llmft_assets.data.shards.assemble_shards`).
 """
 
-from typing import Any
-
 import dagster as dg
 
 from llmft_assets import settings
@@ -84,17 +82,13 @@ def register_shards_job() -> None:
     register_source_shards_op()
 
 
-def _shard_asset(**kwargs: Any) -> Any:
-    return dg.asset(
-        partitions_def=SOURCE_SHARDS, group_name=SHARD_GROUP, owners=OWNERS, kinds={"parquet"}, **kwargs
-    )
-
-
 def _dataset(upstream: ArtifactHandle) -> dict | None:
     return upstream.manifest(StageManifest).dataset
 
 
-@_shard_asset(code_version="1")
+@dg.asset(
+    partitions_def=SOURCE_SHARDS, group_name=SHARD_GROUP, owners=OWNERS, kinds={"parquet"}, code_version="1"
+)
 def shard_raw_dataset(
     context: dg.AssetExecutionContext, config: ShardRawConfig, storage: StorageResource
 ) -> dg.Output[StagedArtifact]:
@@ -128,7 +122,9 @@ def shard_raw_dataset(
     )
 
 
-@_shard_asset(code_version="1")
+@dg.asset(
+    partitions_def=SOURCE_SHARDS, group_name=SHARD_GROUP, owners=OWNERS, kinds={"parquet"}, code_version="1"
+)
 def shard_cleaned_dataset(
     context: dg.AssetExecutionContext,
     config: CleanConfig,
@@ -152,7 +148,9 @@ def shard_cleaned_dataset(
     )
 
 
-@_shard_asset(code_version="1")
+@dg.asset(
+    partitions_def=SOURCE_SHARDS, group_name=SHARD_GROUP, owners=OWNERS, kinds={"parquet"}, code_version="1"
+)
 def shard_validated_dataset(
     context: dg.AssetExecutionContext,
     config: ValidationConfig,
@@ -179,7 +177,9 @@ def shard_validated_dataset(
     )
 
 
-@_shard_asset(code_version="1")
+@dg.asset(
+    partitions_def=SOURCE_SHARDS, group_name=SHARD_GROUP, owners=OWNERS, kinds={"parquet"}, code_version="1"
+)
 def shard_tokenized_dataset(
     context: dg.AssetExecutionContext,
     config: TokenizeConfig,
