@@ -59,6 +59,10 @@ class Settings(BaseModel):
     retrain_cooldown_hours: float = Field(24.0, ge=0.0, description="spacing of drift retrainings")
     incoming_sensor_interval_s: int = Field(60, ge=5)
     incoming_max_runs: int = Field(2, ge=1, description="data_job runs from incoming drops at once")
+    incoming_sharded: bool = Field(
+        False,
+        description="each incoming drop's files become source_shards partitions, one shard_job run each",
+    )
     drift_sensor_interval_s: int = Field(60, ge=5)
     drift_schedule_cron: str = Field("0 6 * * *")
     drift_freshness_hours: float = Field(

@@ -246,3 +246,54 @@ def test_assembly_without_shards_fails_clearly(llmft_home: Path) -> None:
     assert not result.success
     (failure,) = [event for event in result.all_events if event.is_step_failure]
     assert "no tokenized shard to assemble" in str(failure.event_specific_data.error)
+
+
+@pytest.mark.parametrize("sharded", [True, False])
+def test_an_incoming_drop_becomes_shard_partitions_when_sharded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sharded: bool
+) -> None:
+    from dagster_aws.s3 import S3Resource
+
+    from llmft_assets.definitions import defs
+    from llmft_assets.defs.data.sensors import incoming_data_sensor
+    from llmft_assets.defs.storage_resources import StorageResource
+
+    monkeypatch.setenv("LLMFT_INCOMING_SHARDED", str(sharded).lower())
+    root = tmp_path / "storage"
+    drop = root / "incoming" / "2026-12-01"
+    drop.mkdir(parents=True)
+    for name in ("part-0.jsonl", "part-1.jsonl"):
+        (drop / name).write_text('{"id": "a"}\n')
+    (drop / "_SUCCESS").write_text("")
+    storage = StorageResource(root=str(root), s3=S3Resource())
+    with (
+        dg.instance_for_test() as instance,
+        dg.build_sensor_context(
+            instance=instance,
+            instance_ref=instance.get_ref(),  # as the daemon evaluates it: partition keys resolve
+            repository_def=defs.get_repository_def(),
+            resources={"storage": storage},
+        ) as context,
+    ):
+        result = incoming_data_sensor.evaluate_tick(context)
+    requests = list(result.run_requests or [])
+    if not sharded:
+        (request,) = requests
+        assert (request.job_name, request.partition_key, request.tags["llmft/trigger"]) == (
+            "data_job",
+            None,
+            "incoming",
+        )
+        assert result.dynamic_partitions_requests == []
+        return
+    keys = [shard_key(str(drop / name), None) for name in ("part-0.jsonl", "part-1.jsonl")]
+    (added,) = result.dynamic_partitions_requests
+    assert (added.partitions_def_name, list(added.partition_keys)) == ("source_shards", keys)
+    assert [(r.job_name, r.partition_key, r.tags["llmft/trigger"]) for r in requests] == [
+        ("shard_job", key, "incoming_shard") for key in keys
+    ]
+    assert {r.tags["llmft/incoming_drop"] for r in requests} == {"2026-12-01"}
+    assert [read_shard(storage.backend(), key).source for key in keys] == [
+        str(drop / "part-0.jsonl"),
+        str(drop / "part-1.jsonl"),
+    ]

@@ -128,7 +128,7 @@ query { workspaceOrError { __typename ... on Workspace { locationEntries {
   name loadStatus locationOrLoadError { __typename ... on PythonError { message } } } } } }
 """
 ASSET_NODES = """
-query { assetNodes { assetKey { path } isExecutable isMaterializable } }
+query { assetNodes { assetKey { path } groupName isExecutable isMaterializable } }
 """
 SENSORS = """
 query Sensors($selector: RepositorySelector!) { sensorsOrError(repositorySelector: $selector) {
@@ -215,10 +215,14 @@ def test_materialize_all_then_incoming_drop_starts_a_data_run(
     # retraining_dataset is built for served traffic (drift_retrain_sensor starts it on a drift event); with
     # no traffic yet it fails by design, and lora_adapter, which declares it, would be skipped: the whole
     # graph but that asset is what a first 'Materialize all' can make (known gap, see the closing note).
+    # The data_shards group is partitioned by source shard: it runs per partition (a backfill over
+    # registered shards, test_data_shards.py), never in one unpartitioned run.
     asset_paths = [
         node["assetKey"]["path"]
         for node in nodes
-        if node["isMaterializable"] and node["assetKey"]["path"][-1] != "retraining_dataset"
+        if node["isMaterializable"]
+        and node["assetKey"]["path"][-1] != "retraining_dataset"
+        and node["groupName"] != "data_shards"
     ]
     names = {path[-1] for path in asset_paths}
     assert {"raw_dataset", "dataset_splits", "drift_report"} <= names, sorted(names)

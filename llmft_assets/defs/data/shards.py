@@ -66,6 +66,22 @@ def register_source_shards(
     return keys
 
 
+def shard_run_requests(
+    storage: StorageResource, source: str, *, run_key: str, tags: dict[str, str]
+) -> tuple[list[str], list[dg.RunRequest]]:
+    """Record `source`'s files as shards (an incoming drop: its files) and one shard_job run per shard;
+    the caller adds the returned keys as partitions (a sensor: `dynamic_partitions_requests`)."""
+    from llmft_assets.data.shards import list_source_shards, register_shards
+
+    s3_client = storage.s3.get_client() if source.startswith("s3://") else None
+    keys = register_shards(storage.backend(), list_source_shards(source, None, s3_client))
+    requests = [
+        dg.RunRequest(run_key=f"{run_key}-{key}", job_name="shard_job", partition_key=key, tags=tags)
+        for key in keys
+    ]
+    return keys, requests
+
+
 @dg.op(description="List a source's files and add each as a partition of source_shards.")
 def register_source_shards_op(
     context: dg.OpExecutionContext, config: RegisterShardsConfig, storage: StorageResource
