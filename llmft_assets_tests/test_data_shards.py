@@ -297,3 +297,63 @@ def test_an_incoming_drop_becomes_shard_partitions_when_sharded(
         str(drop / "part-0.jsonl"),
         str(drop / "part-1.jsonl"),
     ]
+
+
+@pytest.mark.slow
+def test_the_sample_as_two_shards_assembles_todays_pinned_splits(llmft_home: Path, tmp_path: Path) -> None:
+    """The bundled sample registered from the UI's register_shards_job is two shards (v0, v1); assembled,
+    they give byte-for-byte the rows, ids, tokens and splits dataset_splits gives today (the pinned
+    fingerprints of test_data_outputs_unchanged.py)."""
+    from llmft_assets.definitions import SHARDED_DATA_ASSETS, build_resources, defs
+    from llmft_assets.defs.data.shards import SHARD_ASSETS
+    from llmft_assets_tests.data_fingerprints import SAMPLE_RUN_CONFIG, table_fingerprint
+    from llmft_assets_tests.test_data_outputs_unchanged import FIXTURE
+
+    (tmp_path / "dagster_home").mkdir()
+    instance = dg.DagsterInstance.local_temp(str(tmp_path / "dagster_home"))
+    registered = defs.resolve_job_def("register_shards_job").execute_in_process(
+        run_config={"ops": {"register_source_shards_op": {"config": {"source": "sample", "config": "all"}}}},
+        instance=instance,
+    )
+    assert registered.success
+    assert instance.get_dynamic_partitions("source_shards") == ["sample-v0", "sample-v1"]
+    ops = SAMPLE_RUN_CONFIG["ops"]
+    configs = {
+        "base_model": ops["base_model"],
+        "shard_raw_dataset": {"config": {"batch_size": 500}},
+        "shard_tokenized_dataset": ops["tokenized_dataset"],
+        "sharded_dataset_splits": ops["dataset_splits"],
+    }
+
+    def run(selection: list[str], partition_key: str | None = None) -> bool:
+        return dg.materialize(
+            SHARDED_DATA_ASSETS,
+            selection=selection,
+            partition_key=partition_key,
+            resources=build_resources(),
+            run_config={"ops": {name: configs[name] for name in selection if name in configs}},
+            instance=instance,
+        ).success
+
+    assert run(["base_model"])
+    for key in ("sample-v0", "sample-v1"):
+        assert run(list(SHARD_ASSETS), key)
+    assert run(["sharded_dataset_splits"])
+    expected = json.loads(FIXTURE.read_text())
+    root = llmft_home / "storage"
+    version = latest_version(open_storage(str(root)), "assets/sharded_dataset_splits")
+    for name in ("train", "validation", "test"):
+        got = table_fingerprint(root / "assets" / "sharded_dataset_splits" / str(version) / f"{name}.parquet")
+        assert got == expected[f"dataset_splits/{name}.parquet"], (
+            f"{name} differs from today's dataset_splits"
+        )
+
+
+@pytest.mark.parametrize(("value", "executor"), [("k8s", "k8s"), ("", "multiprocess")])
+def test_shard_job_executor_is_chosen_by_setting(
+    monkeypatch: pytest.MonkeyPatch, value: str, executor: str
+) -> None:
+    from llmft_assets.defs.data.shards import _shard_executor
+
+    monkeypatch.setenv("LLMFT_SHARD_EXECUTOR", value)
+    assert _shard_executor().name == executor

@@ -85,10 +85,10 @@ def shard_run_requests(
 @dg.op(description="List a source's files and add each as a partition of source_shards.")
 def register_source_shards_op(
     context: dg.OpExecutionContext, config: RegisterShardsConfig, storage: StorageResource
-) -> list[str]:
+) -> None:
+    # No output: the partitions are the result (nothing for the artifact IO manager to publish).
     keys = register_source_shards(context.instance, storage, config.source, config.config)
     context.log.info(f"{config.source}: {len(keys)} shard(s) registered: {', '.join(keys)}")
-    return keys
 
 
 @dg.job(
