@@ -357,3 +357,50 @@ def test_shard_job_executor_is_chosen_by_setting(
 
     monkeypatch.setenv("LLMFT_SHARD_EXECUTOR", value)
     assert _shard_executor().name == executor
+
+
+def test_shards_of_an_s3_prefix_run_and_assemble_on_s3_storage(
+    llmft_home: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Source and storage on S3: one shard per object, each partition published under its own prefix."""
+    import boto3
+
+    from llmft_assets.definitions import SHARDED_DATA_ASSETS, build_resources
+    from llmft_assets.defs.data.shards import SHARD_ASSETS, register_source_shards
+
+    monkeypatch.setenv("LLMFT_STORAGE", f"s3://{s3_bucket}/llmft")
+    client = boto3.client("s3")
+    rows = _sample_rows(24)
+    for name, part in (("x.jsonl", rows[:12]), ("y.jsonl", rows[12:])):
+        body = "".join(json.dumps(row) + "\n" for row in part).encode()
+        client.put_object(Bucket=s3_bucket, Key=f"raw/{name}", Body=body)
+    resources = build_resources()
+    with dg.instance_for_test() as instance:
+        keys = register_source_shards(instance, resources["storage"], f"s3://{s3_bucket}/raw/")
+        assert [key.rsplit("-", 1)[0] for key in keys] == ["x", "y"]
+        assert read_shard(resources["storage"].backend(), keys[1]).source == f"s3://{s3_bucket}/raw/y.jsonl"
+
+        def run(selection: list[str], partition_key: str | None = None) -> dg.ExecuteInProcessResult:
+            configs = {
+                "base_model": {"config": {"pretrain_steps": 0}},
+                "shard_tokenized_dataset": {"config": {"max_seq_len": 512, "workers": 1}},
+            }
+            return dg.materialize(
+                SHARDED_DATA_ASSETS,
+                selection=selection,
+                partition_key=partition_key,
+                resources=resources,
+                run_config={"ops": {name: configs[name] for name in selection if name in configs}},
+                instance=instance,
+            )
+
+        assert run(["base_model"]).success
+        for key in keys:
+            assert run(list(SHARD_ASSETS), key).success
+        assembled = run(["sharded_dataset_splits"])
+    assert assembled.success
+    meta = _metadata(assembled, "sharded_dataset_splits")
+    assert (meta["rows_in"], meta["rows_out"], meta["cross_shard_duplicates"]) == (24, 24, 0)
+    listed = client.list_objects_v2(Bucket=s3_bucket, Prefix="llmft/assets/shard_tokenized_dataset/")
+    pointers = sorted(item["Key"] for item in listed["Contents"] if item["Key"].endswith("LATEST.json"))
+    assert pointers == [f"llmft/assets/shard_tokenized_dataset/{key}/LATEST.json" for key in keys]
