@@ -233,19 +233,30 @@ def test_a_shard_reads_back_from_its_key_and_an_unknown_key_fails(tmp_path: Path
         read_shard(backend, "../etc")
 
 
-def test_assembly_without_shards_fails_clearly(llmft_home: Path) -> None:
+@pytest.mark.parametrize("registered", [False, True])
+def test_assembly_without_every_shard_fails_clearly(llmft_home: Path, registered: bool) -> None:
     from llmft_assets.definitions import SHARDED_DATA_ASSETS, build_resources
+    from llmft_assets.defs.data.shards import register_source_shards
 
-    result = dg.materialize(
-        SHARDED_DATA_ASSETS,
-        selection=["sharded_dataset_splits"],
-        resources=build_resources(),
-        instance=dg.DagsterInstance.ephemeral(),
-        raise_on_error=False,
-    )
+    resources = build_resources()
+    with dg.instance_for_test() as instance:
+        if registered:  # registered, never materialized
+            register_source_shards(instance, resources["storage"], "sample", "all")
+        result = dg.materialize(
+            SHARDED_DATA_ASSETS,
+            selection=["sharded_dataset_splits"],
+            resources=resources,
+            instance=instance,
+            raise_on_error=False,
+        )
     assert not result.success
     (failure,) = [event for event in result.all_events if event.is_step_failure]
-    assert "no tokenized shard to assemble" in str(failure.event_specific_data.error)
+    expected = (
+        "shard_tokenized_dataset[sample-v0] was never materialized"
+        if registered
+        else "no tokenized shard to assemble"
+    )
+    assert expected in str(failure.event_specific_data.error)
 
 
 @pytest.mark.parametrize("sharded", [True, False])

@@ -24,6 +24,7 @@ from dagster_aws.s3 import S3Resource
 from llmft_assets import settings
 from llmft_assets.manifests import Manifest
 from llmft_assets.storage import StorageBackend, fetch_artifact, open_storage, publish_directory
+from llmft_assets.storage.backend import ObjectNotFound
 from llmft_assets.storage.publish import FileEntry, content_version, describe_directory
 
 
@@ -159,10 +160,19 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
             context.add_input_metadata({"version": handle.version, "pinned_by": "latest of this partition"})
             return handle
         # Read whole (AllPartitionMapping): the versions read are the downstream artifact's to record.
-        return {
-            partition: self._handle(key, partition, pinned_partition_version(context, key, partition))
-            for partition in sorted(context.asset_partition_keys)
-        }
+        handles = {}
+        for partition in sorted(context.asset_partition_keys):
+            try:
+                handles[partition] = self._handle(
+                    key, partition, pinned_partition_version(context, key, partition)
+                )
+            except ObjectNotFound as exc:
+                raise dg.Failure(
+                    description=f"{key.to_user_string()}[{partition}] was never materialized: materialize "
+                    "every partition (a backfill) before the asset that reads them all",
+                    allow_retries=False,
+                ) from exc
+        return handles
 
     def _handle(self, key: dg.AssetKey, partition: str | None, version: str | None) -> ArtifactHandle:
         artifact, path = fetch_artifact(
