@@ -415,3 +415,23 @@ def test_shards_of_an_s3_prefix_run_and_assemble_on_s3_storage(
     listed = client.list_objects_v2(Bucket=s3_bucket, Prefix="llmft/assets/shard_tokenized_dataset/")
     pointers = sorted(item["Key"] for item in listed["Contents"] if item["Key"].endswith("LATEST.json"))
     assert pointers == [f"llmft/assets/shard_tokenized_dataset/{key}/LATEST.json" for key in keys]
+
+
+def test_a_partition_without_a_registered_shard_fails_without_retry(llmft_home: Path) -> None:
+    from llmft_assets.definitions import SHARDED_DATA_ASSETS, build_resources
+
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("source_shards", ["ghost"])  # added by hand, never registered
+        result = dg.materialize(
+            SHARDED_DATA_ASSETS,
+            selection=["shard_raw_dataset"],
+            partition_key="ghost",
+            resources=build_resources(),
+            instance=instance,
+            raise_on_error=False,
+        )
+    assert not result.success
+    (failure,) = [event for event in result.all_events if event.is_step_failure]
+    error = failure.event_specific_data.error
+    assert error is not None and "shard_raw_dataset[ghost]: shard 'ghost' is not registered" in error.message
+    assert not list(llmft_home.glob("storage/assets/shard_raw_dataset/*"))
