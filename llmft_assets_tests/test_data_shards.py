@@ -435,3 +435,30 @@ def test_a_partition_without_a_registered_shard_fails_without_retry(llmft_home: 
     error = failure.event_specific_data.error
     assert error is not None and "shard_raw_dataset[ghost]: shard 'ghost' is not registered" in error.message
     assert not list(llmft_home.glob("storage/assets/shard_raw_dataset/*"))
+
+
+@pytest.mark.parametrize("done", [["a", "b"], ["a"]])
+def test_the_assembly_starts_itself_once_every_shard_is_tokenized(done: list[str]) -> None:
+    from llmft_assets.definitions import defs
+
+    selection = dg.AssetSelection.assets("sharded_dataset_splits")
+    with dg.instance_for_test() as instance:
+        # No shard registered: nothing to assemble, nothing requested.
+        first = dg.evaluate_automation_conditions(defs, instance, asset_selection=selection)
+        assert first.get_num_requested(dg.AssetKey("sharded_dataset_splits")) == 0
+        instance.add_dynamic_partitions("source_shards", ["a", "b"])
+        for key in done:
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization(asset_key="shard_tokenized_dataset", partition=key)
+            )
+        second = dg.evaluate_automation_conditions(
+            defs, instance, asset_selection=selection, cursor=first.cursor
+        )
+        requested = second.get_num_requested(dg.AssetKey("sharded_dataset_splits"))
+        assert requested == (1 if done == ["a", "b"] else 0)
+        if requested:  # assembled: the next evaluation asks for nothing more
+            instance.report_runless_asset_event(dg.AssetMaterialization(asset_key="sharded_dataset_splits"))
+            third = dg.evaluate_automation_conditions(
+                defs, instance, asset_selection=selection, cursor=second.cursor
+            )
+            assert third.get_num_requested(dg.AssetKey("sharded_dataset_splits")) == 0

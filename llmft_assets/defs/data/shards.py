@@ -224,12 +224,24 @@ def shard_tokenized_dataset(
     )
 
 
+# sharded_dataset_splits assembles itself once a shard was (re)tokenized and no shard is missing or still
+# running: after a backfill over every shard, or after an incoming drop's shard runs, one assembly. Not
+# `eager()`: that would also request it while no shard is registered at all (a run bound to fail).
+ASSEMBLE_WHEN_SHARDS_DONE = (
+    dg.AutomationCondition.any_deps_updated().since_last_handled()
+    & ~dg.AutomationCondition.any_deps_missing()
+    & ~dg.AutomationCondition.any_deps_in_progress()
+    & ~dg.AutomationCondition.in_progress()
+)
+
+
 @dg.asset(
     group_name=SHARD_GROUP,
     owners=OWNERS,
     kinds={"parquet"},
     code_version="1",
     ins={"shard_tokenized_dataset": dg.AssetIn(partition_mapping=dg.AllPartitionMapping())},
+    automation_condition=ASSEMBLE_WHEN_SHARDS_DONE,
 )
 def sharded_dataset_splits(
     context: dg.AssetExecutionContext,
