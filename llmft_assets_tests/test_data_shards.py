@@ -220,6 +220,25 @@ def test_sample_shards_are_its_configs_and_a_folder_its_files(tmp_path: Path) ->
         list_source_shards("ServiceNow-AI/R1-Distill-SFT")
 
 
+def test_registering_a_source_that_cannot_be_listed_fails_without_retry(tmp_path: Path) -> None:
+    from llmft_assets.definitions import defs
+
+    with dg.instance_for_test() as instance:
+        result = defs.resolve_job_def("register_shards_job").execute_in_process(
+            run_config={"ops": {"register_source_shards_op": {"config": {"source": str(tmp_path / "nope")}}}},
+            instance=instance,
+            raise_on_error=False,
+        )
+        assert instance.get_dynamic_partitions("source_shards") == []
+    assert not result.success
+    (failure,) = [event for event in result.all_events if event.is_step_failure]
+    error = failure.event_specific_data.error
+    assert (
+        error is not None
+        and f"register_shards_job: no such file or directory: {tmp_path / 'nope'}" in error.message
+    )
+
+
 def test_a_shard_reads_back_from_its_key_and_an_unknown_key_fails(tmp_path: Path) -> None:
     backend = open_storage(str(tmp_path / "storage"))
     shard = SourceShard(

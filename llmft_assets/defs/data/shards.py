@@ -87,7 +87,12 @@ def register_source_shards_op(
     context: dg.OpExecutionContext, config: RegisterShardsConfig, storage: StorageResource
 ) -> None:
     # No output: the partitions are the result (nothing for the artifact IO manager to publish).
-    keys = register_source_shards(context.instance, storage, config.source, config.config)
+    from llmft_assets.data.raw_sources import DataSourceError
+
+    try:
+        keys = register_source_shards(context.instance, storage, config.source, config.config)
+    except (DataSourceError, ValueError) as exc:
+        raise dg.Failure(description=f"register_shards_job: {exc}", allow_retries=False) from exc
     context.log.info(f"{config.source}: {len(keys)} shard(s) registered: {', '.join(keys)}")
 
 
