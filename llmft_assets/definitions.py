@@ -12,6 +12,7 @@ from dagster_aws.s3 import S3Resource
 
 import llmft_assets.defs
 from llmft_assets.defs.data import assets as data_assets
+from llmft_assets.defs.data import shards as shard_assets
 from llmft_assets.defs.evaluation.assets import eval_report
 from llmft_assets.defs.mlflow_resource import MlflowResource
 from llmft_assets.defs.serving.assets import model_bento
@@ -27,6 +28,15 @@ DATA_ASSETS = [
     data_assets.base_model,
     data_assets.tokenized_dataset,
     data_assets.dataset_splits,
+]
+# The data chain partitioned by source shard, its assembly, and the base model it tokenizes with.
+SHARDED_DATA_ASSETS = [
+    shard_assets.shard_raw_dataset,
+    shard_assets.shard_cleaned_dataset,
+    shard_assets.shard_validated_dataset,
+    shard_assets.shard_tokenized_dataset,
+    shard_assets.sharded_dataset_splits,
+    data_assets.base_model,
 ]
 TRAINING_ASSETS = [lora_adapter, eval_report]
 SERVING_ASSETS = [model_bento]

@@ -59,8 +59,12 @@ class SplitsManifest(Manifest):
     near_duplicate_jaccard: float | None = None
     near_duplicates_moved_to_train: int | None = None
     upstream: str | None = None
-    """The tokenized_dataset version the splits were cut from."""
+    """The tokenized_dataset version the splits were cut from (`key@version,...` for sharded splits)."""
     dataset: dict[str, Any] | None = None
+    shards: dict[str, str] | None = None
+    """sharded_dataset_splits: each source shard (partition key) -> the tokenized shard version it read."""
+    assembly: dict[str, Any] | None = None
+    """sharded_dataset_splits: the cross-shard row accounting (rows_in = rows_out + quarantined + duplicates)."""
 
 
 @dataclass(frozen=True)

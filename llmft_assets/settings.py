@@ -48,6 +48,9 @@ class Settings(BaseModel):
     data_max_runtime_s: int = Field(4 * 3600, ge=60, description="dagster/max_runtime of data_job")
     train_max_runtime_s: int = Field(24 * 3600, ge=60, description="dagster/max_runtime of train_job")
     train_executor: Literal["in_process", "k8s"] = Field("in_process", description="train_job's executor")
+    shard_executor: Literal["multiprocess", "k8s"] = Field(
+        "multiprocess", description="shard_job's executor (k8s: each step of a shard run in its own pod)"
+    )
     # ---- evaluation
     eval_backend: Literal["auto", "vllm", "transformers"] = Field(
         "auto", description="where eval_report generates answers (vllm needs vLLM and a GPU)"
@@ -56,6 +59,10 @@ class Settings(BaseModel):
     retrain_cooldown_hours: float = Field(24.0, ge=0.0, description="spacing of drift retrainings")
     incoming_sensor_interval_s: int = Field(60, ge=5)
     incoming_max_runs: int = Field(2, ge=1, description="data_job runs from incoming drops at once")
+    incoming_sharded: bool = Field(
+        False,
+        description="each incoming drop's files become source_shards partitions, one shard_job run each",
+    )
     drift_sensor_interval_s: int = Field(60, ge=5)
     drift_schedule_cron: str = Field("0 6 * * *")
     drift_freshness_hours: float = Field(

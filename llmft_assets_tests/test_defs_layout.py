@@ -37,8 +37,22 @@ ASSET_KEYS = {
     "merged_model",
     "drift_report",
     "retraining_dataset",
+    # The data chain partitioned by source shard (defs/data/shards.py) and its assembly.
+    "shard_raw_dataset",
+    "shard_cleaned_dataset",
+    "shard_validated_dataset",
+    "shard_tokenized_dataset",
+    "sharded_dataset_splits",
 }
-JOBS = {"data_job", "train_job", "release_job", "drift_job", "retraining_dataset_job"}
+JOBS = {
+    "data_job",
+    "train_job",
+    "release_job",
+    "drift_job",
+    "retraining_dataset_job",
+    "shard_job",
+    "register_shards_job",
+}
 SENSORS = {
     "default_automation_condition_sensor",  # evaluates model_bento's release-after-eval condition
     "train_sensor",
@@ -72,6 +86,11 @@ ASSET_DOMAIN = {
     "merged_model": "serving",
     "drift_report": "monitoring",
     "retraining_dataset": "monitoring",
+    "shard_raw_dataset": "data",
+    "shard_cleaned_dataset": "data",
+    "shard_validated_dataset": "data",
+    "shard_tokenized_dataset": "data",
+    "sharded_dataset_splits": "data",
 }
 MAX_ASSET_BODY_LINES = 30
 

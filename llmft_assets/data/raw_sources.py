@@ -296,6 +296,28 @@ def _local_files(source: str, config: str | None) -> list[tuple[Path, str]] | No
     raise DataSourceError(f"no such file or directory: {source}")
 
 
+def list_source_files(source: str, config: str | None, s3_client: Any = None) -> list[tuple[str, str | None]]:
+    """The files a source is made of, each as a source `iter_raw_batches` reads on its own: (source, config).
+
+    The bundled sample is one file per R1 config; a local file, glob or folder one per data file; an
+    s3:// prefix one per data object. A Hugging Face dataset id cannot be listed into files here
+    (DataSourceError): download its parquet files into a folder or an S3 prefix first.
+    """
+    _check_arguments(config, None, 1)
+    source = source.strip()
+    if source == SAMPLE_SOURCE:
+        return [(SAMPLE_SOURCE, name) for name in _configs(config)]
+    if source.startswith("s3://"):
+        return [(uri, None) for uri in _list_s3_objects(source, s3_client)]
+    files = None if source.startswith("hf:") else _local_files(source, config)
+    if files is None:
+        raise DataSourceError(
+            f"{source!r} is a Hugging Face dataset id: its files cannot be listed as shards here; "
+            "download its parquet files into a folder or an s3:// prefix and register that"
+        )
+    return [(str(path), None) for path, _ in files]
+
+
 def _iter_files(files: Iterable[tuple[Path, str]], batch_size: int, counts: StageCounts) -> Iterator[_Record]:
     for path, origin_name in files:
         yield from _iter_local_file(path, origin_name, batch_size, counts)
@@ -308,24 +330,43 @@ def _split_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix
 
 
-def _iter_s3(uri: str, s3_client: Any, batch_size: int, counts: StageCounts) -> Iterator[_Record]:
-    from botocore.exceptions import BotoCoreError, ClientError
-
+def _s3_client(s3_client: Any) -> Any:
     if s3_client is None:
         import boto3
 
         # The endpoint (MinIO, R2, a test server) comes from AWS_ENDPOINT_URL.
         s3_client = boto3.client("s3")
+    return s3_client
+
+
+def _list_s3_keys(uri: str, s3_client: Any) -> list[str]:
+    """The data objects' keys under an s3:// prefix, sorted; DataSourceError when there are none."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
     bucket, prefix = _split_s3_uri(uri)
     keys: list[str] = []
     try:
-        paginator = s3_client.get_paginator("list_objects_v2")
+        paginator = _s3_client(s3_client).get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
             keys.extend(item["Key"] for item in page.get("Contents", []) if _is_supported(item["Key"]))
     except (ClientError, BotoCoreError) as error:
         raise DataSourceError(f"cannot list {uri}: {error}") from error
     if not keys:
         raise DataSourceError(f"no .jsonl/.json/.parquet objects under {uri}")
+    return sorted(keys)
+
+
+def _list_s3_objects(uri: str, s3_client: Any) -> list[str]:
+    bucket, _ = _split_s3_uri(uri)
+    return [f"s3://{bucket}/{key}" for key in _list_s3_keys(uri, s3_client)]
+
+
+def _iter_s3(uri: str, s3_client: Any, batch_size: int, counts: StageCounts) -> Iterator[_Record]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    s3_client = _s3_client(s3_client)
+    bucket, _ = _split_s3_uri(uri)
+    keys = _list_s3_keys(uri, s3_client)
     with tempfile.TemporaryDirectory(prefix="llmft-raw-") as temp_dir:
         for key in sorted(keys):
             origin_name = f"s3://{bucket}/{key}"

@@ -103,8 +103,12 @@ def stage_raw(
     staging: Path,
     s3_client: Any,
     log: Log,
+    described_as: tuple[str, str | None] | None = None,
 ) -> StageResult:
     """R1-Distill-SFT rows as read from `source`, one JSON payload per row; unparseable input quarantined.
+
+    `described_as`: the (source, config) the dataset description and licence name, when `source` is one
+    shard of a larger source (default: `source`, `config`).
 
     Raises DataSourceError / ValueError for a source that cannot be read at all (before writing anything).
     """
@@ -136,10 +140,11 @@ def stage_raw(
             )
             quarantine_sink.write_rows(batch.quarantine)
             progress(counts)
-    license_ = dataset_license(source, license_override)
+    dataset_source, dataset_config = described_as or (source, config)
+    license_ = dataset_license(dataset_source, license_override)
     # Which data this is and under what licence travels with every derived artifact, to the BOM.
     dataset = DatasetDescription(
-        source=source, config=config, license=license_.license, license_source=license_.source
+        source=dataset_source, config=dataset_config, license=license_.license, license_source=license_.source
     )
     manifest = _finished(counts, source=source, config=config, dataset=dataset.to_dict())
     return StageResult(counts=counts, manifest=manifest, warnings=list(counts.warnings))

@@ -13,6 +13,7 @@ from typing import Any
 import dagster as dg
 import pyarrow.parquet as pq
 
+from llmft_assets.data.shards import AssemblyResult
 from llmft_assets.data.splits import SplitSettings
 from llmft_assets.data.stage import SPLIT_NAMES, SplitResult, StageResult, TokenizeResult, split_path
 
@@ -151,6 +152,35 @@ def splits_metadata(
         "near_duplicates_moved_to_train": manifest.near_duplicates_moved_to_train,
         "near_duplicates_joined_eval_split": result.near_duplicates_joined_eval_split,
         "upstream_version": upstream_version,
+    }
+
+
+def sharded_splits_metadata(result: AssemblyResult, staging: Path, rule: SplitSettings) -> dict[str, Any]:
+    """sharded_dataset_splits (`llmft_assets.data.shards.AssemblyResult`): the splits, plus the cross-shard
+    accounting (rows in = kept + repeated ids quarantined + cross-shard duplicates) and rows per shard."""
+    counts = result.counts
+    manifest = result.manifest
+    return {
+        **table_metadata(split_path(staging, "train"), sum(manifest.rows.values())),
+        **{f"{name}_rows": manifest.rows[name] for name in SPLIT_NAMES},
+        **{f"{name}_tokens": manifest.tokens[name] for name in SPLIT_NAMES},
+        "shards": len(result.rows_per_shard),
+        "rows_in": counts.rows_in,
+        "rows_out": counts.rows_out,
+        "cross_shard_duplicates": counts.duplicates,
+        "repeated_ids_quarantined": counts.quarantined,
+        "counts_balance": dg.MetadataValue.md(
+            f"**{counts.rows_in}** rows from the shards = **{counts.rows_out}** split + **{counts.quarantined}**"
+            f" repeated ids quarantined + **{counts.duplicates}** cross-shard duplicates dropped"
+        ),
+        "rows_per_shard": markdown_table(
+            ["shard", "tokenized version", "rows kept"],
+            [[key, manifest.shards[key], rows] for key, rows in result.rows_per_shard.items()],
+        ),
+        "split_rule": f"sha256(salt={rule.salt!r}, normalized first user turn): test {rule.test_fraction}, "
+        f"validation {rule.validation_fraction}; near duplicates kept together",
+        "near_duplicates_moved_to_train": manifest.near_duplicates_moved_to_train,
+        "near_duplicates_joined_eval_split": result.near_duplicates_joined_eval_split,
     }
 
 

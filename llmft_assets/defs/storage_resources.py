@@ -24,6 +24,7 @@ from dagster_aws.s3 import S3Resource
 from llmft_assets import settings
 from llmft_assets.manifests import Manifest
 from llmft_assets.storage import StorageBackend, fetch_artifact, open_storage, publish_directory
+from llmft_assets.storage.backend import ObjectNotFound
 from llmft_assets.storage.publish import FileEntry, content_version, describe_directory
 
 
@@ -106,8 +107,15 @@ class StorageResource(dg.ConfigurableResource):
         return path
 
 
-def asset_prefix(asset_key: dg.AssetKey) -> str:
-    return "assets/" + "/".join(asset_key.path)
+def asset_prefix(asset_key: dg.AssetKey, partition_key: str | None = None) -> str:
+    """`assets/<key>`, or `assets/<key>/<partition>` for one partition of a partitioned asset: each
+    partition has its own immutable versions and its own LATEST pointer."""
+    prefix = "assets/" + "/".join(asset_key.path)
+    return f"{prefix}/{partition_key}" if partition_key is not None else prefix
+
+
+def _output_partition(context: dg.OutputContext) -> str | None:
+    return context.asset_partition_key if context.has_asset_partitions else None
 
 
 class ArtifactIOManager(dg.ConfigurableIOManager):
@@ -121,7 +129,7 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
         backend = self.storage.backend()
         published = publish_directory(
             backend,
-            asset_prefix(context.asset_key),
+            asset_prefix(context.asset_key, _output_partition(context)),
             obj.path,
             metadata=obj.metadata,
             entries=obj.entries,
@@ -137,19 +145,39 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
         )
         shutil.rmtree(obj.path, ignore_errors=True)
 
-    def load_input(self, context: dg.InputContext) -> ArtifactHandle:
+    def load_input(self, context: dg.InputContext) -> "ArtifactHandle | dict[str, ArtifactHandle]":
+        """One artifact; for a partitioned upstream read by a partitioned asset, the same partition's; for
+        one read whole (AllPartitionMapping), {partition key: artifact} over all its partitions."""
         key = context.upstream_output.asset_key if context.upstream_output else context.asset_key
-        version, pinned_by = pinned_input_version(context, key)
+        if not context.has_asset_partitions:
+            version, pinned_by = pinned_input_version(context, key)
+            handle = self._handle(key, None, version)
+            context.add_input_metadata({"version": handle.version, "pinned_by": pinned_by})
+            return handle
+        if context.has_partition_key:  # a partitioned asset reads its own partition of the upstream
+            partition = context.partition_key
+            handle = self._handle(key, partition, pinned_partition_version(context, key, partition))
+            context.add_input_metadata({"version": handle.version, "pinned_by": "latest of this partition"})
+            return handle
+        # Read whole (AllPartitionMapping): the versions read are the downstream artifact's to record.
+        handles = {}
+        for partition in sorted(context.asset_partition_keys):
+            try:
+                handles[partition] = self._handle(
+                    key, partition, pinned_partition_version(context, key, partition)
+                )
+            except ObjectNotFound as exc:
+                raise dg.Failure(
+                    description=f"{key.to_user_string()}[{partition}] was never materialized: materialize "
+                    "every partition (a backfill) before the asset that reads them all",
+                    allow_retries=False,
+                ) from exc
+        return handles
+
+    def _handle(self, key: dg.AssetKey, partition: str | None, version: str | None) -> ArtifactHandle:
         artifact, path = fetch_artifact(
-            self.storage.backend(), asset_prefix(key), self.storage.cache_dir(), version=version
+            self.storage.backend(), asset_prefix(key, partition), self.storage.cache_dir(), version=version
         )
-        input_metadata = {"version": artifact.version, "pinned_by": pinned_by}
-        if context.has_asset_partitions and len(context.asset_partition_keys) != 1:
-            # A partitioned input read whole (drift_check on drift_report): Dagster records input metadata
-            # per partition, and one artifact version is not the version of every partition.
-            context.log.info(f"{key.to_user_string()} input: {input_metadata}")
-        else:
-            context.add_input_metadata(input_metadata)
         return ArtifactHandle(
             asset=key.to_user_string(),
             version=artifact.version,
@@ -198,3 +226,18 @@ def pinned_input_version(context: dg.InputContext, key: dg.AssetKey) -> tuple[st
         "storage pointer (LATEST.json)"
     )
     return None, "storage pointer (not recorded in this instance)"
+
+
+def pinned_partition_version(context: dg.InputContext, key: dg.AssetKey, partition: str) -> str | None:
+    """The version of one partition of `key` to read: the latest materialization Dagster recorded for that
+    partition (this run's, if it made one); None (the partition's storage pointer) when none is recorded."""
+    from dagster._core.errors import DagsterInvariantViolationError
+
+    try:
+        instance = context.step_context.instance
+    except DagsterInvariantViolationError:  # an input context built outside a run (unit tests)
+        return None
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1
+    ).records
+    return _version_of(records[0].event_log_entry) if records else None
