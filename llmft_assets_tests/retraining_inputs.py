@@ -20,6 +20,7 @@ from llmft_assets.storage.publish import publish_directory
 from llmft_assets_tests.test_monitoring_asset import log_requests
 
 WINDOW_END = datetime(2025, 3, 10, 12, 0, tzinfo=UTC)
+DRIFT_DAY = "2025-03-10"  # the drift_report partition the published report stands for
 UPSTREAM = [dg.SourceAsset(name) for name in ("drift_report", "dataset_splits", "tokenized_dataset")]
 TRAFFIC_PROMPTS = 100
 HELD_OUT_WORD = slice(4, 10)  # the word rows of the validation (4:6) and test (6:10) splits
@@ -38,13 +39,35 @@ def conversations(n: int, *, family: str, seed: int, schema: str = "v1") -> list
 
 
 def publish(
-    backend: StorageBackend, tmp_path: Path, asset: str, files: dict[str, pa.Table], **metadata: Any
+    backend: StorageBackend,
+    tmp_path: Path,
+    asset: str,
+    files: dict[str, pa.Table],
+    partition: str | None = None,
+    **metadata: Any,
 ) -> str:
     folder = tmp_path / asset
     folder.mkdir()
     for name, table in files.items():
         pq.write_table(table, folder / name, row_group_size=50)
-    return publish_directory(backend, f"assets/{asset}", folder, metadata=metadata).version
+    prefix = f"assets/{asset}" if partition is None else f"assets/{asset}/{partition}"
+    return publish_directory(backend, prefix, folder, metadata=metadata).version
+
+
+def instance_with_drift_report() -> dg.DagsterInstance:
+    """An ephemeral instance that recorded drift_report[DRIFT_DAY] at its published version (retraining_dataset
+    follows the newest day Dagster recorded a report for)."""
+    from llmft_assets import settings
+    from llmft_assets.storage import open_storage
+    from llmft_assets.storage.publish import latest_version
+
+    version = latest_version(open_storage(settings.storage_root()), f"assets/drift_report/{DRIFT_DAY}")
+    assert version is not None, "publish_retraining_inputs first"
+    instance = dg.DagsterInstance.ephemeral()
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization("drift_report", partition=DRIFT_DAY, metadata={"version": version})
+    )
+    return instance
 
 
 def publish_retraining_inputs(
@@ -55,10 +78,11 @@ def publish_retraining_inputs(
     word: list[dict[str, Any]],
     pool: pa.Table,
     **pool_metadata: Any,
-) -> None:
+) -> str:
     """dataset_splits (train: arithmetic[:200] + word[:4]; validation and test: the next arithmetic rows
     and word[HELD_OUT_WORD]), tokenized_dataset (`pool`, with `pool_metadata`), a drift_report over
-    [WINDOW_END - 3 days, WINDOW_END) and TRAFFIC_PROMPTS word-problem requests inside that window."""
+    [WINDOW_END - 3 days, WINDOW_END) (partition DRIFT_DAY; its version is returned) and TRAFFIC_PROMPTS
+    word-problem requests inside that window."""
     splits = {
         "train.parquet": tokenized(arithmetic[:200] + word[:4]),
         "validation.parquet": tokenized(arithmetic[200:210] + word[4:6]),
@@ -67,7 +91,14 @@ def publish_retraining_inputs(
     publish(backend, tmp_path, "dataset_splits", splits)
     publish(backend, tmp_path, "tokenized_dataset", {"data.parquet": pool}, **pool_metadata)
     window = {"start": (WINDOW_END - timedelta(days=3)).isoformat(), "end": WINDOW_END.isoformat()}
-    publish(backend, tmp_path, "drift_report", {"summary.json": tokenized([])}, summary={"window": window})
+    report = publish(
+        backend,
+        tmp_path,
+        "drift_report",
+        {"summary.json": tokenized([])},
+        DRIFT_DAY,
+        summary={"window": window},
+    )
     traffic = generate_rows(TRAFFIC_PROMPTS, schema="v0", seed=9, family="word")
     log_requests(
         backend,
@@ -76,3 +107,4 @@ def publish_retraining_inputs(
         spacing=timedelta(minutes=20),
         batch="shifted",
     )
+    return report

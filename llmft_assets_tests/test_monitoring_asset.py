@@ -455,7 +455,7 @@ def test_drift_report_on_s3_storage(
     metadata = report_metadata(result)
     assert metadata["status"] == "not_enough_data" and metadata["current_rows"] == 8
     html_uri = metadata["report_html"]
-    assert html_uri.startswith(f"{root}/assets/drift_report/{metadata['version']}/")
+    assert html_uri.startswith(f"{root}/assets/drift_report/{WINDOW_DAY}/{metadata['version']}/")
     key = html_uri[len(root) + 1 :]
     assert b"not enough data" in backend.get_bytes(key).lower()
     assert check_evaluation(result).passed

@@ -406,8 +406,10 @@ def test_real_failed_drift_check_is_seen_by_the_sensor(
     """drift_report + drift_check really materialized into the instance; the sensor reads that."""
     from datetime import timedelta
 
+    from llmft_assets.defs.monitoring.retraining import retraining_run_config
     from llmft_assets.storage import open_storage
     from llmft_assets_tests.test_monitoring_asset import (
+        WINDOW_DAY,
         WINDOW_END,
         log_requests,
         materialize_drift,
@@ -430,10 +432,33 @@ def test_real_failed_drift_check_is_seen_by_the_sensor(
     assert not evaluation.passed
     assert evaluation.metadata["alert"].value == "skipped (no webhook configured)"
 
-    requests, _, _ = _evaluate_drift(instance, None, repository)
+    requests, cursor, _ = _evaluate_drift(instance, None, repository)
     (request,) = requests
     version = evaluation.metadata["report_version"].value
     assert request.run_key == f"drift-{version}-retraining-dataset"
+    # The retraining follows the day whose check failed (the check is partitioned like the report).
+    assert request.run_config == retraining_run_config(WINDOW_DAY)
+    assert dg.validate_run_config(repository.get_job("retraining_dataset_job"), request.run_config)
+
+    # A backfill of an older day that drifted too: history, not a live drift event.
+    log_requests(
+        backend,
+        synthetic_pairs(120, shifted=True, seed=12),
+        start=WINDOW_END - timedelta(days=3),
+        spacing=timedelta(minutes=10),
+        batch="shifted-earlier",
+    )
+    older = materialize_drift(instance, day="2025-03-08")
+    (old_evaluation,) = older.get_asset_check_evaluations()
+    assert not old_evaluation.passed
+    cursor = RetrainCursor.parse(cursor)
+    cursor.pending, cursor.last_retrain_at = None, None  # that retraining done, no cooldown
+    requests, _, skip = _evaluate_drift(instance, cursor.dump(), repository)
+    old_version = old_evaluation.metadata["report_version"].value
+    assert requests == [] and skip == (
+        f"drift in report {old_version} for 2025-03-08, a day older than the newest report's ({WINDOW_DAY}): "
+        "a backfill of past traffic, not a live drift event"
+    )
 
 
 # ------------------------------------------------------------------------------------ schedule + alert

@@ -21,20 +21,52 @@ from llmft_assets.storage.incoming import plan_incoming_runs
 DAY = 24 * 3600.0
 
 
-def _drift(record_id: int = 7, report: str = "r1") -> CheckEvaluation:
-    return CheckEvaluation(record_id=record_id, passed=False, status="drift", report_version=report)
+def _drift(
+    record_id: int = 7, report: str = "r1", day: str | None = None, newest_day: str | None = None
+) -> CheckEvaluation:
+    return CheckEvaluation(
+        record_id=record_id,
+        passed=False,
+        status="drift",
+        report_version=report,
+        day=day,
+        newest_day=newest_day,
+    )
 
 
 def test_a_drift_verdict_starts_the_retraining_dataset_stage_and_remembers_it() -> None:
     cursor = RetrainCursor()
-    decision = on_check(cursor, _drift(), now=1000.0, cooldown_s=DAY)
-    assert (decision.start, decision.report_version, decision.skip_reason) == (
+    decision = on_check(cursor, _drift(day="2025-03-10", newest_day="2025-03-10"), now=1000.0, cooldown_s=DAY)
+    assert (decision.start, decision.report_version, decision.report_day, decision.skip_reason) == (
         "retraining_dataset",
         "r1",
+        "2025-03-10",
         None,
     )
     assert RetrainCursor.parse(decision.cursor) == RetrainCursor(
-        handled_check_id=7, last_retrain_at=1000.0, pending={"report_version": "r1", "requested_at": 1000.0}
+        handled_check_id=7,
+        last_retrain_at=1000.0,
+        pending={"report_version": "r1", "report_day": "2025-03-10", "requested_at": 1000.0},
+    )
+
+
+def test_drift_in_a_backfilled_old_day_is_history_not_a_retraining() -> None:
+    old = on_check(
+        RetrainCursor(), _drift(8, "r-old", "2025-03-02", "2025-03-10"), now=1000.0, cooldown_s=DAY
+    )
+    assert (old.start, old.skip_reason) == (
+        None,
+        "drift in report r-old for 2025-03-02, a day older than the newest report's (2025-03-10): a backfill "
+        "of past traffic, not a live drift event",
+    )
+    cursor = RetrainCursor.parse(old.cursor)
+    assert (cursor.handled_check_id, cursor.last_retrain_at, cursor.pending) == (8, None, None)
+    # The newest day's drift, evaluated next, starts the retraining (the old day did not use the cooldown).
+    newest = on_check(cursor, _drift(9, "r-new", "2025-03-10", "2025-03-10"), now=1001.0, cooldown_s=DAY)
+    assert (newest.start, newest.report_version, newest.report_day) == (
+        "retraining_dataset",
+        "r-new",
+        "2025-03-10",
     )
 
 

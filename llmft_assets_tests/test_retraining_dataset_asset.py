@@ -24,6 +24,7 @@ from llmft_assets_tests.retraining_inputs import (
     TRAFFIC_PROMPTS,
     UPSTREAM,
     conversations,
+    instance_with_drift_report,
     publish_retraining_inputs,
     tokenized,
 )
@@ -54,7 +55,7 @@ def _materialize(
         selection=dg.AssetSelection.assets(retraining_dataset),
         resources=build_resources(),
         run_config={"ops": {"retraining_dataset": {"config": config or {}}}},
-        instance=instance or dg.DagsterInstance.ephemeral(),
+        instance=instance or instance_with_drift_report(),
     )
 
 
@@ -110,7 +111,7 @@ def test_a_window_without_traffic_carries_the_current_splits_over_unchanged(
     backend = open_storage(str(llmft_home / "storage"))
     for key in list(backend.iter_keys("request_logs/")):
         backend.delete(key)
-    instance = dg.DagsterInstance.ephemeral()
+    instance = instance_with_drift_report()
     result = _materialize({"target_rows": 60}, instance)
     assert result.success
     metadata = _metadata(result)

@@ -25,6 +25,7 @@ from llmft_assets_tests.retraining_inputs import (
     HELD_OUT_WORD,
     UPSTREAM,
     conversations,
+    instance_with_drift_report,
     publish_retraining_inputs,
     tokenized,
 )
@@ -112,7 +113,7 @@ def materialize(pool: str, config: dict[str, Any] | None = None) -> tuple[dict[s
         selection=dg.AssetSelection.assets(retraining_dataset),
         resources=build_resources(),
         run_config={"ops": {"retraining_dataset": {"config": config or {**SELECTION, "pool": pool}}}},
-        instance=dg.DagsterInstance.ephemeral(),
+        instance=instance_with_drift_report(),
     )
     assert result.success
     (materialization,) = result.asset_materializations_for_node("retraining_dataset")
@@ -221,7 +222,7 @@ def test_a_pool_that_names_nothing_fails_with_a_clear_reason(storage: dict[str, 
             selection=dg.AssetSelection.assets(retraining_dataset),
             resources=build_resources(),
             run_config={"ops": {"retraining_dataset": {"config": {"pool": pool}}}},
-            instance=dg.DagsterInstance.ephemeral(),
+            instance=instance_with_drift_report(),
             raise_on_error=False,
         )
         assert not result.success

@@ -175,16 +175,40 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
         return handles
 
     def _handle(self, key: dg.AssetKey, partition: str | None, version: str | None) -> ArtifactHandle:
-        artifact, path = fetch_artifact(
-            self.storage.backend(), asset_prefix(key, partition), self.storage.cache_dir(), version=version
-        )
-        return ArtifactHandle(
-            asset=key.to_user_string(),
-            version=artifact.version,
-            uri=artifact.uri,
-            path=path,
-            metadata=artifact.metadata,
-        )
+        return artifact_handle(self.storage, key, partition, version)
+
+
+def artifact_handle(
+    storage: StorageResource, key: dg.AssetKey, partition: str | None, version: str | None
+) -> ArtifactHandle:
+    """One published version of `key` (of one partition), fetched; `version` None: its LATEST pointer."""
+    artifact, path = fetch_artifact(
+        storage.backend(), asset_prefix(key, partition), storage.cache_dir(), version=version
+    )
+    return ArtifactHandle(
+        asset=key.to_user_string(),
+        version=artifact.version,
+        uri=artifact.uri,
+        path=path,
+        metadata=artifact.metadata,
+    )
+
+
+def recorded_partition_artifact(
+    instance: dg.DagsterInstance, storage: StorageResource, key: dg.AssetKey, partition: str | None
+) -> tuple[str, ArtifactHandle]:
+    """(partition, artifact) of a partitioned asset read outside Dagster's input loading: `partition`, or
+    the newest (greatest key) partition Dagster recorded a materialization for, at the version it recorded.
+    Raises ValueError when there is none."""
+    if partition is None:
+        materialized = instance.get_materialized_partitions(key)
+        if not materialized:
+            raise ValueError(f"{key.to_user_string()} has no materialized partition yet")
+        partition = max(materialized)
+    version = _recorded_partition_version(instance, key, partition)
+    if version is None:
+        raise ValueError(f"{key.to_user_string()}[{partition}] was never materialized")
+    return partition, artifact_handle(storage, key, partition, version)
 
 
 def _version_of(record: Any) -> str | None:
@@ -237,6 +261,10 @@ def pinned_partition_version(context: dg.InputContext, key: dg.AssetKey, partiti
         instance = context.step_context.instance
     except DagsterInvariantViolationError:  # an input context built outside a run (unit tests)
         return None
+    return _recorded_partition_version(instance, key, partition)
+
+
+def _recorded_partition_version(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str) -> str | None:
     records = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1
     ).records

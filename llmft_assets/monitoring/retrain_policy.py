@@ -61,12 +61,15 @@ class RetrainCursor:
 
 @dataclass(frozen=True)
 class CheckEvaluation:
-    """The latest drift_check evaluation: its record id, verdict (None while planned) and report."""
+    """The latest drift_check evaluation: its record id, verdict (None while planned) and report; the day
+    (drift_report partition) it judged and the newest day any report exists for."""
 
     record_id: int
     passed: bool | None
     status: str | None
     report_version: str
+    day: str | None = None
+    newest_day: str | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ class RetrainDecision:
 
     start: str | None = None  # "retraining_dataset" or "train"
     report_version: str | None = None
+    report_day: str | None = None  # the drift_report partition the retraining follows
     data_run_id: str | None = None
     dataset_version: str | None = None  # the retraining_dataset a training run trains on
     skip_reason: str | None = None
@@ -115,6 +119,13 @@ def on_check(
             cursor=cursor.dump(),
         )
     report = check.report_version
+    if check.day and check.newest_day and check.day < check.newest_day:
+        # A backfilled old day: its traffic is history; what users ask now is in the newest day's report.
+        return RetrainDecision(
+            skip_reason=f"drift in report {report} for {check.day}, a day older than the newest report's "
+            f"({check.newest_day}): a backfill of past traffic, not a live drift event",
+            cursor=cursor.dump(),
+        )
     if cursor.last_retrain_at is not None and now - cursor.last_retrain_at < cooldown_s:
         until = datetime.fromtimestamp(cursor.last_retrain_at + cooldown_s, UTC).isoformat()
         return RetrainDecision(
@@ -122,10 +133,11 @@ def on_check(
             cursor=cursor.dump(),
         )
     cursor.last_retrain_at = now
-    cursor.pending = {"report_version": report, "requested_at": now}
+    cursor.pending = {"report_version": report, "report_day": check.day, "requested_at": now}
     return RetrainDecision(
         start=RETRAINING_DATASET,
         report_version=report,
+        report_day=check.day,
         cursor=cursor.dump(),
         log=f"drift in report {report}: building its retraining dataset, then training",
     )

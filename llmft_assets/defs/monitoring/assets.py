@@ -58,7 +58,9 @@ def drift_report(
             settings=config.to_domain(asset=DRIFT_REPORT),
             end=day_window_end(context.partition_key),
             staging=staging,
-            version_prefix=lambda version: f"{asset_prefix(context.asset_key)}/{version}",
+            version_prefix=lambda version: (
+                f"{asset_prefix(context.asset_key, context.partition_key)}/{version}"
+            ),
             log=context.log.info,
             warn=context.log.warning,
         )

@@ -7,7 +7,7 @@ import dagster as dg
 
 from llmft_assets import settings
 from llmft_assets.defs import metadata
-from llmft_assets.defs.monitoring.assets import DRIFT_REPORT
+from llmft_assets.defs.monitoring.assets import DRIFT_PARTITIONS, DRIFT_REPORT
 from llmft_assets.defs.storage_resources import ArtifactHandle
 from llmft_assets.manifests import DriftManifest
 
@@ -18,6 +18,8 @@ _SEVERITY = {"warn": dg.AssetCheckSeverity.WARN, "error": dg.AssetCheckSeverity.
 @dg.asset_check(
     asset=DRIFT_REPORT,
     name=DRIFT_CHECK,
+    # One verdict per day, on that day's report: the retraining sensor acts on the newest day only.
+    partitions_def=DRIFT_PARTITIONS,
     blocking=False,  # nothing downstream to protect; the retraining sensor reads the verdict
     description="Fails when the drift share of served traffic reaches the threshold (and alerts the "
     "webhook); passes with a WARN 'not enough data' when a window is too small to judge.",

@@ -22,12 +22,14 @@ from pydantic import Field
 from llmft_assets.data.stage import DATA_FILE
 from llmft_assets.defs import metadata
 from llmft_assets.defs.config_models import dagster_config
+from llmft_assets.defs.monitoring.assets import DRIFT_REPORT
 from llmft_assets.defs.owners import OWNERS
 from llmft_assets.defs.storage_resources import (
     ArtifactHandle,
     StagedArtifact,
     StorageResource,
     artifact_output,
+    recorded_partition_artifact,
 )
 from llmft_assets.manifests import DriftManifest, StageManifest
 from llmft_assets.monitoring.retrain_pool import DEFAULT_POOL, POOL_DESCRIPTION, POOL_TOKENIZED
@@ -48,22 +50,35 @@ RetrainingDatasetConfig = dagster_config(
         ),
         "batch_rows": (int, Field(default=10_000, gt=0, description="pool rows read per streamed batch")),
         "pool": (str, Field(default=DEFAULT_POOL, description=POOL_DESCRIPTION)),
+        "drift_day": (
+            str | None,
+            Field(
+                default=None,
+                description="the drift_report partition (YYYY-MM-DD) whose traffic to follow; None: the newest "
+                "day with a report (drift_retrain_sensor sets the day whose drift_check failed)",
+            ),
+        ),
     },
 )
 
 
-# drift_report is daily-partitioned; this asset is not: it follows the newest report (the one whose
-# drift_check started the retraining), drawn in the graph as the last partition.
+def retraining_run_config(drift_day: str | None) -> dict:
+    """retraining_dataset_job's run config following one day's drift report."""
+    return {"ops": {RETRAINING_DATASET: {"config": {"drift_day": drift_day}}}}
+
+
+# drift_report is daily-partitioned; this asset is not. It follows one day's report (config drift_day: the
+# day whose drift_check failed, else the newest day with a report), so it reads it itself; the graph draws
+# the dependency on the last partition.
 @dg.asset(
     group_name=RETRAINING_GROUP,
     owners=OWNERS,
     kinds={"parquet"},
-    ins={"drift_report": dg.AssetIn(partition_mapping=dg.LastPartitionMapping())},
+    deps=[dg.AssetDep(DRIFT_REPORT, partition_mapping=dg.LastPartitionMapping())],
 )
 def retraining_dataset(
     context: dg.AssetExecutionContext,
     config: RetrainingDatasetConfig,  # type: ignore[valid-type]
-    drift_report: ArtifactHandle,
     dataset_splits: ArtifactHandle,
     tokenized_dataset: ArtifactHandle,
     storage: StorageResource,
@@ -74,6 +89,7 @@ def retraining_dataset(
     from llmft_assets.data.raw_sources import DataSourceError
     from llmft_assets.monitoring.retraining_step import RetrainingInputs, build_retraining_dataset
 
+    drift_report = _drift_report(context, storage, config.drift_day)
     inputs = RetrainingInputs(
         drift_report_version=drift_report.version,
         drift_summary=drift_report.manifest(DriftManifest).summary,
@@ -100,6 +116,20 @@ def retraining_dataset(
     return artifact_output(
         StagedArtifact.of(staging, result.manifest), metadata=metadata.retraining_metadata(result)
     )
+
+
+def _drift_report(
+    context: dg.AssetExecutionContext, storage: StorageResource, day: str | None
+) -> ArtifactHandle:
+    try:
+        day, report = recorded_partition_artifact(context.instance, storage, dg.AssetKey(DRIFT_REPORT), day)
+    except ValueError as error:  # nothing to follow yet: one clear line, no retry can fix it
+        raise dg.Failure(
+            description=f"{RETRAINING_DATASET}: {error}; materialize a day of drift_report first",
+            allow_retries=False,
+        ) from error
+    context.log.info(f"following drift_report[{day}] {report.version}")
+    return report
 
 
 def _raw_pool(pool: str, tokenized_dataset: ArtifactHandle, storage: StorageResource) -> RawPoolInputs | None:

@@ -12,7 +12,7 @@ import dagster as dg
 from llmft_assets import settings
 from llmft_assets.defs.monitoring.assets import DRIFT_REPORT
 from llmft_assets.defs.monitoring.checks import DRIFT_CHECK
-from llmft_assets.defs.monitoring.retraining import retraining_dataset_job
+from llmft_assets.defs.monitoring.retraining import retraining_dataset_job, retraining_run_config
 from llmft_assets.defs.training.jobs import DRIFT_TRAIN_RUN_CONFIG, train_job
 from llmft_assets.defs.training.sensors import latest_metadata, latest_version
 from llmft_assets.monitoring.retrain_policy import (
@@ -38,11 +38,14 @@ def _latest_check(instance: dg.DagsterInstance) -> CheckEvaluation | None:
     check_metadata = dict(evaluation.metadata) if passed is not None else {}
     status = check_metadata.get("status")
     report = check_metadata.get("report_version")
+    days = instance.get_materialized_partitions(dg.AssetKey(DRIFT_REPORT))
     return CheckEvaluation(
         record_id=record.id,
         passed=passed,
         status=None if status is None else str(getattr(status, "value", status)),
         report_version=str(getattr(report, "value", report)) if report is not None else record.run_id,
+        day=record.partition,
+        newest_day=max(days) if days else None,
     )
 
 
@@ -82,7 +85,10 @@ def _run_request(decision: RetrainDecision) -> dg.RunRequest:
     tags = {TAG_TRIGGER: "drift", TAG_DRIFT_REPORT: report, TAG_RETRAIN_STAGE: str(decision.start)}
     if decision.start == RETRAINING_DATASET:
         return dg.RunRequest(
-            job_name=retraining_dataset_job.name, run_key=f"drift-{report}-retraining-dataset", tags=tags
+            job_name=retraining_dataset_job.name,
+            run_key=f"drift-{report}-retraining-dataset",
+            run_config=retraining_run_config(decision.report_day),
+            tags=tags,
         )
     return dg.RunRequest(
         job_name=train_job.name,
