@@ -321,3 +321,40 @@ def test_byte_spans_only_for_byte_level_tokenizers(tokenizer: Any) -> None:
     assert [byte_spans(t) is None for t in (lowercased, prefixed, stripping)] == [True, True, True]
     plain_spans = byte_spans(plain)
     assert plain_spans is not None and plain_spans.normal_form is None
+
+
+def test_token_tables_stream_one_pipeline_over_the_batches(
+    tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import llmft_assets.data.tokenization as tokenization
+    from llmft_assets.data.schema import CONVERSATION_SCHEMA
+    from llmft_assets.data.tokenization import iter_token_tables, tokenize_to_table
+
+    monkeypatch.setattr(tokenization, "ENCODE_CHUNK_ROWS", 2)
+    arrow = pa.Table.from_pylist([UNICODE_EDGES, SINGLE_TURN], schema=CONVERSATION_SCHEMA)
+    batches: list[Any] = [
+        [MULTI_TURN, SINGLE_TURN, UNICODE_EDGES],
+        [],
+        [SINGLE_TURN],
+        arrow,
+        arrow.to_batches()[0],
+    ]
+    pulled: list[int] = []
+
+    def source() -> Any:
+        for index, batch in enumerate(batches):
+            pulled.append(index)
+            yield batch
+
+    streamed = []
+    for table, counts in iter_token_tables(source(), tokenizer, max_seq_len=64):
+        if not streamed:
+            # The first batch comes out only once the next non-empty one is read and encoding.
+            assert pulled == [0, 1, 2]
+        streamed.append((table, counts))
+    assert len(streamed) == len(batches)
+    for batch, (table, counts) in zip(batches, streamed, strict=True):
+        alone = StageCounts(stage="tokenized")
+        assert table.equals(tokenize_to_table(batch, tokenizer, max_seq_len=64, counts=alone))
+        assert counts == alone
+    assert streamed[1][0].num_rows == 0 and streamed[1][1].rows_in == 0

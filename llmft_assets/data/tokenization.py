@@ -21,7 +21,8 @@ import contextlib
 import json
 import unicodedata
 import weakref
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -338,41 +339,71 @@ def _chunk_token_arrays_by_bytes(
             _append_row(ids, token_spans, max_seq_len, out)
 
 
-def _token_arrays(
-    rows: Sequence[dict[str, Any]], tokenizer: Any, max_seq_len: int
-) -> tuple[list[np.ndarray], list[np.ndarray], list[bool]]:
-    """Per row: input ids and labels (int32 arrays, cut at ``max_seq_len``) and whether it was cut.
+TokenArrays = tuple[list[np.ndarray], list[np.ndarray], list[bool]]
+
+
+def _token_arrays(rows: Sequence[dict[str, Any]], tokenizer: Any, max_seq_len: int) -> TokenArrays:
+    """Per row: input ids and labels (int32 arrays, cut at ``max_seq_len``) and whether it was cut."""
+    return next(_iter_token_arrays([rows], tokenizer, max_seq_len))
+
+
+@dataclass
+class _Batch:
+    out: TokenArrays
+    chunks_left: int
+
+
+def _iter_token_arrays(
+    batches: Iterable[Sequence[dict[str, Any]]], tokenizer: Any, max_seq_len: int
+) -> Iterator[TokenArrays]:
+    """`_token_arrays` of each batch, in order, with one encode pipeline over the whole stream.
 
     Chunk by chunk, the Rust encode (which releases the GIL) runs in a second thread while this one
     renders the next chunk and builds the previous chunk's labels: the Python work overlaps the encode
-    instead of leaving cores idle. At most two chunks of encodings (offsets and token strings, ~100 bytes
-    a token) are held at once.
+    instead of leaving cores idle. The next batch's first chunk is encoding while a finished batch is
+    yielded (and its table built and written by the caller), so the encoder never waits at a batch
+    boundary. At most two chunks of encodings are held at once.
     """
-    marker = assistant_end_marker(tokenizer)
-    out: tuple[list[np.ndarray], list[np.ndarray], list[bool]] = ([], [], [])
-    pending: tuple[Future[tuple[list[Any], bool]], Sequence[dict[str, Any]], list[str], Spans] | None = None
+    marker: str | None = None
+    waiting: deque[_Batch] = deque()  # batches not yet yielded, in input order
+    pending: tuple[Future[tuple[list[Any], bool]], Sequence[dict[str, Any]], list[str], Spans, _Batch] | None
+    pending = None
 
-    def finish(
-        chunk: tuple[Future[tuple[list[Any], bool]], Sequence[dict[str, Any]], list[str], Spans],
-    ) -> None:
-        encoding, chunk_rows, texts, spans = chunk
+    def finish() -> None:
+        assert pending is not None
+        encoding, chunk_rows, texts, spans, batch = pending
         encodings, by_bytes = encoding.result()
         if by_bytes:
-            _chunk_token_arrays_by_bytes(chunk_rows, texts, spans, encodings, tokenizer, max_seq_len, out)
+            _chunk_token_arrays_by_bytes(
+                chunk_rows, texts, spans, encodings, tokenizer, max_seq_len, batch.out
+            )
         else:
-            _chunk_token_arrays(chunk_rows, spans, encodings, max_seq_len, out)
+            _chunk_token_arrays(chunk_rows, spans, encodings, max_seq_len, batch.out)
+        batch.chunks_left -= 1
+
+    def finished() -> Iterator[TokenArrays]:
+        while waiting and waiting[0].chunks_left == 0:
+            yield waiting.popleft().out
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmft-encode") as encoder:
-        for start in range(0, len(rows), ENCODE_CHUNK_ROWS):
-            chunk = rows[start : start + ENCODE_CHUNK_ROWS]
-            texts, spans = assistant_char_spans(chunk, tokenizer, marker)
-            encoding = encoder.submit(_encode_chunk, tokenizer, texts)
-            if pending is not None:
-                finish(pending)
-            pending = (encoding, chunk, texts, spans)
+        for rows in batches:
+            batch = _Batch(out=([], [], []), chunks_left=-(-len(rows) // ENCODE_CHUNK_ROWS))
+            waiting.append(batch)
+            for start in range(0, len(rows), ENCODE_CHUNK_ROWS):
+                if marker is None:
+                    _check_tokenizer(tokenizer)
+                    marker = assistant_end_marker(tokenizer)
+                chunk = rows[start : start + ENCODE_CHUNK_ROWS]
+                texts, spans = assistant_char_spans(chunk, tokenizer, marker)
+                encoding = encoder.submit(_encode_chunk, tokenizer, texts)
+                if pending is not None:
+                    finish()
+                pending = (encoding, chunk, texts, spans, batch)
+                yield from finished()
+            yield from finished()
         if pending is not None:
-            finish(pending)
-    return out
+            finish()
+        yield from finished()
 
 
 def _assistant_token_counts(all_labels: list[np.ndarray]) -> list[int]:
@@ -471,29 +502,48 @@ def tokenize_to_table(
     ``rows`` may be conversation dicts or an Arrow table/record batch with the conversation columns
     (only ``id`` and ``messages`` are converted to Python, for the chat template).
     """
-    _check_max_seq_len(max_seq_len)
-    if isinstance(rows, pa.RecordBatch):
-        rows = pa.Table.from_batches([rows])
-    python_rows = rows.select(["id", "messages"]).to_pylist() if isinstance(rows, pa.Table) else rows
-    if not python_rows:
-        return TOKENIZED_SCHEMA.empty_table()
-    _check_tokenizer(tokenizer)
-    all_ids, all_labels, truncated = _token_arrays(python_rows, tokenizer, max_seq_len)
-    assistant_counts = _assistant_token_counts(all_labels)
-    lengths = [len(ids) for ids in all_ids]
-    table = pa.Table.from_arrays(
-        [
-            *_conversation_columns(rows),
-            _list_column(all_ids),
-            _list_column(all_labels),
-            pa.array(lengths, type=pa.int32()),
-            pa.array(assistant_counts, type=pa.int32()),
-            pa.array(truncated, type=pa.bool_()),
-        ],
-        schema=TOKENIZED_SCHEMA,
-    )
-    _count(counts, len(python_rows), lengths, assistant_counts, truncated)
+    ((table, batch_counts),) = iter_token_tables([rows], tokenizer, max_seq_len=max_seq_len)
+    if counts is not None:
+        counts.merge(batch_counts)
     return table
+
+
+def iter_token_tables(
+    batches: Iterable[list[dict[str, Any]] | pa.Table | pa.RecordBatch], tokenizer: Any, *, max_seq_len: int
+) -> Iterator[tuple[pa.Table, StageCounts]]:
+    """`tokenize_to_table` of each batch with its counts, in order; one encode pipeline runs over the
+    whole stream (see `_iter_token_arrays`), so the next batch is read and encoding while the caller
+    writes this one. Consumes the input one batch ahead of what it yields."""
+    _check_max_seq_len(max_seq_len)
+    sources: deque[list[dict[str, Any]] | pa.Table] = deque()
+
+    def python_rows() -> Iterator[Sequence[dict[str, Any]]]:
+        for rows in batches:
+            source = pa.Table.from_batches([rows]) if isinstance(rows, pa.RecordBatch) else rows
+            sources.append(source)
+            yield source.select(["id", "messages"]).to_pylist() if isinstance(source, pa.Table) else source
+
+    for all_ids, all_labels, truncated in _iter_token_arrays(python_rows(), tokenizer, max_seq_len):
+        source = sources.popleft()
+        counts = StageCounts(stage=STAGE)
+        if not all_ids:
+            yield TOKENIZED_SCHEMA.empty_table(), counts
+            continue
+        assistant_counts = _assistant_token_counts(all_labels)
+        lengths = [len(ids) for ids in all_ids]
+        table = pa.Table.from_arrays(
+            [
+                *_conversation_columns(source),
+                _list_column(all_ids),
+                _list_column(all_labels),
+                pa.array(lengths, type=pa.int32()),
+                pa.array(assistant_counts, type=pa.int32()),
+                pa.array(truncated, type=pa.bool_()),
+            ],
+            schema=TOKENIZED_SCHEMA,
+        )
+        _count(counts, len(all_ids), lengths, assistant_counts, truncated)
+        yield table, counts
 
 
 def _labelled_runs(labels: Sequence[int]) -> list[tuple[int, int]]:
