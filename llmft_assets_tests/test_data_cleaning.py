@@ -116,6 +116,21 @@ def test_text_normalization() -> None:
     assert normalize_text("  padded  ") == "padded"
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a \x01\nb", "a\nb"),  # removing a control character leaves a trailing space to remove
+        ("a\n \n\n\nb", "a\n\n\nb"),  # removing a trailing space leaves a blank-line run
+        ("a\n\x02\n\n\nb", "a\n\n\nb"),  # removing a control character leaves one too
+        ("é \t\nx\x85\n\n\n\ny", "é\nx\n\n\ny"),  # non-ASCII: C1 control, tab before newline
+        ("plain ascii\twith tab\nand lines", "plain ascii\twith tab\nand lines"),  # nothing to do
+        ("x\x7f\ty", "x\ty"),
+    ],
+)
+def test_normalize_text_substring_shortcuts_give_the_regex_result(text: str, expected: str) -> None:
+    assert normalize_text(text) == expected
+
+
 def test_normalized_variants_are_duplicates_across_batches() -> None:
     seen: set[str] = set()
     first, _, _ = clean([v0_row()], seen)

@@ -215,3 +215,146 @@ def test_chunked_encoding_gives_the_same_rows(tokenizer: Any, monkeypatch: pytes
     whole = tokenize_batch(rows, tokenizer, max_seq_len=4096)
     monkeypatch.setattr(tokenization, "ENCODE_CHUNK_ROWS", 2)
     assert tokenize_batch(rows, tokenizer, max_seq_len=4096) == whole
+
+
+# Multi-byte characters right at the span edges, split by the tiny vocabulary into byte tokens.
+UNICODE_EDGES = conversation(
+    [
+        ("system", "Réponds 简体 ✓"),
+        ("user", "🙂 là?"),
+        ("assistant", "é début — 中文 fin 🙂"),
+        ("user", "ñ"),
+        ("assistant", "🙂"),
+    ],
+    row_id="unicode",
+)
+
+
+def _offset_labels(
+    monkeypatch: pytest.MonkeyPatch, rows: list[dict[str, Any]], tokenizer: Any, **kw: Any
+) -> Any:
+    import llmft_assets.data.tokenization as tokenization
+
+    with monkeypatch.context() as patch:
+        patch.setattr(
+            tokenization, "_encode_chunk", lambda tok, texts: (tokenization._encode(tok, texts), False)
+        )
+        return tokenize_batch(rows, tokenizer, **kw)
+
+
+def test_byte_length_spans_equal_the_offset_spans(tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmft_assets.data.tokenization import _encode_chunk, assistant_char_spans, byte_spans
+
+    rows = [MULTI_TURN, UNICODE_EDGES, SINGLE_TURN]
+    texts, _ = assistant_char_spans(rows, tokenizer, "<|im_end|>")
+    assert byte_spans(tokenizer) is not None
+    assert _encode_chunk(tokenizer, texts)[1] is True  # the offset-free encode is the one taken
+    for max_seq_len in (4096, 37, 5):
+        by_bytes = tokenize_batch(rows, tokenizer, max_seq_len=max_seq_len)
+        assert by_bytes == _offset_labels(monkeypatch, rows, tokenizer, max_seq_len=max_seq_len)
+        assert verify_masks(by_bytes, tokenizer) == []
+    (row,) = tokenize_batch([UNICODE_EDGES], tokenizer, max_seq_len=4096)
+    assert labelled_text(row, tokenizer) == ["é début — 中文 fin 🙂<|im_end|>", "🙂<|im_end|>"]
+
+
+def test_text_outside_the_normal_form_is_encoded_with_offsets(
+    tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llmft_assets.data.tokenization import _encode_chunk, assistant_char_spans
+
+    decomposed = conversation([("user", "cafe\u0301?"), ("assistant", "e\u0301 \\boxed{1}")], "nfd")
+    texts, _ = assistant_char_spans([decomposed], tokenizer, "<|im_end|>")
+    assert _encode_chunk(tokenizer, texts)[1] is False  # the NFC normalizer would change this text
+    rows = [decomposed, SINGLE_TURN]
+    assert tokenize_batch(rows, tokenizer, max_seq_len=4096) == _offset_labels(
+        monkeypatch, rows, tokenizer, max_seq_len=4096
+    )
+
+
+def test_byte_token_spans_match_char_to_token_or_give_up(tokenizer: Any) -> None:
+    import numpy as np
+
+    from llmft_assets.data.tokenization import _byte_token_spans, byte_spans
+
+    spans = byte_spans(tokenizer)
+    assert spans is not None
+    text = "<|im_start|>user\nñ🙂<|im_end|>"
+    encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+    ids = np.array(encoding.ids, dtype=np.int32)
+    char_spans = [(17, 29), (18, 19), (0, 12)]  # ñ..<|im_end|>, 🙂, <|im_start|>
+    expected = [(encoding.char_to_token(start), encoding.char_to_token(end - 1)) for start, end in char_spans]
+    assert _byte_token_spans(text, ids, char_spans, spans.token_bytes) == expected
+    # 🙂 is four byte tokens here: both ends of its span are the first of them, as char_to_token says.
+    assert (
+        len({encoding.token_to_chars(i) for i in range(len(ids))} & {(18, 19)}) == 1
+        and expected[1][0] == expected[1][1]
+    )
+    # Bytes that do not add up to the text's (another text, a normalizer at work): no answer, offsets decide.
+    assert _byte_token_spans(text + "x", ids, char_spans, spans.token_bytes) is None
+
+
+def test_byte_spans_only_for_byte_level_tokenizers(tokenizer: Any) -> None:
+    import copy
+
+    from tokenizers import AddedToken, normalizers, pre_tokenizers
+
+    from llmft_assets.data.tokenization import byte_spans
+
+    spans = byte_spans(tokenizer)
+    assert spans is not None and spans.normal_form == "NFC"
+    backend = tokenizer.backend_tokenizer
+    assert spans.token_bytes[backend.token_to_id("<|im_end|>")] == len("<|im_end|>")
+    assert spans.token_bytes[backend.token_to_id("Ċ")] == 1  # "\\n", in the byte alphabet
+    longest = max(backend.get_vocab(with_added_tokens=False), key=len)
+    assert spans.token_bytes[backend.token_to_id(longest)] == len(
+        tokenizer.convert_tokens_to_string([longest]).encode()
+    )
+
+    lowercased = copy.deepcopy(tokenizer)
+    lowercased.backend_tokenizer.normalizer = normalizers.Lowercase()
+    prefixed = copy.deepcopy(tokenizer)
+    prefixed.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    stripping = copy.deepcopy(tokenizer)
+    stripping.backend_tokenizer.add_special_tokens([AddedToken("<tool>", lstrip=True)])
+    plain = copy.deepcopy(tokenizer)
+    plain.backend_tokenizer.normalizer = None
+    assert [byte_spans(t) is None for t in (lowercased, prefixed, stripping)] == [True, True, True]
+    plain_spans = byte_spans(plain)
+    assert plain_spans is not None and plain_spans.normal_form is None
+
+
+def test_token_tables_stream_one_pipeline_over_the_batches(
+    tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import llmft_assets.data.tokenization as tokenization
+    from llmft_assets.data.schema import CONVERSATION_SCHEMA
+    from llmft_assets.data.tokenization import iter_token_tables, tokenize_to_table
+
+    monkeypatch.setattr(tokenization, "ENCODE_CHUNK_ROWS", 2)
+    arrow = pa.Table.from_pylist([UNICODE_EDGES, SINGLE_TURN], schema=CONVERSATION_SCHEMA)
+    batches: list[Any] = [
+        [MULTI_TURN, SINGLE_TURN, UNICODE_EDGES],
+        [],
+        [SINGLE_TURN],
+        arrow,
+        arrow.to_batches()[0],
+    ]
+    pulled: list[int] = []
+
+    def source() -> Any:
+        for index, batch in enumerate(batches):
+            pulled.append(index)
+            yield batch
+
+    streamed = []
+    for table, counts in iter_token_tables(source(), tokenizer, max_seq_len=64):
+        if not streamed:
+            # The first batch comes out only once the next non-empty one is read and encoding.
+            assert pulled == [0, 1, 2]
+        streamed.append((table, counts))
+    assert len(streamed) == len(batches)
+    for batch, (table, counts) in zip(batches, streamed, strict=True):
+        alone = StageCounts(stage="tokenized")
+        assert table.equals(tokenize_to_table(batch, tokenizer, max_seq_len=64, counts=alone))
+        assert counts == alone
+    assert streamed[1][0].num_rows == 0 and streamed[1][1].rows_in == 0

@@ -45,6 +45,8 @@ UNKNOWN_SOURCE = "unknown"
 _CONTROL_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _TRAILING_SPACE = re.compile(r"[ \t]+(?=\n)")
 _BLANK_LINE_RUNS = re.compile(r"\n{4,}")  # more than two blank lines in a row
+# ASCII characters `_CONTROL_CHARS` keeps: an ASCII text left empty by deleting them has nothing to remove.
+_KEPT_ASCII = bytes([0x09, 0x0A, *range(0x20, 0x7F)])
 
 
 def normalize_text(text: str) -> str:
@@ -53,9 +55,14 @@ def normalize_text(text: str) -> str:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     if not text.isascii():
         text = unicodedata.normalize("NFC", text)
-    text = _CONTROL_CHARS.sub("", text)
-    text = _TRAILING_SPACE.sub("", text)
-    text = _BLANK_LINE_RUNS.sub("\n\n\n", text)
+    # Each regex runs only where a plain substring test (several times faster) says it can match:
+    # measured on 75k R1 texts, 0.91 s -> 0.19 s, the same output.
+    if not text.isascii() or text.encode("ascii").translate(None, _KEPT_ASCII):
+        text = _CONTROL_CHARS.sub("", text)
+    if " \n" in text or "\t\n" in text:
+        text = _TRAILING_SPACE.sub("", text)
+    if "\n\n\n\n" in text:
+        text = _BLANK_LINE_RUNS.sub("\n\n\n", text)
     return text.strip()
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 
 from llmft_assets.data.schema import TOKENIZED_SCHEMA, StageCounts
-from llmft_assets.data.tokenization import STAGE, tokenize_to_table
+from llmft_assets.data.tokenization import STAGE, iter_token_tables, tokenize_to_table
 
 # Imported once in the forkserver process; every worker forked from it starts with them loaded.
 _PRELOAD_MODULES = [
@@ -118,10 +118,8 @@ def iter_tokenized_tables(
     if in_flight < 1:
         raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight!r}")
     if worker_count == 1:
-        tokenizer = load_tokenizer(tokenizer_dir)
-        for rows in row_batches:
-            counts = StageCounts(stage=STAGE)
-            yield tokenize_to_table(rows, tokenizer, max_seq_len=max_seq_len, counts=counts), counts
+        # One encode pipeline over the stream: the next batch encodes while the caller writes this one.
+        yield from iter_token_tables(row_batches, load_tokenizer(tokenizer_dir), max_seq_len=max_seq_len)
         return
     yield from _ordered_pool(row_batches, str(tokenizer_dir), max_seq_len, worker_count, in_flight)
 
