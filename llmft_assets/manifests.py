@@ -33,6 +33,16 @@ class DatasetDescription(Manifest):
     config: str | None = None
     license: str | None = None
     license_source: str | None = None
+    # How the rows were prepared (cleaned: prefer_reannotated; validated: the ValidationLimits fields), so
+    # rows prepared later from the same source (a retraining pool) pass the same rules.
+    preparation: dict[str, Any] | None = None
+
+
+def with_preparation(dataset: dict[str, Any] | None, **steps: Any) -> dict[str, Any] | None:
+    """`dataset` (a DatasetDescription dict) with `steps` added to its preparation record."""
+    if dataset is None:
+        return None
+    return {**dataset, "preparation": {**(dataset.get("preparation") or {}), **steps}}
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import dagster as dg
 import pyarrow.parquet as pq
 import pytest
 
+from llmft_assets.data.validation import ValidationLimits
 from llmft_assets.definitions import DATA_ASSETS, build_resources, defs
 from llmft_assets.defs.data.checks import DATA_CHECKS
 from llmft_assets.storage import open_storage
@@ -114,6 +116,12 @@ def test_data_chain_on_local_storage(llmft_home: Path) -> None:
     _assert_chain(result, root)
     manifest = read_manifest(open_storage(root), "assets/dataset_splits")
     assert {entry.path for entry in manifest.files} == {"train.parquet", "validation.parquet", "test.parquet"}
+    # How the rows were prepared travels with the dataset description (a retraining pool follows it).
+    tokenized = read_manifest(open_storage(root), "assets/tokenized_dataset").metadata
+    assert tokenized["dataset"]["preparation"] == {
+        "prefer_reannotated": True,
+        "validation": asdict(ValidationLimits()),
+    }
     # No pickles anywhere in storage: tables are Parquet, the model is safetensors + json.
     suffixes = {path.suffix for path in (llmft_home / "storage").rglob("*") if path.is_file()}
     assert ".pkl" not in suffixes and ".pickle" not in suffixes

@@ -6,21 +6,26 @@ kept in pool_quarantine.parquet; problems of the held-out splits are still never
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import pyarrow.parquet as pq
 import pytest
+from dagster._core.storage.dagster_run import DagsterRun
 
 from llmft_assets.data.cleaning import to_conversation
 from llmft_assets.data.sample_gen import generate_rows, write_parquet
 from llmft_assets.data.tokenization import tokenize_batch
+from llmft_assets.data.validation import ValidationLimits
 from llmft_assets.definitions import build_resources
 from llmft_assets.defs.monitoring.retraining import retraining_dataset
 from llmft_assets.monitoring.retrain_pool import POOL_QUARANTINE_FILE
 from llmft_assets.monitoring.retraining_step import SELECTION_FILE, TRAFFIC_SLICE_FILE
+from llmft_assets.run_tags import TAG_INCOMING_DROP
 from llmft_assets.storage import LocalBackend, open_storage
+from llmft_assets.storage.incoming import DROP_READY_MARKER
 from llmft_assets_tests.retraining_inputs import (
     HELD_OUT_WORD,
     UPSTREAM,
@@ -107,14 +112,21 @@ def readme_retraining_config() -> dict[str, Any]:
     return config
 
 
-def materialize(pool: str, config: dict[str, Any] | None = None) -> tuple[dict[str, Any], Path]:
-    result = dg.materialize(
+def materialize_result(
+    config: dict[str, Any], instance: dg.DagsterInstance | None = None
+) -> dg.ExecuteInProcessResult:
+    return dg.materialize(
         [*UPSTREAM, retraining_dataset],
         selection=dg.AssetSelection.assets(retraining_dataset),
         resources=build_resources(),
-        run_config={"ops": {"retraining_dataset": {"config": config or {**SELECTION, "pool": pool}}}},
-        instance=instance_with_drift_report(),
+        run_config={"ops": {"retraining_dataset": {"config": config}}},
+        instance=instance or instance_with_drift_report(),
+        raise_on_error=False,
     )
+
+
+def materialize(pool: str, config: dict[str, Any] | None = None) -> tuple[dict[str, Any], Path]:
+    result = materialize_result(config or {**SELECTION, "pool": pool})
     assert result.success
     (materialization,) = result.asset_materializations_for_node("retraining_dataset")
     metadata = {key: getattr(value, "value", value) for key, value in materialization.metadata.items()}
@@ -137,6 +149,11 @@ def check_selected_from_pool(
     assert preparation["rejected_rows"] == 2 and preparation["duplicate_rows"] == 0
     assert preparation["reject_reasons"] == {"raw.malformed_json": 1, "cleaned.missing_column": 1}
     assert preparation["rows_to_selection"] == 67 == metadata["pool_rows"] == stats["pool_rows"]
+    # The tokenized_dataset published here records no preparation: the data chain's defaults.
+    assert preparation["prepared_with"] == {
+        "prefer_reannotated": True,
+        "validation": asdict(ValidationLimits()),
+    }
     assert metadata["pool_rejected_rows"] == 2 and metadata["pool_raw_rows"] == 69
     # The held-out splits' 6 word problems were in the pool and are not taken; every new row is.
     assert metadata["dropped_in_held_out_splits"] == 6
@@ -191,10 +208,58 @@ def test_the_incoming_drops_are_a_pool_as_the_readme_configures_it(
 ) -> None:
     config = readme_retraining_config()
     assert config == {"pool": "incoming", "target_rows": 2000}
-    pool = write_pool(storage["root"] / "incoming" / "drop-1")
+    incoming = storage["root"] / "incoming"
+    pool = write_pool(incoming / "drop-1")
+    (incoming / "drop-1" / DROP_READY_MARKER).write_text("")  # complete
+    # A drop still being written (no marker, not taken by incoming_data_sensor) is left out, and named.
+    (incoming / "drop-2").mkdir()
+    (incoming / "drop-2" / "part-0.jsonl").write_text('{"id": "half-written"')
     metadata, version = materialize("incoming", config)
-    assert metadata["pool_version"] == f"incoming:{storage['root'] / 'incoming' / 'drop-1'}"
+    assert metadata["pool_version"] == f"incoming:{incoming / 'drop-1'}"
     check_selected_from_pool(storage, pool, metadata, version, tokenizer_dir)
+    stats = json.loads(
+        (storage["root"] / "assets" / "retraining_dataset" / str(version) / SELECTION_FILE).read_text()
+    )
+    assert stats["pool_preparation"]["drops_left_out_still_written"] == ["drop-2"]
+
+
+def test_an_incoming_drop_the_sensor_took_is_complete_and_a_pool_of_unfinished_drops_fails(
+    storage: dict[str, Any],
+) -> None:
+    incoming = storage["root"] / "incoming"
+    write_pool(incoming / "drop-1")  # no marker
+    result = materialize_result({"pool": "incoming"})
+    assert not result.success
+    (failure,) = [event for event in result.all_events if event.is_step_failure]
+    assert "no complete drop yet (drop-1 may still be being written" in str(
+        failure.step_failure_data.error.message
+    )
+    # incoming_data_sensor took drop-1 (a run tagged with it): it was seen unchanged, so it is complete.
+    instance = instance_with_drift_report()
+    instance.add_run(
+        DagsterRun(job_name="data_job", run_id="took-drop-1", tags={TAG_INCOMING_DROP: "drop-1"})
+    )
+    result = materialize_result({"pool": "incoming", "target_rows": 2000}, instance)
+    assert result.success
+    (materialization,) = result.asset_materializations_for_node("retraining_dataset")
+    assert materialization.metadata["pool_version"].value == f"incoming:{incoming / 'drop-1'}"
+
+
+def test_a_raw_pool_is_prepared_with_the_rules_the_data_chain_recorded() -> None:
+    from llmft_assets.monitoring.retrain_pool import preparation_of
+
+    said: list[str] = []
+    recorded = {"prefer_reannotated": False, "validation": {**asdict(ValidationLimits()), "max_chars": 900}}
+    prepared = preparation_of({"source": "s", "preparation": recorded}, log=said.append)
+    assert prepared == {"prefer_reannotated": False, "limits": ValidationLimits(max_chars=900)} and said == []
+    # Data prepared before the record existed: the defaults, said once.
+    assert preparation_of({"source": "s"}, log=said.append) == {
+        "prefer_reannotated": True,
+        "limits": ValidationLimits(),
+    }
+    assert said == [
+        "the dataset description records no prefer_reannotated / validation settings: the pool uses the defaults"
+    ]
 
 
 def test_an_s3_prefix_pool_on_moto_server(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from llmft_assets.data.key_set import CompactKeySet
 from llmft_assets.data.schema import CONVERSATION_SCHEMA, QUARANTINE_SCHEMA, TOKENIZED_SCHEMA, StageCounts
 from llmft_assets.data.splits import SplitSettings
 from llmft_assets.data.validation import ValidationLimits
-from llmft_assets.manifests import DatasetDescription, SplitsManifest, StageManifest
+from llmft_assets.manifests import DatasetDescription, SplitsManifest, StageManifest, with_preparation
 from llmft_assets.storage.tables import ParquetSink, iter_parquet_rows
 
 Log = Callable[[str], None]
@@ -177,7 +177,7 @@ def stage_cleaned(
         counts,
         dropped_null_columns=always_null_columns(counts),
         formats=format_counts(counts),
-        dataset=dataset,
+        dataset=with_preparation(dataset, prefer_reannotated=prefer_reannotated),
     )
     return StageResult(counts=counts, manifest=manifest, preview=preview)
 
@@ -200,7 +200,9 @@ def stage_validated(
             rows_sink.write_rows(valid)
             quarantine_sink.write_rows(quarantine)
             progress(counts)
-    manifest = _finished(counts, formats=format_counts(counts), dataset=dataset)
+    manifest = _finished(
+        counts, formats=format_counts(counts), dataset=with_preparation(dataset, validation=asdict(limits))
+    )
     return StageResult(counts=counts, manifest=manifest)
 
 

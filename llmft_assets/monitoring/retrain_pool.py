@@ -17,8 +17,8 @@ reason and counted, per stage and reason, in the selection statistics.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +48,7 @@ class PoolLocations:
     kind: Literal["source", "incoming", "location"]
     sources: tuple[str, ...]
     config: str | None = None  # R1-Distill-SFT config for the data chain's source (v0 / v1 / all)
+    left_out: tuple[str, ...] = ()  # incoming drops not read: still being written
 
     @property
     def version(self) -> str:
@@ -56,10 +57,16 @@ class PoolLocations:
 
 
 def resolve_pool(
-    pool: str, *, dataset: dict[str, Any] | None, backend: StorageBackend
+    pool: str,
+    *,
+    dataset: dict[str, Any] | None,
+    backend: StorageBackend,
+    complete_drops: Collection[str] = (),
 ) -> PoolLocations | None:
     """The raw locations ``pool`` names, or None for ``tokenized_dataset``. ValueError when it names none:
-    ``dataset`` (tokenized_dataset's dataset description) records no source, or incoming/ holds no data."""
+    ``dataset`` (tokenized_dataset's dataset description) records no source, or incoming/ holds no complete
+    drop. A drop is complete when it carries the ready marker or is in ``complete_drops`` (those the
+    incoming sensor took: seen unchanged); a drop still being written is left out and named."""
     from llmft_assets.storage.incoming import drop_source, list_incoming_drops
 
     pool = pool.strip()
@@ -76,8 +83,29 @@ def resolve_pool(
         drops = [drop for drop in list_incoming_drops(backend) if drop.data_keys]
         if not drops:
             raise ValueError("pool 'incoming': incoming/ holds no .parquet/.jsonl/.json drop")
-        return PoolLocations("incoming", tuple(drop_source(backend, drop) for drop in drops))
+        complete = [drop for drop in drops if drop.ready_marked or drop.name in complete_drops]
+        settling = tuple(drop.name for drop in drops if drop not in complete)
+        if not complete:
+            raise ValueError(
+                f"pool 'incoming': no complete drop yet ({', '.join(settling)} may still be being written: "
+                "add the ready marker, or let incoming_data_sensor take it first)"
+            )
+        sources = tuple(drop_source(backend, drop) for drop in complete)
+        return PoolLocations("incoming", sources, left_out=settling)
     return PoolLocations("location", (pool,))
+
+
+def preparation_of(dataset: dict[str, Any] | None, *, log: Callable[[str], None]) -> dict[str, Any]:
+    """RawPool's ``prefer_reannotated`` and ``limits`` as the data chain prepared ``dataset``'s rows (its
+    description's preparation record); the defaults, said once, for data prepared before it was recorded."""
+    preparation = (dataset or {}).get("preparation") or {}
+    missing = [step for step in ("prefer_reannotated", "validation") if step not in preparation]
+    if missing:
+        log(f"the dataset description records no {' / '.join(missing)} settings: the pool uses the defaults")
+    return {
+        "prefer_reannotated": bool(preparation.get("prefer_reannotated", True)),
+        "limits": ValidationLimits(**preparation.get("validation", {})),
+    }
 
 
 @dataclass
@@ -146,6 +174,11 @@ class RawPool:
             "rows_to_selection": self.validated.rows_out,
             "reject_reasons": reasons,
             "warnings": list(self.raw.warnings[:20]),
+            "drops_left_out_still_written": list(self.locations.left_out),
+            "prepared_with": {
+                "prefer_reannotated": self.prefer_reannotated,
+                "validation": asdict(self.limits),
+            },
         }
 
 

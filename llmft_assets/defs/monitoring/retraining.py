@@ -100,7 +100,7 @@ def retraining_dataset(
     )
     staging = storage.staging_dir(RETRAINING_DATASET)
     try:
-        raw_pool = _raw_pool(config.pool, tokenized_dataset, storage)
+        raw_pool = _raw_pool(context, config.pool, tokenized_dataset, storage)
         result = build_retraining_dataset(
             inputs,
             storage.backend(),
@@ -132,17 +132,21 @@ def _drift_report(
     return report
 
 
-def _raw_pool(pool: str, tokenized_dataset: ArtifactHandle, storage: StorageResource) -> RawPoolInputs | None:
-    """A raw pool is prepared like the data chain's rows: its cleaning and validation defaults, and the
-    tokenizer and max_seq_len tokenized_dataset was built with."""
-    from llmft_assets.data.validation import ValidationLimits
-    from llmft_assets.defs.data.assets import CleanConfig
-    from llmft_assets.monitoring.retrain_pool import resolve_pool
+def _raw_pool(
+    context: dg.AssetExecutionContext, pool: str, tokenized_dataset: ArtifactHandle, storage: StorageResource
+) -> RawPoolInputs | None:
+    """A raw pool is prepared like the data chain's rows: the cleaning and validation settings its dataset
+    description records, and the tokenizer and max_seq_len tokenized_dataset was built with."""
+    from llmft_assets.monitoring.retrain_pool import preparation_of, resolve_pool
+    from llmft_assets.run_tags import TAG_INCOMING_DROP
 
     if pool.strip() == POOL_TOKENIZED:
         return None  # the tokenized rows themselves: nothing to prepare
     tokenized = tokenized_dataset.manifest(StageManifest)
-    locations = resolve_pool(pool, dataset=tokenized.dataset, backend=storage.backend())
+    # incoming/ drops the incoming sensor already took are complete (as are ready-marked ones); the others
+    # may still be being written.
+    taken = {value for tag in context.instance.get_run_tags([TAG_INCOMING_DROP]) for value in tag[1]}
+    locations = resolve_pool(pool, dataset=tokenized.dataset, backend=storage.backend(), complete_drops=taken)
     if locations is None:
         return None
     if not tokenized.base_model_version or not tokenized.max_seq_len:
@@ -153,8 +157,7 @@ def _raw_pool(pool: str, tokenized_dataset: ArtifactHandle, storage: StorageReso
         locations=locations,
         tokenizer_dir=storage.artifact_dir("base_model", tokenized.base_model_version),
         max_seq_len=tokenized.max_seq_len,
-        prefer_reannotated=CleanConfig.model_fields["prefer_reannotated"].default,
-        limits=ValidationLimits(),
+        **preparation_of(tokenized.dataset, log=context.log.warning),
         s3_client=storage.s3.get_client() if any(s.startswith("s3://") for s in locations.sources) else None,
     )
 
