@@ -27,6 +27,7 @@ def test_a_retraining_dataset_takes_the_pool_version_and_has_its_traffic_slice(t
 
 def test_another_asset_is_refused_by_name(tmp_path: Path) -> None:
     with pytest.raises(
-        ValueError, match="training data must be dataset_splits or retraining_dataset, not 'x'"
+        ValueError,
+        match="training data must be one of dataset_splits, retraining_dataset, sharded_dataset_splits, not 'x'",
     ):
         training_data_of("x", "v", tmp_path, {})
