@@ -163,7 +163,7 @@ def _agreed(shards: Sequence[ShardInput], field: str) -> Any:
         return next(iter(keys_by_value))
     found = "; ".join(
         f"{'not recorded' if value is None else value} in {', '.join(keys)}"
-        for value, keys in sorted(keys_by_value.items(), key=lambda item: str(item[0]))
+        for value, keys in sorted(keys_by_value.items(), key=lambda item: (item[0] is None, str(item[0])))
     )
     raise ValueError(
         f"the shards were tokenized with different {field}: {found}; re-materialize shard_tokenized_dataset "
