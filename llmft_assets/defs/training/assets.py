@@ -4,6 +4,7 @@ The training step (reuse, launch, packaging, MLflow registration) is `llmft_asse
 asset wires config, storage and MLflow to it and turns the result into metadata.
 """
 
+from dataclasses import replace
 from typing import Any
 
 import dagster as dg
@@ -92,7 +93,8 @@ def _training_data(
     storage: StorageResource,
 ) -> TrainingData:
     """The splits input (the version Dagster pinned), or the latest retraining_dataset or
-    sharded_dataset_splits Dagster recorded (fetched by version)."""
+    sharded_dataset_splits Dagster recorded (fetched by version), with the source and licence it records
+    (a retraining dataset: those of the splits)."""
     from llmft_assets.training.training_data import TrainingDataMissing, resolve_training_data
 
     if source == DATASET_SPLITS:
@@ -100,9 +102,12 @@ def _training_data(
     else:
         version = recorded_version(context.instance, dg.AssetKey(source))
     try:
-        return resolve_training_data(source, version, lambda asset, v: published_version(storage, asset, v))
+        data = resolve_training_data(source, version, lambda asset, v: published_version(storage, asset, v))
     except TrainingDataMissing as exc:
         raise dg.Failure(description=f"lora_adapter: {exc}", allow_retries=False) from exc
+    if data.dataset is None and dataset_splits is not None:  # a retraining dataset: its splits' source
+        return replace(data, dataset=dataset_splits.manifest(SplitsManifest).dataset)
+    return data
 
 
 def _pipes_launcher(context: dg.AssetExecutionContext) -> Launcher:
@@ -156,15 +161,13 @@ def lora_adapter(
     from llmft_assets.training.run import LaunchConfigError, TrainingInputs, train_adapter
 
     data = _training_data(context, config.training_data, dataset_splits, storage)
-    splits = None if dataset_splits is None else dataset_splits.manifest(SplitsManifest).dataset
     inputs = TrainingInputs(
         base_model_dir=base_model.path,
         base_model_version=base_model.version,
         base_model_uri=base_model.uri,
         base_model_info=base_model.manifest(BaseModelManifest).model_info,
         data=data,
-        # A retraining dataset records no source: that of the splits it was selected from.
-        dataset=data.dataset or splits,
+        dataset=data.dataset,
     )
     try:
         run = train_adapter(
