@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from llmft_assets.definitions import build_resources
-from llmft_assets.defs.evaluation.assets import _trained_on, _traffic_slice
+from llmft_assets.defs.evaluation.assets import _traffic_slice, _trained_on
 from llmft_assets.defs.monitoring.retraining import retraining_dataset
 from llmft_assets.manifests import AdapterManifest
 from llmft_assets.monitoring.retraining_step import NO_TRAFFIC, SELECTION_FILE, TRAFFIC_SLICE_FILE

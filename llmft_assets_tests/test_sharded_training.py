@@ -112,6 +112,12 @@ def test_lora_adapter_trains_on_sharded_splits_and_eval_reads_their_test_split(
         base_version,
     )
 
+    longer = {"lora_adapter": {"config": {**sharded_training["lora_adapter"]["config"], "max_seq_len": 512}}}
+    assert _failure(_run(instance, ["lora_adapter"], longer)) == (
+        "lora_adapter config is invalid: max_seq_len: the training config asks for 512 but "
+        f"shard_tokenized_dataset was built with max_seq_len {MAX_SEQ_LEN}; set it on tokenized_dataset (where "
+        "rows are truncated) and leave it unset for training"
+    )
     trained = _run(instance, ["lora_adapter"], sharded_training)
     assert trained.success, _failure(trained)
     adapter = _metadata(trained, "lora_adapter")

@@ -81,7 +81,8 @@ def _training_config(
 ) -> TrainingConfig:
     try:
         domain = config.to_domain(asset="lora_adapter")
-        return domain.with_max_seq_len(_tokenized_max_seq_len(storage, data), source=data.asset)
+        tokenized = "shard_tokenized_dataset" if data.asset == SHARDED_DATASET_SPLITS else "tokenized_dataset"
+        return domain.with_max_seq_len(_tokenized_max_seq_len(storage, data), source=tokenized)
     except ValueError as exc:
         raise dg.Failure(description=f"lora_adapter config is invalid: {exc}", allow_retries=False) from exc
 
@@ -143,8 +144,8 @@ def _pipes_launcher(context: dg.AssetExecutionContext) -> Launcher:
     # Read by k8s_job_executor for this step's pod (dagster issue 22865); ignored in-process.
     op_tags=gpu_op_tags(),
     # Lineage: training_data=retraining_dataset (a drift retraining) or sharded_dataset_splits trains on
-    # them; read by the version Dagster recorded, not loaded. dataset_splits is only read when it is the
-    # training data: a sharded-only install never materializes it.
+    # them; read by the version Dagster recorded, not loaded. dataset_splits loads as None when it was
+    # never materialized (a sharded-only install); only training_data=dataset_splits then fails.
     deps=[RETRAINING_DATASET, SHARDED_DATASET_SPLITS],
     ins={"dataset_splits": dg.AssetIn(metadata={MAY_BE_UNMATERIALIZED: True})},
 )
