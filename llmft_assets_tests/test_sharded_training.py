@@ -155,3 +155,18 @@ def test_shards_tokenized_differently_are_not_assembled(tmp_path: Path) -> None:
     mixed = [shards[0], ShardInput("d", tmp_path / "d.parquet", "v1", None, max_seq_len=256)]
     with pytest.raises(ValueError, match="different base_model_version: b1 in a; not recorded in d;"):
         assemble_shards(mixed, rule=SplitSettings(), staging=tmp_path, log=print)
+
+
+def test_eval_report_refuses_an_adapter_that_records_no_training_data_version(llmft_home: Path) -> None:
+    from llmft_assets.definitions import build_resources
+    from llmft_assets.defs.evaluation.assets import _trained_on
+    from llmft_assets.manifests import AdapterManifest
+
+    storage = build_resources()["storage"]
+    with pytest.raises(dg.Failure) as caught:
+        _trained_on(storage, AdapterManifest(training_data="sharded_dataset_splits"))  # type: ignore[arg-type]
+    assert caught.value.description == (
+        "eval_report: the lora_adapter records no dataset_version, so there is no test split of the data it "
+        "was trained on to score it on"
+    )
+    assert caught.value.allow_retries is False

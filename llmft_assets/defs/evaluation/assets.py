@@ -54,6 +54,12 @@ def _trained_on(storage: StorageResource, adapter: AdapterManifest) -> TrainingD
     sharded_dataset_splits, at its version): its test split is the one the adapter is judged on."""
     from llmft_assets.training.training_data import TrainingDataMissing, resolve_training_data
 
+    if adapter.dataset_version is None:  # every training records it; a hand-published adapter may not
+        raise dg.Failure(
+            description="eval_report: the lora_adapter records no dataset_version, so there is no test "
+            "split of the data it was trained on to score it on",
+            allow_retries=False,
+        )
     try:
         return resolve_training_data(
             adapter.training_data or DATASET_SPLITS,
