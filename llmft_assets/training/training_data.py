@@ -17,13 +17,13 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 DATASET_SPLITS = "dataset_splits"
 RETRAINING_DATASET = "retraining_dataset"
 SHARDED_DATASET_SPLITS = "sharded_dataset_splits"
 TrainingDataSource = Literal["dataset_splits", "retraining_dataset", "sharded_dataset_splits"]
-TRAINING_DATA_SOURCES = (DATASET_SPLITS, RETRAINING_DATASET, SHARDED_DATASET_SPLITS)
+TRAINING_DATA_SOURCES: tuple[str, ...] = get_args(TrainingDataSource)
 # What makes each source, named when none is materialized.
 _HOW_TO_MAKE = {
     DATASET_SPLITS: "materialize the data chain (data_job) first",
