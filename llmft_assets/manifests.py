@@ -75,6 +75,10 @@ class SplitsManifest(Manifest):
     """sharded_dataset_splits: each source shard (partition key) -> the tokenized shard version it read."""
     assembly: dict[str, Any] | None = None
     """sharded_dataset_splits: the cross-shard row accounting (rows_in = rows_out + quarantined + duplicates)."""
+    max_seq_len: int | None = None
+    """sharded_dataset_splits: the max_seq_len every shard was tokenized with (training reads it here)."""
+    base_model_version: str | None = None
+    """sharded_dataset_splits: the base_model version whose tokenizer every shard was tokenized with."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,8 @@ class AdapterManifest(Manifest):
     dataset_version: str | None = None
     train_loss: float | None = None
     training_data: str | None = None
-    """`retraining_dataset` for a drift-targeted adapter; absent (dataset_splits) otherwise."""
+    """The dataset asset it trained on (`retraining_dataset`, `sharded_dataset_splits`); absent:
+    dataset_splits."""
 
 
 @dataclass(frozen=True)

@@ -129,8 +129,10 @@ def test_readme_yaml_example_validates_and_takes_effect(index: int) -> None:
     assert resolved.max_seq_len == tokenized_len  # training runs at the tokenized length
     if "tokenized_dataset" in ops:
         assert resolved.max_seq_len == ops["tokenized_dataset"]["config"]["max_seq_len"]
-    for key, value in ops.get("lora_adapter", {}).get("config", {}).items():
-        assert getattr(resolved, key) == value
+    lora_keys = set(ops.get("lora_adapter", {}).get("config", {}))
+    for key in lora_keys & set(TrainingConfig.model_fields):  # training_data, num_processes: the asset's own
+        assert getattr(resolved, key) == ops["lora_adapter"]["config"][key]
+    assert lora_keys - set(TrainingConfig.model_fields) <= {"training_data", "num_processes"}
     if "raw_dataset" in ops:
         source = ops["raw_dataset"]["config"]["source"]
         if source.startswith("s3://"):

@@ -124,6 +124,23 @@ def test_bom_keeps_no_absolute_path_and_records_both_licences(tmp_path) -> None:
         and local["dataset"]["source"] == "local:data.jsonl"
     )
     assert local["dataset"]["license"] == "unknown" and str(tmp_path) not in str(local)
+    assert (bom["dataset"]["asset"], local["dataset"]["asset"]) == ("dataset_splits", "dataset_splits")
+
+
+def test_bom_and_model_card_name_the_dataset_asset_trained_on(tmp_path) -> None:
+    sharded = bill_of_materials(
+        base_model_info={"model_id": "base"},
+        dataset_version="sh-1",
+        dataset={"source": "shards"},
+        config=TrainingConfig(),
+        seed=1,
+        dataset_asset="sharded_dataset_splits",
+    )
+    assert sharded["dataset"]["asset"] == "sharded_dataset_splits"
+    card = model_card_from_bom(sharded, title="adapter")
+    assert "- asset: `sharded_dataset_splits`\n- version (content hash of the splits): `sh-1`" in card
+    unrecorded = model_card_from_bom({**sharded, "dataset": {"version": "old"}}, title="adapter")
+    assert "- asset:" not in unrecorded  # a BOM made before the asset was recorded names none
 
 
 def test_model_card_has_ids_licences_config_eval_and_gate(tmp_path) -> None:
@@ -156,7 +173,7 @@ def test_model_card_has_ids_licences_config_eval_and_gate(tmp_path) -> None:
     assert 'datasets: ["ServiceNow-AI/R1-Distill-SFT"]' in card
     assert "- id: `Qwen/Qwen2.5-7B-Instruct`" in card
     assert "- licence: apache-2.0 (from per-model table (Qwen/Qwen2.5-7B-Instruct))" in card
-    assert "- version (content hash of the splits): `splits-v1`" in card
+    assert "- asset: `dataset_splits`\n- version (content hash of the splits): `splits-v1`" in card
     assert "- licence: cc-by-nc-sa-4.0 (from per-source table (ServiceNow-AI/R1-Distill-SFT))" in card
     assert "| lora_r | 8 |" in card
     assert "| Verified accuracy (math-verify) | 10.0% | 60.0% |" in card

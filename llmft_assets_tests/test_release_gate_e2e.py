@@ -145,7 +145,15 @@ def _publish_scrambled_adapter(workspace: dict[str, str], adapter_uri: str) -> s
         storage,
         "assets/lora_adapter",
         staging,
-        metadata={"mlflow_run_id": run_id, "registered_version": str(version), "train_loss": 0.0},
+        # The copy's own record of what it was trained on: eval_report scores it on that test split.
+        metadata={
+            "mlflow_run_id": run_id,
+            "registered_version": str(version),
+            "train_loss": 0.0,
+            "dataset_version": json.loads((Path(adapter_uri) / "_MANIFEST.json").read_text())["metadata"][
+                "dataset_version"
+            ],
+        },
     )
     return published.version
 

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from llmft_assets.definitions import build_resources
-from llmft_assets.defs.evaluation.assets import _traffic_slice
+from llmft_assets.defs.evaluation.assets import _traffic_slice, _trained_on
 from llmft_assets.defs.monitoring.retraining import retraining_dataset
 from llmft_assets.manifests import AdapterManifest
 from llmft_assets.monitoring.retraining_step import NO_TRAFFIC, SELECTION_FILE, TRAFFIC_SLICE_FILE
@@ -62,7 +62,7 @@ def _materialize(
 def _gate_traffic_slice(version: str) -> tuple[str, Path | None] | None:
     """What eval_report scores an adapter trained on this retraining_dataset version on, besides the test."""
     adapter = AdapterManifest(training_data=RETRAINING_DATASET, dataset_version=version)
-    return _traffic_slice(build_resources()["storage"], adapter)  # type: ignore[arg-type]
+    return _traffic_slice(_trained_on(build_resources()["storage"], adapter))  # type: ignore[arg-type]
 
 
 def _metadata(result: dg.ExecuteInProcessResult) -> dict[str, Any]:

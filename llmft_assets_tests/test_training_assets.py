@@ -97,6 +97,7 @@ def test_train_evaluate_gate_and_registry(workspace: dict[str, str]) -> None:
     assert adapter["trainable_params"] < adapter["total_params"]
     bom = adapter["bill_of_materials"]
     assert bom["dataset"] == {
+        "asset": "dataset_splits",
         "version": adapter["dataset_version"],
         "source": "sample",
         "config": "all",

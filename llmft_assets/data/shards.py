@@ -122,6 +122,8 @@ class ShardInput:
     data_file: Path
     version: str
     dataset: dict[str, Any] | None
+    max_seq_len: int | None = None  # what its tokenized_dataset manifest recorded
+    base_model_version: str | None = None
 
 
 @dataclass
@@ -149,6 +151,24 @@ def _assembled_dataset(shards: Sequence[ShardInput]) -> dict[str, Any] | None:
         license=licenses[0] if len(licenses) == 1 else "mixed: " + ", ".join(licenses),
         license_source="shards",
     ).to_dict()
+
+
+def _agreed(shards: Sequence[ShardInput], field: str) -> Any:
+    """The value of `field` every shard was tokenized with; ValueError naming the shards of each value when
+    they differ (rows cut at different lengths, or by different tokenizers, cannot train together)."""
+    keys_by_value: dict[Any, list[str]] = {}
+    for shard in shards:
+        keys_by_value.setdefault(getattr(shard, field), []).append(shard.key)
+    if len(keys_by_value) == 1:
+        return next(iter(keys_by_value))
+    found = "; ".join(
+        f"{'not recorded' if value is None else value} in {', '.join(keys)}"
+        for value, keys in sorted(keys_by_value.items(), key=lambda item: (item[0] is None, str(item[0])))
+    )
+    raise ValueError(
+        f"the shards were tokenized with different {field}: {found}; re-materialize shard_tokenized_dataset "
+        "for those shards with one base_model and one max_seq_len"
+    )
 
 
 def _dedup_batch(
@@ -196,6 +216,8 @@ def assemble_shards(
 ) -> AssemblyResult:
     """All tokenized shards, in shard order (the sorted keys), as one table without cross-shard duplicates
     (by content hash) or repeated ids (quarantined), split as the unpartitioned `dataset_splits` splits it.
+    The shards must agree on max_seq_len and base_model version (recorded in the manifest: training reads
+    max_seq_len there), else ValueError naming them.
 
     Writes train/validation/test.parquet and quarantine.parquet into `staging`; rows in = rows out +
     quarantined + duplicates, checked."""
@@ -205,6 +227,8 @@ def assemble_shards(
     if not shards:
         raise ValueError("no tokenized shard to assemble: register the source's shards and materialize them")
     ordered = sorted(shards, key=lambda shard: shard.key)
+    max_seq_len = _agreed(ordered, "max_seq_len")
+    base_model_version = _agreed(ordered, "base_model_version")
     counts = StageCounts(stage=ASSEMBLED_STAGE)
     seen_hashes, seen_ids = CompactKeySet(), CompactKeySet()
     rows_per_shard: dict[str, int] = {}
@@ -242,6 +266,8 @@ def assemble_shards(
         dataset=_assembled_dataset(ordered),
         shards={shard.key: shard.version for shard in ordered},
         assembly=counts.to_metadata(),
+        max_seq_len=max_seq_len,
+        base_model_version=base_model_version,
     )
     return AssemblyResult(
         manifest=manifest,

@@ -267,8 +267,9 @@ def gate_metadata(gate: dict[str, Any]) -> dict[str, Any]:
     return metadata
 
 
-def eval_metadata(outcome: Any) -> dict[str, Any]:
-    """eval_report: headline metrics, the per-model table and the gate's decision on every criterion."""
+def eval_metadata(outcome: Any, test_data: Any) -> dict[str, Any]:
+    """eval_report: headline metrics, the per-model table, the gate's decision on every criterion, and
+    whose test split was scored (`test_data`: the adapter's TrainingData)."""
     report, manifest = outcome.report, outcome.manifest
     metrics = ["accuracy", "format_compliance", "finished_rate", "perplexity", "mean_response_tokens"]
     rows = []
@@ -282,6 +283,8 @@ def eval_metadata(outcome: Any) -> dict[str, Any]:
         "adapter_version": manifest.adapter_version,
         "registered_version": str(manifest.registered_version),
         "report_preview": markdown_table(["model", *metrics], rows),
+        "test_data": test_data.asset,
+        "test_data_version": test_data.version,
         **gate_metadata(report.gate),
         **traffic_metadata(outcome),
     }

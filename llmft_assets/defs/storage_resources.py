@@ -118,6 +118,11 @@ def _output_partition(context: dg.OutputContext) -> str | None:
     return context.asset_partition_key if context.has_asset_partitions else None
 
 
+# AssetIn metadata: the asset reads this input only on some configs (lora_adapter's dataset_splits when it
+# trains on sharded splits), so a never-materialized upstream loads as None; the asset decides.
+MAY_BE_UNMATERIALIZED = "llmft/may_be_unmaterialized"
+
+
 class ArtifactIOManager(dg.ConfigurableIOManager):
     storage: dg.ResourceDependency[StorageResource]
 
@@ -145,13 +150,20 @@ class ArtifactIOManager(dg.ConfigurableIOManager):
         )
         shutil.rmtree(obj.path, ignore_errors=True)
 
-    def load_input(self, context: dg.InputContext) -> "ArtifactHandle | dict[str, ArtifactHandle]":
+    def load_input(self, context: dg.InputContext) -> "ArtifactHandle | dict[str, ArtifactHandle] | None":
         """One artifact; for a partitioned upstream read by a partitioned asset, the same partition's; for
-        one read whole (AllPartitionMapping), {partition key: artifact} over all its partitions."""
+        one read whole (AllPartitionMapping), {partition key: artifact} over all its partitions. None for an
+        input marked MAY_BE_UNMATERIALIZED whose asset was never materialized."""
         key = context.upstream_output.asset_key if context.upstream_output else context.asset_key
         if not context.has_asset_partitions:
             version, pinned_by = pinned_input_version(context, key)
-            handle = self._handle(key, None, version)
+            try:
+                handle = self._handle(key, None, version)
+            except ObjectNotFound:
+                if version is not None or not (context.definition_metadata or {}).get(MAY_BE_UNMATERIALIZED):
+                    raise
+                context.log.info(f"{key.to_user_string()} was never materialized: input is None")
+                return None
             context.add_input_metadata({"version": handle.version, "pinned_by": pinned_by})
             return handle
         if context.has_partition_key:  # a partitioned asset reads its own partition of the upstream
@@ -192,6 +204,19 @@ def artifact_handle(
         path=path,
         metadata=artifact.metadata,
     )
+
+
+def recorded_version(instance: dg.DagsterInstance, key: dg.AssetKey) -> str | None:
+    """The version of the latest materialization of an unpartitioned `key` Dagster recorded; None if none."""
+    return _version_of(instance.get_latest_materialization_event(key))
+
+
+def published_version(storage: StorageResource, asset: str, version: str) -> tuple[str, Path, dict[str, Any]]:
+    """(version, local folder, published metadata) of one version of an unpartitioned `asset` (fetched)."""
+    artifact, path = fetch_artifact(
+        storage.backend(), asset_prefix(dg.AssetKey(asset)), storage.cache_dir(), version=version
+    )
+    return artifact.version, path, dict(artifact.metadata)
 
 
 def recorded_partition_artifact(

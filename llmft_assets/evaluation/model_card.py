@@ -57,8 +57,8 @@ def render_model_card(
 ) -> str:
     """The card as Markdown.
 
-    ``dataset``: ``source``, ``config``, ``version``, ``license``, ``license_source`` (a BOM's
-    ``dataset``). ``eval_metrics``: {model name: ModelMetrics dict} (``base``, ``adapter``, maybe
+    ``dataset``: ``source``, ``config``, ``asset``, ``version``, ``license``, ``license_source`` (a BOM's
+    ``dataset``; ``asset``: the dataset asset the version belongs to, e.g. sharded_dataset_splits). ``eval_metrics``: {model name: ModelMetrics dict} (``base``, ``adapter``, maybe
     ``champion``); ``gate``: ``GateDecision.as_dict()``. Without them the card says the model has not
     been evaluated yet.
     """
@@ -88,6 +88,7 @@ def render_model_card(
         "## Training data",
         "",
         f"- dataset: `{source}`" + (f", config `{dataset['config']}`" if dataset.get("config") else ""),
+        *([f"- asset: `{dataset['asset']}`"] if dataset.get("asset") else []),
         f"- version (content hash of the splits): `{dataset.get('version', 'unknown')}`",
         f"- licence: {dataset_license} (from {dataset.get('license_source') or 'not recorded'})",
         "",

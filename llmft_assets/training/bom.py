@@ -98,13 +98,16 @@ def bill_of_materials(
     config: TrainingConfig,
     seed: int,
     code_version: str | None = None,
+    dataset_asset: str = "dataset_splits",
 ) -> dict[str, Any]:
     """The adapter's bill of materials (JSON-able, with no absolute path of the build machine).
 
     `base_model_info` is what the caller knows of the base model: id, revision, licence, tokenizer and
     chat-template hashes. `dataset` is what the data chain recorded of the source: source, config,
     licence and where the licence came from; None (an artifact made before that was recorded) gives
-    licence ``unknown``, never a guessed one. `code_version` defaults to the git commit or package version.
+    licence ``unknown``, never a guessed one. `dataset_asset` is the dataset asset `dataset_version` is a
+    version of (dataset_splits, retraining_dataset, sharded_dataset_splits). `code_version` defaults to
+    the git commit or package version.
     """
     if not dataset_version:
         raise ValueError("dataset_version must name the exact dataset artifact version")
@@ -122,6 +125,7 @@ def bill_of_materials(
         "created_at": datetime.now(UTC).isoformat(),
         "base_model": base,
         "dataset": {
+            "asset": dataset_asset,
             "version": dataset_version,
             "source": recorded.get("source", UNKNOWN),
             "config": recorded.get("config"),

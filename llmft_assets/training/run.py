@@ -173,6 +173,7 @@ def train_adapter(
             "artifact_uri": inputs.base_model_uri,
         },
         dataset_version=inputs.data.version,
+        dataset_asset=inputs.data.asset,
         # Source and licence as raw_dataset recorded them (per-source table or config), carried down the chain.
         dataset=inputs.dataset,
         config=config,

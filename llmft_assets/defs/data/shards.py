@@ -10,6 +10,8 @@ LLMFT_SHARD_EXECUTOR=k8s each step as a pod (`k8s_job_executor`). Cross-shard ex
 ids are removed where the shards meet (`llmft_assets.data.shards.assemble_shards`).
 """
 
+from typing import TYPE_CHECKING
+
 import dagster as dg
 
 from llmft_assets import settings
@@ -24,6 +26,9 @@ from llmft_assets.defs.storage_resources import (
     artifact_output,
 )
 from llmft_assets.manifests import StageManifest
+
+if TYPE_CHECKING:
+    from llmft_assets.data.shards import ShardInput
 
 SOURCE_SHARDS = dg.DynamicPartitionsDefinition(name="source_shards")
 SHARD_GROUP = "data_shards"
@@ -105,6 +110,20 @@ def register_shards_job() -> None:
 
 def _dataset(upstream: ArtifactHandle) -> dict | None:
     return upstream.manifest(StageManifest).dataset
+
+
+def _shard_input(key: str, tokenized: ArtifactHandle) -> "ShardInput":
+    from llmft_assets.data.shards import ShardInput
+
+    manifest = tokenized.manifest(StageManifest)
+    return ShardInput(
+        key=key,
+        data_file=tokenized.file(DATA_FILE),
+        version=tokenized.version,
+        dataset=manifest.dataset,
+        max_seq_len=manifest.max_seq_len,
+        base_model_version=manifest.base_model_version,
+    )
 
 
 @dg.asset(
@@ -256,15 +275,13 @@ def sharded_dataset_splits(
 ) -> dg.Output[StagedArtifact]:
     """Every tokenized shard assembled: exact duplicates (content hash) and repeated ids removed across
     shards, then split as dataset_splits splits (stable hash of the normalized problem, near duplicates
-    kept together), so the same rows give the same splits however they were sharded."""
-    from llmft_assets.data.shards import ShardInput, assemble_shards
+    kept together), so the same rows give the same splits however they were sharded. Records the shards'
+    common max_seq_len and base_model version (a disagreement fails, naming the shards)."""
+    from llmft_assets.data.shards import assemble_shards
 
     rule = config.to_domain(asset="sharded_dataset_splits")
     staging = storage.staging_dir("sharded_dataset_splits")
-    shards = [
-        ShardInput(key, handle.file(DATA_FILE), handle.version, _dataset(handle))
-        for key, handle in shard_tokenized_dataset.items()
-    ]
+    shards = [_shard_input(key, handle) for key, handle in shard_tokenized_dataset.items()]
     try:
         result = assemble_shards(shards, rule=rule, staging=staging, log=context.log.info)
     except ValueError as exc:

@@ -8,7 +8,6 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from llmft_assets.data.stage import split_path
 from llmft_assets.defs import metadata
 from llmft_assets.defs.config_models import dagster_config
 from llmft_assets.defs.mlflow_resource import MlflowResource
@@ -18,13 +17,14 @@ from llmft_assets.defs.storage_resources import (
     StagedArtifact,
     StorageResource,
     artifact_output,
+    published_version,
 )
 from llmft_assets.evaluation.answer_check import DEFAULT_TIMEOUT_S as DEFAULT_ANSWER_TIMEOUT_S
 from llmft_assets.evaluation.gate import GateThresholds
 from llmft_assets.evaluation.generate import DEFAULT_MAX_NEW_TOKENS
 from llmft_assets.manifests import AdapterManifest, BaseModelManifest
 from llmft_assets.training.run import ADAPTER_SUBDIR
-from llmft_assets.training.training_data import RETRAINING_DATASET, training_data_of
+from llmft_assets.training.training_data import DATASET_SPLITS, RETRAINING_DATASET, TrainingData
 
 EVALUATION_GROUP = "evaluation"
 
@@ -49,15 +49,35 @@ class EvalReportConfig(dg.Config):
     gate: GateConfig = Field(default_factory=GateConfig, description="the promotion gate's thresholds")  # type: ignore[valid-type]
 
 
-def _traffic_slice(storage: StorageResource, adapter: AdapterManifest) -> tuple[str, Path | None] | None:
+def _trained_on(storage: StorageResource, adapter: AdapterManifest) -> TrainingData:
+    """The dataset the adapter recorded it was trained on (dataset_splits, retraining_dataset or
+    sharded_dataset_splits, at its version): its test split is the one the adapter is judged on."""
+    from llmft_assets.training.training_data import TrainingDataMissing, resolve_training_data
+
+    if adapter.dataset_version is None:  # every training records it; a hand-published adapter may not
+        raise dg.Failure(
+            description="eval_report: the lora_adapter records no dataset_version, so there is no test "
+            "split of the data it was trained on to score it on",
+            allow_retries=False,
+        )
+    try:
+        return resolve_training_data(
+            adapter.training_data or DATASET_SPLITS,
+            adapter.dataset_version,
+            lambda asset, version: published_version(storage, asset, version),
+        )
+    except (TrainingDataMissing, ValueError) as exc:
+        raise dg.Failure(
+            description=f"eval_report: no test split for the adapter: {exc}", allow_retries=False
+        ) from exc
+
+
+def _traffic_slice(data: TrainingData) -> tuple[str, Path | None] | None:
     """(retraining_dataset version, its traffic slice) for an adapter trained on a retraining dataset that
-    selected for traffic; None for dataset_splits or a retraining dataset that carried the splits over."""
-    if adapter.training_data != RETRAINING_DATASET:
+    selected for traffic; None for the splits or a retraining dataset that carried the splits over."""
+    if data.asset != RETRAINING_DATASET or data.carried_over:
         return None
-    version = str(adapter.dataset_version)
-    path = storage.artifact_dir(RETRAINING_DATASET, version)
-    data = training_data_of(RETRAINING_DATASET, version, path, {})
-    return None if data.carried_over else (version, data.traffic_slice)
+    return data.version, data.traffic_slice
 
 
 @dg.asset(group_name=EVALUATION_GROUP, owners=OWNERS, kinds={"mlflow", "html"})
@@ -66,28 +86,29 @@ def eval_report(
     config: EvalReportConfig,
     lora_adapter: ArtifactHandle,
     base_model: ArtifactHandle,
-    dataset_splits: ArtifactHandle,
     storage: StorageResource,
     mlflow: MlflowResource,
 ) -> dg.Output[StagedArtifact]:
     """Base model vs adapter (vs the champion) on the same test rows: verified accuracy, format compliance,
     finish rate, perplexity and response length, and the gate's decision on every criterion (JSON + HTML).
-    An adapter trained on a retraining_dataset is also scored on its traffic slice (traffic criteria)."""
+    The test rows are those of the dataset version the adapter was trained on; an adapter trained on a
+    retraining_dataset is also scored on its traffic slice (traffic criteria)."""
     from llmft_assets.evaluation.run import Candidate, EmptyTestSplit, EvalSettings, evaluate_candidate
 
+    data = _trained_on(storage, lora_adapter.manifest(AdapterManifest))
     candidate = Candidate(
         adapter_dir=lora_adapter.path / ADAPTER_SUBDIR,
         adapter_version=lora_adapter.version,
         adapter=lora_adapter.manifest(AdapterManifest),
         base_model_dir=base_model.path,
         base_model_name=base_model.manifest(BaseModelManifest).model_id,
-        traffic_slice=_traffic_slice(storage, lora_adapter.manifest(AdapterManifest)),
+        traffic_slice=_traffic_slice(data),
     )
     staging = storage.staging_dir("eval_report")
     try:
         outcome = evaluate_candidate(
             candidate,
-            split_path(dataset_splits.path, "test"),
+            data.split("test"),
             settings=EvalSettings(**config.model_dump(exclude={"gate"})),
             thresholds=GateThresholds(**config.gate.model_dump()),
             tracker=mlflow,
@@ -100,5 +121,5 @@ def eval_report(
     except EmptyTestSplit as error:
         raise dg.Failure(description=str(error), allow_retries=False) from error
     return artifact_output(
-        StagedArtifact.of(staging, outcome.manifest), metadata=metadata.eval_metadata(outcome)
+        StagedArtifact.of(staging, outcome.manifest), metadata=metadata.eval_metadata(outcome, data)
     )

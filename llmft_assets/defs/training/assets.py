@@ -4,6 +4,7 @@ The training step (reuse, launch, packaging, MLflow registration) is `llmft_asse
 asset wires config, storage and MLflow to it and turns the result into metadata.
 """
 
+from dataclasses import replace
 from typing import Any
 
 import dagster as dg
@@ -15,11 +16,14 @@ from llmft_assets.defs.k8s_tags import gpu_op_tags
 from llmft_assets.defs.mlflow_resource import MlflowResource
 from llmft_assets.defs.owners import OWNERS
 from llmft_assets.defs.storage_resources import (
+    MAY_BE_UNMATERIALIZED,
     ArtifactHandle,
     StagedArtifact,
     StorageResource,
     artifact_output,
     asset_prefix,
+    published_version,
+    recorded_version,
 )
 from llmft_assets.manifests import BaseModelManifest, SplitsManifest, StageManifest
 from llmft_assets.training.config import TrainingConfig
@@ -27,9 +31,9 @@ from llmft_assets.training.run import Launcher
 from llmft_assets.training.training_data import (
     DATASET_SPLITS,
     RETRAINING_DATASET,
+    SHARDED_DATASET_SPLITS,
     TrainingData,
     TrainingDataSource,
-    training_data_of,
 )
 
 TRAINING_GROUP = "training"
@@ -49,19 +53,25 @@ LoraAdapterConfig = dagster_config(
             TrainingDataSource,
             Field(
                 default=DATASET_SPLITS,
-                description="dataset_splits (the input) or the latest retraining_dataset (drift-targeted)",
+                description="dataset_splits (the input), the latest retraining_dataset (drift-targeted) or "
+                "the latest sharded_dataset_splits (a source processed as shards)",
             ),
         ),
     },
 )
 
 
-def _tokenized_max_seq_len(storage: StorageResource, tokenized_version: str | None) -> int:
-    """The max_seq_len the training rows were tokenized with, from the tokenized_dataset manifest."""
+def _tokenized_max_seq_len(storage: StorageResource, data: TrainingData) -> int:
+    """The max_seq_len the training rows were tokenized with: recorded with sharded splits, else in the
+    manifest of the tokenized_dataset version the rows came from."""
     from llmft_assets.storage.publish import read_manifest
 
+    if data.max_seq_len is not None:
+        return data.max_seq_len
+    if data.asset == SHARDED_DATASET_SPLITS:
+        raise ValueError(f"{data.asset} {data.version} records no max_seq_len; materialize it again")
     published = read_manifest(
-        storage.backend(), asset_prefix(dg.AssetKey("tokenized_dataset")), str(tokenized_version)
+        storage.backend(), asset_prefix(dg.AssetKey("tokenized_dataset")), str(data.tokenized_version)
     )
     return int(StageManifest.from_dict(published.metadata).max_seq_len or 0)
 
@@ -71,37 +81,34 @@ def _training_config(
 ) -> TrainingConfig:
     try:
         domain = config.to_domain(asset="lora_adapter")
-        return domain.with_max_seq_len(_tokenized_max_seq_len(storage, data.tokenized_version))
+        tokenized = "shard_tokenized_dataset" if data.asset == SHARDED_DATASET_SPLITS else "tokenized_dataset"
+        return domain.with_max_seq_len(_tokenized_max_seq_len(storage, data), source=tokenized)
     except ValueError as exc:
         raise dg.Failure(description=f"lora_adapter config is invalid: {exc}", allow_retries=False) from exc
 
 
 def _training_data(
-    context: dg.AssetExecutionContext, source: str, dataset_splits: ArtifactHandle, storage: StorageResource
+    context: dg.AssetExecutionContext,
+    source: str,
+    dataset_splits: ArtifactHandle | None,
+    storage: StorageResource,
 ) -> TrainingData:
-    """The splits input, or the retraining_dataset version Dagster materialized last (fetched by version)."""
-    from llmft_assets.storage import fetch_artifact
+    """The splits input (the version Dagster pinned), or the latest retraining_dataset or
+    sharded_dataset_splits Dagster recorded (fetched by version), with the source and licence it records
+    (a retraining dataset: those of the splits)."""
+    from llmft_assets.training.training_data import TrainingDataMissing, resolve_training_data
 
     if source == DATASET_SPLITS:
-        return training_data_of(
-            DATASET_SPLITS, dataset_splits.version, dataset_splits.path, dataset_splits.metadata
-        )
-    event = context.instance.get_latest_materialization_event(dg.AssetKey(RETRAINING_DATASET))
-    materialization = None if event is None else event.asset_materialization
-    version_value = None if materialization is None else materialization.metadata.get("version")
-    if version_value is None:
-        raise dg.Failure(
-            description=f"lora_adapter: training_data={source} but no {source} is materialized; run "
-            "retraining_dataset_job first",
-            allow_retries=False,
-        )
-    published, path = fetch_artifact(
-        storage.backend(),
-        asset_prefix(dg.AssetKey(RETRAINING_DATASET)),
-        storage.cache_dir(),
-        version=str(getattr(version_value, "value", version_value)),
-    )
-    return training_data_of(RETRAINING_DATASET, published.version, path, published.metadata)
+        version = None if dataset_splits is None else dataset_splits.version
+    else:
+        version = recorded_version(context.instance, dg.AssetKey(source))
+    try:
+        data = resolve_training_data(source, version, lambda asset, v: published_version(storage, asset, v))
+    except TrainingDataMissing as exc:
+        raise dg.Failure(description=f"lora_adapter: {exc}", allow_retries=False) from exc
+    if data.dataset is None and dataset_splits is not None:  # a retraining dataset: its splits' source
+        return replace(data, dataset=dataset_splits.manifest(SplitsManifest).dataset)
+    return data
 
 
 def _pipes_launcher(context: dg.AssetExecutionContext) -> Launcher:
@@ -136,14 +143,17 @@ def _pipes_launcher(context: dg.AssetExecutionContext) -> Launcher:
     retry_policy=dg.RetryPolicy(max_retries=2, delay=15),
     # Read by k8s_job_executor for this step's pod (dagster issue 22865); ignored in-process.
     op_tags=gpu_op_tags(),
-    # Lineage: a drift retraining (training_data=retraining_dataset) trains on it; read by version, not loaded.
-    deps=[RETRAINING_DATASET],
+    # Lineage: training_data=retraining_dataset (a drift retraining) or sharded_dataset_splits trains on
+    # them; read by the version Dagster recorded, not loaded. dataset_splits loads as None when it was
+    # never materialized (a sharded-only install); only training_data=dataset_splits then fails.
+    deps=[RETRAINING_DATASET, SHARDED_DATASET_SPLITS],
+    ins={"dataset_splits": dg.AssetIn(metadata={MAY_BE_UNMATERIALIZED: True})},
 )
 def lora_adapter(
     context: dg.AssetExecutionContext,
     config: LoraAdapterConfig,  # type: ignore[valid-type]
     base_model: ArtifactHandle,
-    dataset_splits: ArtifactHandle,
+    dataset_splits: ArtifactHandle | None,
     storage: StorageResource,
     mlflow: MlflowResource,
 ) -> dg.Output[StagedArtifact]:
@@ -151,13 +161,14 @@ def lora_adapter(
     storage every `save_steps`, and a retried or re-launched run resumes from the latest one."""
     from llmft_assets.training.run import LaunchConfigError, TrainingInputs, train_adapter
 
+    data = _training_data(context, config.training_data, dataset_splits, storage)
     inputs = TrainingInputs(
         base_model_dir=base_model.path,
         base_model_version=base_model.version,
         base_model_uri=base_model.uri,
         base_model_info=base_model.manifest(BaseModelManifest).model_info,
-        data=_training_data(context, config.training_data, dataset_splits, storage),
-        dataset=dataset_splits.manifest(SplitsManifest).dataset,
+        data=data,
+        dataset=data.dataset,
     )
     try:
         run = train_adapter(
