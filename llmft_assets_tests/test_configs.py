@@ -15,6 +15,8 @@ from llmft_assets.definitions import defs
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIG_FILES = sorted(CONFIG_DIR.glob("*.yaml"))
 README = Path(__file__).resolve().parents[1] / "README.md"
+DATA_CHAIN = ["raw_dataset", "cleaned_dataset", "validated_dataset", "tokenized_dataset", "dataset_splits"]
+FINETUNE = "group:data,group:model,group:training,group:evaluation"
 
 
 def _command(path: Path) -> list[str]:
@@ -33,6 +35,10 @@ def _validate(select: str, config_paths: list[str]) -> dict:
     keys = dg.AssetSelection.from_coercible(select.split(",")).resolve(repository.asset_graph)
     job = repository.get_implicit_job_def_for_assets(keys)
     assert job is not None
+    # The commands name no --partition: a partitioned asset in the selection would fail the run.
+    partitioned = sorted(k.to_user_string() for k in keys if repository.asset_graph.get(k).is_partitioned)
+    if partitioned:
+        raise ValueError(f"the selection {select!r} holds partitioned assets {partitioned}: name a partition")
     # Dagster ignores config for an op it does not run (a misspelt asset name too): refuse it here.
     selected = {key.to_user_string() for key in keys}
     unknown = sorted(set(run_config.get("ops", {})) - selected)
@@ -61,10 +67,22 @@ def test_config_validates_for_its_command(path: Path) -> None:
     validated = _validate(select, [str(CONFIG_DIR.parent / config_path)])
     ops = validated["ops"]
     assert {"raw_dataset", "base_model", "lora_adapter", "eval_report"} <= set(ops)
+    # The fine-tune path: the unpartitioned data chain, the base model, the adapter and its evaluation.
+    repository = defs.get_repository_def()
+    keys = dg.AssetSelection.from_coercible(select.split(",")).resolve(repository.asset_graph)
+    assert sorted(k.to_user_string() for k in keys) == sorted(
+        [*DATA_CHAIN, "base_model", "lora_adapter", "eval_report"]
+    )
     assert ops["base_model"]["config"]["model"].startswith("Qwen/Qwen2.5-")
     # The training hyper-parameters also pass the training config's own rules (ranges, QLoRA precision).
     LoraAdapterConfig(**ops["lora_adapter"]["config"]).to_domain(asset="lora_adapter")
     assert path.name in README.read_text(), f"README does not point to {path.name}"
+
+
+def test_a_selection_with_partitioned_assets_is_refused() -> None:
+    # "*eval_report" reaches the daily drift report and the shard partitions through lineage edges.
+    with pytest.raises(ValueError, match=r"holds partitioned assets \['drift_report', 'shard_cleaned_dataset'"):
+        _validate("*eval_report", [str(CONFIG_DIR / "qwen2.5-7b-qlora-1gpu.yaml")])
 
 
 def test_a_wrong_field_or_value_is_refused(tmp_path: Path) -> None:
@@ -72,16 +90,16 @@ def test_a_wrong_field_or_value_is_refused(tmp_path: Path) -> None:
     typo = tmp_path / "typo.yaml"
     typo.write_text(source.replace("lora_r: 16", "lora_rank: 16"))
     with pytest.raises(dg.DagsterInvalidConfigError, match="lora_rank"):
-        _validate("*eval_report", [str(typo)])
+        _validate(FINETUNE, [str(typo)])
     wrong_type = tmp_path / "wrong_type.yaml"
     wrong_type.write_text(source.replace("qlora: true", "qlora: maybe"))
     with pytest.raises(dg.DagsterInvalidConfigError, match="qlora"):
-        _validate("*eval_report", [str(wrong_type)])
+        _validate(FINETUNE, [str(wrong_type)])
     # A misspelt asset name, or config for assets the command does not select, is refused by our guard.
     misspelt = tmp_path / "misspelt.yaml"
     misspelt.write_text(source.replace("  lora_adapter:", "  lora_adaptor:"))
-    with pytest.raises(ValueError, match=r"outside the selection '\*eval_report': \['lora_adaptor'\]"):
-        _validate("*eval_report", [str(misspelt)])
+    with pytest.raises(ValueError, match=r"outside the selection '.*': \['lora_adaptor'\]"):
+        _validate(FINETUNE, [str(misspelt)])
     with pytest.raises(ValueError, match="outside the selection 'raw_dataset'"):
         _validate("raw_dataset", [str(CONFIG_DIR / "qwen2.5-7b-qlora-1gpu.yaml")])
 
@@ -95,4 +113,4 @@ def test_every_ops_example_in_the_readme_validates(tmp_path: Path) -> None:
     for index, block in enumerate(examples):
         path = tmp_path / f"readme_{index}.yaml"
         path.write_text(block)
-        _validate("*eval_report,merged_model", [str(path)])
+        _validate(f"{FINETUNE},group:retraining,merged_model", [str(path)])
