@@ -81,7 +81,9 @@ def test_config_validates_for_its_command(path: Path) -> None:
 
 def test_a_selection_with_partitioned_assets_is_refused() -> None:
     # "*eval_report" reaches the daily drift report and the shard partitions through lineage edges.
-    with pytest.raises(ValueError, match=r"holds partitioned assets \['drift_report', 'shard_cleaned_dataset'"):
+    with pytest.raises(
+        ValueError, match=r"holds partitioned assets \['drift_report', 'shard_cleaned_dataset'"
+    ):
         _validate("*eval_report", [str(CONFIG_DIR / "qwen2.5-7b-qlora-1gpu.yaml")])
 
 
