@@ -181,6 +181,7 @@ def test_bill_of_materials(tmp_path: Path) -> None:
     )  # fmt: skip
     assert bom["base_model"]["revision"] == "abc123"
     assert bom["dataset"] == {
+        "asset": "dataset_splits",
         "version": "v-123",
         "source": "ServiceNow-AI/R1-Distill-SFT",
         "config": "v1",
