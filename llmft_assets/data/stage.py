@@ -129,15 +129,9 @@ def stage_raw(
     rows_sink, quarantine_sink = _sinks(staging, RAW_SCHEMA)
     with rows_sink, quarantine_sink:
         for batch in batches:
-            rows_sink.write_rows(
-                [
-                    {
-                        "origin": row.get("origin", "unknown"),
-                        "payload": json.dumps(row, ensure_ascii=False, default=str),
-                    }
-                    for row in batch.rows
-                ]
-            )
+            # The payloads are the JSON the reader encoded to check each row: no second encoding.
+            origins = [row.get("origin", "unknown") for row in batch.rows]
+            rows_sink.write_table(pa.table([origins, batch.payloads], schema=RAW_SCHEMA))
             quarantine_sink.write_rows(batch.quarantine)
             progress(counts)
     dataset_source, dataset_config = described_as or (source, config)
