@@ -451,6 +451,19 @@ def split_isolation_problems(
 ) -> dict[str, Any]:
     """Every way a problem crosses splits: shared problem keys, shared content hashes, near duplicates."""
     prompts = {split: [first_user_turn(m) for m in rows] for split, rows in messages_by_split.items()}
+    return prompt_isolation_problems(
+        prompts, content_hashes_by_split, threshold=threshold, max_examples=max_examples
+    )
+
+
+def prompt_isolation_problems(
+    prompts: Mapping[str, Sequence[str]],
+    content_hashes_by_split: Mapping[str, Iterable[str]] | None = None,
+    *,
+    threshold: float = NEAR_DUPLICATE_JACCARD,
+    max_examples: int = 5,
+) -> dict[str, Any]:
+    """`split_isolation_problems` from each row's first user turn (`prompts`, per split)."""
     keys = {
         split: [problem_key_of_prompt(prompt, f"{split}#{i}") for i, prompt in enumerate(values)]
         for split, values in prompts.items()
