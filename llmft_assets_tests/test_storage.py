@@ -99,40 +99,6 @@ def test_parquet_sink_streams_row_groups(tmp_path: Path) -> None:
     assert count_rows(empty) == 0
 
 
-def test_parquet_sink_on_a_writer_thread_writes_the_same_file_and_reports_its_errors(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import pyarrow.parquet as pq
-
-    schema = pa.schema([("id", pa.string()), ("n", pa.int32())])
-    tables = [
-        pa.table({"id": [str(i) for i in range(s, s + 700)], "n": list(range(s, s + 700))})
-        for s in (0, 700, 1400)
-    ]
-    for background in (True, False):
-        with ParquetSink(tmp_path / f"{background}.parquet", schema, background=background) as sink:
-            for table in tables:
-                sink.write_table(table)
-        assert sink.rows_written == 2100
-    on_thread, in_caller = (pq.ParquetFile(tmp_path / f"{b}.parquet") for b in (True, False))
-    assert on_thread.read().equals(in_caller.read())
-    assert on_thread.metadata.num_row_groups == in_caller.metadata.num_row_groups == 3
-    # A failing write on the thread is raised by the next write_table (or by close), not lost.
-    sink = ParquetSink(tmp_path / "failing.parquet", schema)
-    assert sink._writer is not None
-    monkeypatch.setattr(
-        sink._writer, "write_table", lambda table: (_ for _ in ()).throw(OSError("disk full"))
-    )
-    sink.write_table(tables[0])
-    with pytest.raises(OSError, match="disk full"):
-        sink.write_table(tables[1])
-    sink.write_table(tables[2])
-    with pytest.raises(OSError, match="disk full"):
-        sink.close()
-    with pytest.raises(ValueError, match="already closed"):
-        sink.write_table(tables[0])
-
-
 WRITER = textwrap.dedent(
     """
     import sys

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -13,24 +12,15 @@ import pyarrow.parquet as pq
 
 
 class ParquetSink:
-    """Appends batches of rows (dicts) to one Parquet file; always leaves a valid file, even when empty.
+    """Appends batches of rows (dicts) to one Parquet file; always leaves a valid file, even when empty."""
 
-    With ``background`` (the default) each table is encoded and compressed on a writer thread (Arrow
-    releases the GIL there) while the caller prepares the next batch; at most one table is in flight,
-    tables are written in the order given, and a write's error is raised by the next `write_table` or by
-    `close`."""
-
-    def __init__(self, path: Path, schema: pa.Schema, *, compression: str = "zstd", background: bool = True):
+    def __init__(self, path: Path, schema: pa.Schema, *, compression: str = "zstd"):
         self.path = Path(path)
         self.schema = schema
         self.rows_written = 0
         self._compression = compression
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._writer: pq.ParquetWriter | None = pq.ParquetWriter(self.path, schema, compression=compression)
-        self._thread = (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-sink") if background else None
-        )
-        self._in_flight: Future[None] | None = None
 
     def write_rows(self, rows: list[dict[str, Any]]) -> None:
         if rows:
@@ -40,28 +30,13 @@ class ParquetSink:
         if self._writer is None:
             raise ValueError(f"{self.path} is already closed")
         if table.num_rows:
-            table = table.select(self.schema.names).cast(self.schema)
-            self._finish_in_flight()
-            if self._thread is None:
-                self._writer.write_table(table)
-            else:
-                self._in_flight = self._thread.submit(self._writer.write_table, table)
+            self._writer.write_table(table.select(self.schema.names).cast(self.schema))
             self.rows_written += table.num_rows
-
-    def _finish_in_flight(self) -> None:
-        in_flight, self._in_flight = self._in_flight, None
-        if in_flight is not None:
-            in_flight.result()
 
     def close(self) -> None:
         if self._writer is not None:
-            try:
-                self._finish_in_flight()
-            finally:
-                self._writer.close()
-                self._writer = None
-                if self._thread is not None:
-                    self._thread.shutdown()
+            self._writer.close()
+            self._writer = None
 
     def __enter__(self) -> ParquetSink:
         return self
