@@ -123,8 +123,8 @@ NEAR_DUPLICATE_JACCARD = SplitSettings.near_duplicate_jaccard
 _MERSENNE = np.uint64((1 << 61) - 1)
 _SHINGLE_WORDS = 3
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
-# Shingles hashed against all permutations in one array operation: 16,384 x 64 uint64 = 8 MiB at most.
-_SIGNATURE_CHUNK_SHINGLES = 16_384
+# Shingles hashed against all permutations in one array operation: 4,096 x 64 uint64 = 2 MiB at most.
+_SIGNATURE_CHUNK_SHINGLES = 4_096
 
 
 def _permutations(seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
