@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
 from llmft_assets.data.cleaning import clean_rows
-from llmft_assets.data.key_set import DIGEST_BYTES, CompactKeySet
+from llmft_assets.data.key_set import DIGEST_BYTES, CompactKeySet, claim
 from llmft_assets.data.sample_gen import generate_rows
 from llmft_assets.data.schema import StageCounts
 from llmft_assets.data.validation import ValidationLimits, validate_rows
@@ -48,3 +49,17 @@ def test_cleaning_and_validation_drop_the_same_rows_with_either_set() -> None:
     assert results[0] == results[1]
     ids, duplicates, reasons = results[1]
     assert duplicates == 1 and reasons.get("duplicate_id") == 1 and "copy-of-4" not in ids
+
+
+@pytest.mark.parametrize("make", [set, lambda: CompactKeySet(pending_limit=2)])
+def test_claim_adds_a_new_key_and_refuses_a_known_one(make: Any) -> None:
+    keys = make()
+    assert [claim(keys, key) for key in ["a", "b", "a", "c", "b", "d"]] == [
+        True,
+        True,
+        False,
+        True,
+        False,
+        True,
+    ]
+    assert all(key in keys for key in "abcd") and "e" not in keys

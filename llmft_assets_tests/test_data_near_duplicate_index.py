@@ -108,3 +108,53 @@ def test_colliding_bucket_keys_add_no_false_candidates(monkeypatch: pytest.Monke
         assert compact.query(prompt) == reference.query(prompt)
         compact.add(position, prompt)
         reference.add(position, prompt)
+
+
+def _reference_signature(text: str) -> np.ndarray:
+    """The per-prompt MinHash this module computed before signatures were batched."""
+    import hashlib
+
+    words = splits.normalize_problem(text).split(" ")
+    count = max(1, len(words) - 3 + 1)
+    shingles = {" ".join(words[i : i + 3]) for i in range(count)}
+    values = np.array(
+        [int.from_bytes(hashlib.blake2b(s.encode(), digest_size=4).digest(), "big") for s in shingles],
+        dtype=np.uint64,
+    )
+    return ((values[:, None] * splits._A[None, :] + splits._B[None, :]) % splits._MERSENNE).min(axis=0)
+
+
+@pytest.mark.parametrize("chunk_shingles", [1, 7, 16_384])
+def test_batched_signatures_are_the_per_prompt_ones(
+    monkeypatch: pytest.MonkeyPatch, chunk_shingles: int
+) -> None:
+    # Chunks of 1 and 7 shingles: prompts longer than a chunk, and chunks ending inside a prompt's range.
+    monkeypatch.setattr(splits, "_SIGNATURE_CHUNK_SHINGLES", chunk_shingles)
+    prompts = ["", "   ", "one", "two words", "Three  Words here", *_prompts(60, seed=7), "a b c a b c a b c"]
+    normalized = [splits.normalize_problem(prompt) for prompt in prompts]
+    batched = splits.minhash_signatures_of_normalized(normalized)
+    assert batched.shape == (len(prompts), MINHASH_PERMUTATIONS) and batched.dtype == np.uint64
+    for prompt, signature in zip(prompts, batched, strict=True):
+        assert np.array_equal(signature, _reference_signature(prompt)), prompt
+        assert np.array_equal(minhash_signature(prompt), signature)
+    assert splits.minhash_signatures_of_normalized([]).shape == (0, MINHASH_PERMUTATIONS)
+
+
+def test_may_match_is_false_only_where_matches_is_empty() -> None:
+    index = NearDuplicateIndex(0.5)
+    prompts = _prompts(150, seed=11)
+    assert not index.may_match(np.stack([minhash_signature(p) for p in prompts]), [()] * 150).any()
+    for position, prompt in enumerate(prompts[:75]):
+        index.add(position, prompt)
+    queries = prompts[75:]
+    signatures = np.stack([minhash_signature(p) for p in queries])
+    numbers = [NearDuplicateIndex.prompt_numbers(p) for p in queries]
+    may = index.may_match(signatures, numbers).tolist()
+    answers = [index.query(prompt) for prompt in queries]
+    assert all(may[i] for i, answer in enumerate(answers) if answer)
+    assert any(answers) and not all(may)  # both outcomes were exercised
+    # A prompt of the same template with other numbers shares no bucket: the filter already says no.
+    other = prompts[0].rsplit(" ", 1)[0] + " 999"
+    assert index.may_match(
+        minhash_signature(other)[None, :], [NearDuplicateIndex.prompt_numbers(other)]
+    ).tolist() == [False]

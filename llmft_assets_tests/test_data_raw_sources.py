@@ -302,3 +302,28 @@ def test_a_deep_json_array_file_is_one_quarantine_row(tmp_path: Path) -> None:
     path.write_bytes(b"[" * 100_000 + b"]" * 100_000)
     rows, quarantine, _ = read_all(str(path))
     assert rows == [] and len(quarantine) == 1 and quarantine[0]["reason"].startswith("too_deep:")
+
+
+def _nested(levels: int, innermost: object) -> object:
+    value = innermost
+    for level in range(levels):
+        value = [value] if level % 2 else {"k": value}
+    return value
+
+
+def test_encode_row_gives_the_payload_or_why_not_at_the_nesting_limit() -> None:
+    from llmft_assets.data.raw_sources import MAX_NESTING_DEPTH, encode_row, row_problem
+
+    # The row is level 1, its values level 2: 30 more containers put the scalar at level 32, the limit.
+    at_limit = {"id": "a", "x": _nested(MAX_NESTING_DEPTH - 2, 0)}
+    assert encode_row(at_limit) == (json.dumps(at_limit, ensure_ascii=False, default=str), None)
+    assert row_problem(at_limit) is None
+    beyond = {"id": "b", "x": _nested(MAX_NESTING_DEPTH - 1, 0)}
+    assert encode_row(beyond) == (None, f"too_deep: nested more than {MAX_NESTING_DEPTH} levels")
+    # An empty container at the last level holds nothing deeper.
+    assert encode_row({"x": _nested(MAX_NESTING_DEPTH - 2, [])})[1] is None
+    assert encode_row({"x": _nested(MAX_NESTING_DEPTH - 2, [1])})[1] == (
+        f"too_deep: nested more than {MAX_NESTING_DEPTH} levels"
+    )
+    assert encode_row({"id": "c", "text": "x\ud800y"})[1].startswith("invalid_unicode:")
+    assert encode_row({"id": "d", "when": b"\x00"}) == ('{"id": "d", "when": "b\'\\\\x00\'"}', None)

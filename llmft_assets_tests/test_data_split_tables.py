@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -88,3 +89,33 @@ def test_write_splits_refuses_a_plan_that_does_not_cover_the_file(
     out = {split: tmp_path / f"{split}.parquet" for split in SPLITS}
     with pytest.raises(ValueError, match="more rows than the split plan"):
         write_splits(data_file, out, table.schema, SplitSettings(), batch_size=16)
+
+
+def test_splits_disjoint_reads_first_user_turns_and_fails_on_a_leaked_prompt(tmp_path: Path) -> None:
+    from llmft_assets.data.schema import TOKENIZED_SCHEMA
+    from llmft_assets.defs.data.checks import splits_disjoint
+    from llmft_assets.defs.storage_resources import ArtifactHandle
+
+    def row(row_id: str, prompt: str | None) -> dict:
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": prompt}]
+        return {
+            "id": row_id,
+            "messages": [*messages, {"role": "assistant", "content": "4"}],
+            "content_hash": row_id,
+        }
+
+    def check(prompts: dict[str, list[str | None]]) -> Any:
+        for name, values in prompts.items():
+            rows = [row(f"{name}{i}", prompt) for i, prompt in enumerate(values)]
+            schema = pa.schema([TOKENIZED_SCHEMA.field(name) for name in ("id", "messages", "content_hash")])
+            table = pa.Table.from_pylist(rows, schema=schema)
+            pq.write_table(table, tmp_path / f"{name}.parquet")
+        handle = ArtifactHandle("dataset_splits", "v", "file://x", tmp_path, {"rows": {}})
+        return splits_disjoint(dataset_splits=handle)
+
+    clean = check(
+        {"train": ["What is 2 + 2?", None], "validation": ["Name a prime above 10."], "test": ["Is 9 odd?"]}
+    )
+    assert clean.passed and clean.metadata["rows"].value == {"train": 2, "validation": 1, "test": 1}
+    leaked = check({"train": ["What is 2 + 2?"], "validation": ["what is  2 + 2?"], "test": ["Is 9 odd?"]})
+    assert not leaked.passed and leaked.metadata["shared_problem_keys"].value == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -193,3 +194,35 @@ def test_reasoning_without_a_final_answer_has_its_own_reason() -> None:
     assert counts.reasons == {"no_final_answer": 1}
     valid, _, _ = validate([only_reasoning], ValidationLimits(require_final_answer=False))
     assert len(valid) == 1
+
+
+def test_stage_validated_writes_exactly_the_valid_rows_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pyarrow.parquet as pq
+
+    import llmft_assets.storage.tables as tables
+    from llmft_assets.data.schema import CONVERSATION_SCHEMA
+    from llmft_assets.data.stage import stage_validated
+
+    rows = [
+        {**conversation(GOOD, row_id="a"), "source_format": "r1_v1"},
+        {**conversation([("user", "Q?"), ("assistant", "  ")], row_id="b"), "source_format": "r1_v1"},
+        {**conversation(GOOD, row_id="a"), "source_format": "r1_v1", "content_hash": "a2"},
+        {**conversation(GOOD, row_id="c"), "source_format": "r1_v0"},
+    ]
+    cleaned = tmp_path / "cleaned.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=CONVERSATION_SCHEMA), cleaned)
+    # Batches of 2 rows: each batch keeps one row and drops one (an empty turn, then a duplicate id).
+    read_batches = tables.iter_parquet_batches
+    monkeypatch.setattr(tables, "iter_parquet_batches", lambda path, **_: read_batches(path, batch_size=2))
+    result = stage_validated(
+        cleaned, limits=ValidationLimits(), dataset=None, staging=tmp_path / "out", log=lambda _: None
+    )
+    written = pq.read_table(tmp_path / "out" / "data.parquet")
+    assert written.schema == CONVERSATION_SCHEMA
+    assert written.to_pylist() == [rows[0], rows[3]]
+    quarantine = pq.read_table(tmp_path / "out" / "quarantine.parquet").to_pylist()
+    assert [row["origin"] for row in quarantine] == ["test#b", "test#a"]
+    assert quarantine[1]["reason"] == "duplicate_id: id 'a' was already accepted"
+    assert (result.counts.rows_in, result.counts.rows_out, result.counts.quarantined) == (4, 2, 2)

@@ -31,7 +31,7 @@ from llmft_assets.data.formats import (
     optional_string,
     type_name,
 )
-from llmft_assets.data.key_set import SeenKeys
+from llmft_assets.data.key_set import SeenKeys, claim
 from llmft_assets.data.schema import DEFAULT_SOURCE_DATASET, StageCounts, quarantine_row
 
 STAGE = "cleaned"
@@ -191,10 +191,9 @@ def clean_rows(
             counts.record_quarantine(reason)
             quarantine.append(quarantine_row(origin=origin, stage=STAGE, reason=reason, row=row))
             continue
-        if conversation["content_hash"] in seen_hashes:
+        if not claim(seen_hashes, conversation["content_hash"]):
             counts.duplicates += 1
             continue
-        seen_hashes.add(conversation["content_hash"])
         counts.rows_out += 1
         counts.extra[FORMAT_COUNT_PREFIX + conversation["source_format"]] += 1
         cleaned.append(conversation)

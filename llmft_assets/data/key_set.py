@@ -29,6 +29,16 @@ class SeenKeys(Protocol):
     def add(self, key: str, /) -> None: ...
 
 
+def claim(keys: SeenKeys, key: str) -> bool:
+    """Add `key` to `keys`; False when it was already there."""
+    if isinstance(keys, CompactKeySet):
+        return keys.claim(key)
+    if key in keys:
+        return False
+    keys.add(key)
+    return True
+
+
 def _digest(key: str) -> bytes:
     return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=DIGEST_BYTES).digest()
 
@@ -58,12 +68,17 @@ class CompactKeySet:
         return digest in self._pending or self._in_sorted(digest)
 
     def add(self, key: str) -> None:
+        self.claim(key)
+
+    def claim(self, key: str) -> bool:
+        """Add `key`; False when it was already there (one digest and one search, not two)."""
         digest = _digest(key)
         if digest in self._pending or self._in_sorted(digest):
-            return
+            return False
         self._pending.add(digest)
         if len(self._pending) >= self._pending_limit:
             self._merge()
+        return True
 
     def _merge(self) -> None:
         fresh = np.array(sorted(self._pending), dtype=f"S{DIGEST_BYTES}")

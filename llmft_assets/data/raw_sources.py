@@ -50,10 +50,12 @@ class DataSourceError(Exception):
 
 @dataclass
 class RawBatch:
-    """Rows parsed from a source (each with an ``origin``) and quarantine rows for the rest."""
+    """Rows parsed from a source (each with an ``origin``), each row's JSON payload (`encode_row`, in
+    the same order) and quarantine rows for the rest."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     quarantine: list[dict[str, Any]] = field(default_factory=list)
+    payloads: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.rows) + len(self.quarantine)
@@ -475,29 +477,44 @@ def _map_columns(records: Iterator[_Record], columns: Mapping[str, str]) -> Iter
             yield _bad(origin, str(rejection), row)
 
 
-def row_problem(row: dict[str, Any]) -> str | None:
-    """Why a parsed row cannot travel down the pipeline as a JSON payload in Parquet; None when it can.
+def _too_deep(row: Any) -> bool:
+    """Whether some value sits deeper than MAX_NESTING_DEPTH levels (the row itself is level 1).
 
-    Checked iteratively (no recursion): nesting depth, then one JSON encoding of the whole row, which
-    also catches text that is not valid Unicode (lone surrogates from ``\\ud800`` escapes) and values
-    JSON cannot hold.
-    """
+    Iterative (no recursion), and only containers are visited: a container at the last level allowed
+    may hold nothing, since its items would be one level deeper."""
     stack: list[tuple[Any, int]] = [(row, 1)]
     while stack:
         value, depth = stack.pop()
-        if depth > MAX_NESTING_DEPTH:
-            return f"too_deep: nested more than {MAX_NESTING_DEPTH} levels"
-        if isinstance(value, dict):
-            stack.extend((item, depth + 1) for item in value.values())
-        elif isinstance(value, list | tuple):
-            stack.extend((item, depth + 1) for item in value)
+        items = value.values() if isinstance(value, dict) else value
+        if depth >= MAX_NESTING_DEPTH and items:
+            return True
+        stack.extend((item, depth + 1) for item in items if isinstance(item, dict | list | tuple))
+    return False
+
+
+def encode_row(row: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(the row's JSON payload, None), or (None, why the row cannot travel down the pipeline as a JSON
+    payload in Parquet).
+
+    Checked: nesting depth, then the one JSON encoding of the whole row (which is the payload), which
+    also catches text that is not valid Unicode (lone surrogates from ``\\ud800`` escapes) and values
+    JSON cannot hold.
+    """
+    if isinstance(row, dict | list | tuple) and _too_deep(row):
+        return None, f"too_deep: nested more than {MAX_NESTING_DEPTH} levels"
     try:
-        json.dumps(row, ensure_ascii=False, default=str).encode("utf-8")
+        payload = json.dumps(row, ensure_ascii=False, default=str)
+        payload.encode("utf-8")
     except UnicodeEncodeError as error:
-        return f"invalid_unicode: {error.reason} at character {error.start} of the row"
+        return None, f"invalid_unicode: {error.reason} at character {error.start} of the row"
     except (ValueError, TypeError, RecursionError) as error:
-        return f"unencodable_value: {type(error).__name__}: {error}"
-    return None
+        return None, f"unencodable_value: {type(error).__name__}: {error}"
+    return payload, None
+
+
+def row_problem(row: dict[str, Any]) -> str | None:
+    """Why a parsed row cannot travel down the pipeline as a JSON payload in Parquet; None when it can."""
+    return encode_row(row)[1]
 
 
 def _batched(
@@ -506,12 +523,13 @@ def _batched(
     batch = RawBatch()
     for records_read, (origin, row, bad) in enumerate(records, start=1):
         counts.rows_in += 1
-        problem = row_problem(row) if row is not None else None
+        payload, problem = encode_row(row) if row is not None else (None, None)
         if problem is not None:
             row, bad = None, quarantine_row(origin=origin, stage=STAGE, reason=problem, row=row)
-        if row is not None:
+        if row is not None and payload is not None:
             counts.rows_out += 1
             batch.rows.append(row)
+            batch.payloads.append(payload)
         elif bad is not None:
             counts.record_quarantine(bad["reason"])
             batch.quarantine.append(bad)

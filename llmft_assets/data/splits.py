@@ -18,6 +18,7 @@ import re
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, Literal
 
 import numpy as np
@@ -76,7 +77,10 @@ def assign_split(
     if not isinstance(key, str) or not key:
         raise ValueError(f"split key must be a non-empty string, got {key!r}")
     validate_fractions(validation_fraction, test_fraction)
-    point = split_point(key, salt)
+    return _split_at(split_point(key, salt), validation_fraction, test_fraction)
+
+
+def _split_at(point: float, validation_fraction: float, test_fraction: float) -> Split:
     if point < test_fraction:
         return "test"
     if point < test_fraction + validation_fraction:
@@ -98,7 +102,11 @@ def first_user_turn(messages: Sequence[Mapping[str, Any]]) -> str:
 
 def problem_key_of_prompt(prompt: str, fallback: str = "") -> str:
     """sha256 of the normalized prompt (`fallback`, e.g. the row id, when the prompt is empty)."""
-    problem = normalize_problem(prompt) or f"\0id:{fallback}"
+    return _problem_key_of_normalized(normalize_problem(prompt), fallback)
+
+
+def _problem_key_of_normalized(normalized: str, fallback: str) -> str:
+    problem = normalized or f"\0id:{fallback}"
     return hashlib.sha256(problem.encode()).hexdigest()[:32]
 
 
@@ -115,6 +123,8 @@ NEAR_DUPLICATE_JACCARD = SplitSettings.near_duplicate_jaccard
 _MERSENNE = np.uint64((1 << 61) - 1)
 _SHINGLE_WORDS = 3
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+# Shingles hashed against all permutations in one array operation: 4,096 x 64 uint64 = 2 MiB at most.
+_SIGNATURE_CHUNK_SHINGLES = 4_096
 
 
 def _permutations(seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -128,16 +138,46 @@ def _permutations(seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
 _A, _B = _permutations()
 
 
+def _shingle_digests(normalized: str) -> list[bytes]:
+    """The 4-byte BLAKE2b digests of the distinct word 3-shingles of a normalized prompt (at least one;
+    a prompt of fewer words is one shingle)."""
+    words = normalized.split(" ")
+    if len(words) < _SHINGLE_WORDS:
+        shingles = {normalized}
+    else:
+        shingles = set(map(" ".join, zip(*(words[k:] for k in range(_SHINGLE_WORDS)), strict=False)))
+    return [hashlib.blake2b(shingle.encode(), digest_size=4).digest() for shingle in shingles]
+
+
+def minhash_signatures_of_normalized(normalized: Sequence[str]) -> np.ndarray:
+    """One `minhash_signature` row per already normalized prompt, shape (len, MINHASH_PERMUTATIONS).
+
+    All prompts' shingle hashes go through the permutations as array operations, a chunk of
+    _SIGNATURE_CHUNK_SHINGLES shingles at a time (whole prompts), the minimum per prompt by `reduceat`:
+    the same numbers as one prompt at a time, without a NumPy call per prompt."""
+    signatures = np.empty((len(normalized), MINHASH_PERMUTATIONS), dtype=np.uint64)
+    if not len(normalized):
+        return signatures
+    hashes = [_shingle_digests(text) for text in normalized]
+    offsets = np.zeros(len(hashes) + 1, dtype=np.int64)
+    np.cumsum([len(values) for values in hashes], out=offsets[1:])
+    # The digests read as big-endian 32-bit integers.
+    values = np.frombuffer(b"".join(chain.from_iterable(hashes)), dtype=">u4").astype(np.uint64)
+    row = 0
+    while row < len(hashes):
+        # The prompts from `row` whose shingles fit in one chunk (always at least one prompt).
+        fits = int(np.searchsorted(offsets, offsets[row] + _SIGNATURE_CHUNK_SHINGLES, side="right")) - 1
+        end = min(len(hashes), max(row + 1, fits))
+        start = offsets[row]
+        permuted = (values[start : offsets[end], None] * _A[None, :] + _B[None, :]) % _MERSENNE
+        signatures[row:end] = np.minimum.reduceat(permuted, offsets[row:end] - start, axis=0)
+        row = end
+    return signatures
+
+
 def minhash_signature(text: str) -> np.ndarray:
     """MINHASH_PERMUTATIONS minimum hashes of the prompt's word 3-shingles (uint64)."""
-    words = normalize_problem(text).split(" ")
-    count = max(1, len(words) - _SHINGLE_WORDS + 1)
-    shingles = {" ".join(words[i : i + _SHINGLE_WORDS]) for i in range(count)}
-    values = np.array(
-        [int.from_bytes(hashlib.blake2b(s.encode(), digest_size=4).digest(), "big") for s in shingles],
-        dtype=np.uint64,
-    )
-    return ((values[:, None] * _A[None, :] + _B[None, :]) % _MERSENNE).min(axis=0)
+    return minhash_signatures_of_normalized([normalize_problem(text)])[0]
 
 
 _BAND_ROWS = MINHASH_PERMUTATIONS // MINHASH_BANDS
@@ -149,11 +189,27 @@ _BAND_SALT = np.arange(MINHASH_BANDS, dtype=np.uint64) * np.uint64(0x94D049BB133
 _PENDING_BUCKET_ENTRIES = 1 << 16
 
 
-def _band_keys(signature: np.ndarray) -> np.ndarray:
-    """One uint64 per band. Equal bands give equal keys; unequal bands may collide, so every candidate
-    found through a key is checked for a truly shared band."""
-    bands = signature.reshape(MINHASH_BANDS, _BAND_ROWS)
-    return (bands * _BAND_MIX[:_BAND_ROWS]).sum(axis=1, dtype=np.uint64) + _BAND_SALT
+def _band_keys(signatures: np.ndarray) -> np.ndarray:
+    """One uint64 per band: shape (MINHASH_BANDS,) for one signature, (n, MINHASH_BANDS) for n. Equal
+    bands give equal keys; unequal bands may collide, so every candidate found through a key is checked
+    for a truly shared band."""
+    bands = signatures.reshape(*signatures.shape[:-1], MINHASH_BANDS, _BAND_ROWS)
+    return (bands * _BAND_MIX[:_BAND_ROWS]).sum(axis=-1, dtype=np.uint64) + _BAND_SALT
+
+
+def _numbers_of_normalized(normalized: str) -> tuple[str, ...]:
+    return tuple(_NUMBER.findall(normalized))
+
+
+def _numbers_key(numbers: tuple[str, ...]) -> int:
+    return int.from_bytes(hashlib.blake2b(" ".join(numbers).encode(), digest_size=8).digest(), "big")
+
+
+def _bucket_keys(signatures: np.ndarray, numbers_keys: int | np.ndarray) -> np.ndarray:
+    """The index's bucket keys: each band key mixed with the key of the prompt's numbers (one per
+    signature). A near duplicate needs the same numbers, so prompts of one template with other numbers
+    share no bucket and are never candidates; colliding keys are caught by the band and numbers checks."""
+    return _band_keys(signatures) ^ np.asarray(numbers_keys, dtype=np.uint64)[..., None]
 
 
 class NearDuplicateIndex:
@@ -166,6 +222,9 @@ class NearDuplicateIndex:
     Candidates are the items sharing at least one whole band with the query. Memory per item: its
     signature (512 bytes, in one growing array), 16 bucket entries of 16 bytes in sorted arrays (the
     newest in a small dict, merged every 65,536 entries) and its numbers; not per-band Python objects.
+
+    `query`/`add` take a prompt; `matches`/`insert` the same from a signature and the prompt's numbers
+    (`prompt_numbers`), and `may_match` tells for many signatures at once which can have a match at all.
     """
 
     def __init__(self, threshold: float = NEAR_DUPLICATE_JACCARD) -> None:
@@ -180,10 +239,12 @@ class NearDuplicateIndex:
 
     @staticmethod
     def _numbers(prompt: str) -> tuple[str, ...]:
-        return tuple(_NUMBER.findall(normalize_problem(prompt)))
+        return _numbers_of_normalized(normalize_problem(prompt))
 
-    def _candidates(self, signature: np.ndarray) -> np.ndarray:
-        keys = _band_keys(signature)
+    prompt_numbers = _numbers
+
+    def _candidates(self, signature: np.ndarray, numbers: tuple[str, ...]) -> np.ndarray:
+        keys = _bucket_keys(signature, _numbers_key(numbers))
         found: list[np.ndarray] = []
         if len(self._keys):
             low = np.searchsorted(self._keys, keys, side="left")
@@ -199,10 +260,20 @@ class NearDuplicateIndex:
         others = self._signatures[candidates].reshape(len(candidates), MINHASH_BANDS, _BAND_ROWS)
         return candidates[(others == bands).all(axis=2).any(axis=1)]
 
-    def query(self, prompt: str, signature: np.ndarray | None = None) -> list[tuple[Any, float]]:
-        signature = minhash_signature(prompt) if signature is None else signature
-        numbers = self._numbers(prompt)
-        candidates = self._candidates(signature)
+    def may_match(self, signatures: np.ndarray, numbers: Sequence[tuple[str, ...]]) -> np.ndarray:
+        """Per prompt (a row of an (n, MINHASH_PERMUTATIONS) array of signatures, and its numbers): False
+        when `matches` is surely empty (no bucket key of it is in the index), True when it has to be asked."""
+        if self._pending:
+            self._merge_pending()
+        if not len(self._keys):
+            return np.zeros(len(signatures), dtype=bool)
+        keys = _bucket_keys(signatures, np.array([_numbers_key(n) for n in numbers], dtype=np.uint64))
+        positions = np.searchsorted(self._keys, keys).clip(max=len(self._keys) - 1)
+        return (self._keys[positions] == keys).any(axis=1)
+
+    def matches(self, signature: np.ndarray, numbers: tuple[str, ...]) -> list[tuple[Any, float]]:
+        """`query` for a prompt with this signature and these numbers."""
+        candidates = self._candidates(signature, numbers)
         # Templated prompts share bands with many others: estimate all their Jaccards in one operation.
         jaccards = (self._signatures[candidates] == signature).mean(axis=1)
         close = jaccards >= self.threshold
@@ -212,8 +283,12 @@ class NearDuplicateIndex:
             if numbers == self._numbers_of[i]
         ]
 
-    def add(self, item: Any, prompt: str, signature: np.ndarray | None = None) -> None:
+    def query(self, prompt: str, signature: np.ndarray | None = None) -> list[tuple[Any, float]]:
         signature = minhash_signature(prompt) if signature is None else signature
+        return self.matches(signature, self._numbers(prompt))
+
+    def insert(self, item: Any, signature: np.ndarray, numbers: tuple[str, ...]) -> None:
+        """`add` of a prompt with this signature and these numbers."""
         position = len(self._items)
         if position == len(self._signatures):
             grown = np.empty((2 * position, MINHASH_PERMUTATIONS), dtype=np.uint64)
@@ -221,12 +296,16 @@ class NearDuplicateIndex:
             self._signatures = grown
         self._signatures[position] = signature
         self._items.append(item)
-        self._numbers_of.append(self._numbers(prompt))
-        for key in _band_keys(signature).tolist():
+        self._numbers_of.append(numbers)
+        for key in _bucket_keys(signature, _numbers_key(numbers)).tolist():
             self._pending.setdefault(key, []).append(position)
         self._pending_entries += MINHASH_BANDS
         if self._pending_entries >= _PENDING_BUCKET_ENTRIES:
             self._merge_pending()
+
+    def add(self, item: Any, prompt: str, signature: np.ndarray | None = None) -> None:
+        signature = minhash_signature(prompt) if signature is None else signature
+        self.insert(item, signature, self._numbers(prompt))
 
     def _merge_pending(self) -> None:
         keys = [key for key, members in self._pending.items() for _ in members]
@@ -255,13 +334,18 @@ def find_near_duplicates(
     index = NearDuplicateIndex(threshold)
     found: list[NearDuplicate] = []
     for split, prompts in prompts_by_split.items():
-        for position, prompt in enumerate(prompts):
-            signature = minhash_signature(prompt)
-            for (other_split, other_position), jaccard in index.query(prompt, signature):
+        normalized = [normalize_problem(prompt) for prompt in prompts]
+        numbers = [_numbers_of_normalized(text) for text in normalized]
+        signatures = minhash_signatures_of_normalized(normalized)
+        # The index holds only earlier splits while this one is queried: ask it only where it can answer.
+        for position in np.flatnonzero(index.may_match(signatures, numbers)).tolist():
+            for (other_split, other_position), jaccard in index.matches(
+                signatures[position], numbers[position]
+            ):
                 if other_split != split:
                     found.append(NearDuplicate(other_split, other_position, split, position, jaccard))
-        for position, prompt in enumerate(prompts):
-            index.add((split, position), prompt)
+        for position in range(len(prompts)):
+            index.insert((split, position), signatures[position], numbers[position])
     return found
 
 
@@ -289,6 +373,9 @@ def plan_leak_free_splits(
     the other evaluation split joins that row's split. Pass 2: a train row that is a near duplicate of
     an evaluation row pulls that row (and its group) into train: the model never sees a test problem.
     Deterministic for a given dataset; adding rows can only move evaluation rows into train.
+
+    Each prompt is normalized once a pass, and a batch's MinHash signatures are computed together
+    (`minhash_signatures_of_normalized`); pass 2 asks the index only for rows `may_match` lets through.
     """
     validate_fractions(validation_fraction, test_fraction)
     assignments: list[Split] = []
@@ -297,37 +384,48 @@ def plan_leak_free_splits(
     members: dict[int, list[int]] = {}
     plan = SplitPlan(assignments)
     for batch in read_prompts():
-        for row_id, prompt in batch:
-            position = len(assignments)
-            split = assign_split(
-                problem_key_of_prompt(prompt, row_id),
-                validation_fraction=validation_fraction,
-                test_fraction=test_fraction,
-                salt=salt,
+        start = len(assignments)
+        normalized = [normalize_problem(prompt) for _row_id, prompt in batch]
+        assignments.extend(
+            _split_at(
+                split_point(_problem_key_of_normalized(text, row_id), salt),
+                validation_fraction,
+                test_fraction,
             )
-            if split != "train":
-                signature = minhash_signature(prompt)
-                matches = index.query(prompt, signature)
-                group = group_of[matches[0][0]] if matches else position
-                if matches and assignments[matches[0][0]] != split:
-                    split = assignments[matches[0][0]]
-                    plan.joined_eval_group += 1
-                group_of[position] = group
-                members.setdefault(group, []).append(position)
-                index.add(position, prompt, signature)
-            assignments.append(split)
+            for (row_id, _prompt), text in zip(batch, normalized, strict=True)
+        )
+        evaluation = [i for i in range(len(batch)) if assignments[start + i] != "train"]
+        signatures = minhash_signatures_of_normalized([normalized[i] for i in evaluation])
+        for i, signature in zip(evaluation, signatures, strict=True):
+            position = start + i
+            numbers = _numbers_of_normalized(normalized[i])
+            matches = index.matches(signature, numbers)
+            group = group_of[matches[0][0]] if matches else position
+            if matches and assignments[matches[0][0]] != assignments[position]:
+                assignments[position] = assignments[matches[0][0]]
+                plan.joined_eval_group += 1
+            group_of[position] = group
+            members.setdefault(group, []).append(position)
+            index.insert(position, signature, numbers)
     if not members:
         return plan
     position = 0
     for batch in read_prompts():
-        for _row_id, prompt in batch:
-            if assignments[position] == "train" and position not in group_of:
-                for match, _ in index.query(prompt):
-                    for member in members.get(group_of[match], ()):
-                        if assignments[member] != "train":
-                            assignments[member] = "train"
-                            plan.moved_to_train += 1
-            position += 1
+        train = [
+            i
+            for i in range(len(batch))
+            if assignments[position + i] == "train" and position + i not in group_of
+        ]
+        normalized = [normalize_problem(batch[i][1]) for i in train]
+        numbers = [_numbers_of_normalized(text) for text in normalized]
+        signatures = minhash_signatures_of_normalized(normalized)
+        for j in np.flatnonzero(index.may_match(signatures, numbers)).tolist():
+            for match, _ in index.matches(signatures[j], numbers[j]):
+                for member in members.get(group_of[match], ()):
+                    if assignments[member] != "train":
+                        assignments[member] = "train"
+                        plan.moved_to_train += 1
+        position += len(batch)
     if position != len(assignments):
         raise ValueError(
             f"read_prompts gave {position} rows on the second pass, {len(assignments)} on the first"
@@ -353,6 +451,19 @@ def split_isolation_problems(
 ) -> dict[str, Any]:
     """Every way a problem crosses splits: shared problem keys, shared content hashes, near duplicates."""
     prompts = {split: [first_user_turn(m) for m in rows] for split, rows in messages_by_split.items()}
+    return prompt_isolation_problems(
+        prompts, content_hashes_by_split, threshold=threshold, max_examples=max_examples
+    )
+
+
+def prompt_isolation_problems(
+    prompts: Mapping[str, Sequence[str]],
+    content_hashes_by_split: Mapping[str, Iterable[str]] | None = None,
+    *,
+    threshold: float = NEAR_DUPLICATE_JACCARD,
+    max_examples: int = 5,
+) -> dict[str, Any]:
+    """`split_isolation_problems` from each row's first user turn (`prompts`, per split)."""
     keys = {
         split: [problem_key_of_prompt(prompt, f"{split}#{i}") for i, prompt in enumerate(values)]
         for split, values in prompts.items()

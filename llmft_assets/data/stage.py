@@ -129,15 +129,9 @@ def stage_raw(
     rows_sink, quarantine_sink = _sinks(staging, RAW_SCHEMA)
     with rows_sink, quarantine_sink:
         for batch in batches:
-            rows_sink.write_rows(
-                [
-                    {
-                        "origin": row.get("origin", "unknown"),
-                        "payload": json.dumps(row, ensure_ascii=False, default=str),
-                    }
-                    for row in batch.rows
-                ]
-            )
+            # The payloads are the JSON the reader encoded to check each row: no second encoding.
+            origins = [row.get("origin", "unknown") for row in batch.rows]
+            rows_sink.write_table(pa.table([origins, batch.payloads], schema=RAW_SCHEMA))
             quarantine_sink.write_rows(batch.quarantine)
             progress(counts)
     dataset_source, dataset_config = described_as or (source, config)
@@ -189,15 +183,19 @@ def stage_validated(
     answer present, unique ids); every rejected row is in quarantine.parquet with its reason."""
     from llmft_assets.data.formats import format_counts
     from llmft_assets.data.validation import validate_rows
+    from llmft_assets.storage.tables import iter_parquet_batches
 
     counts = StageCounts(stage="validated")
     seen_ids = CompactKeySet()
     progress = _Progress(log)
     rows_sink, quarantine_sink = _sinks(staging, CONVERSATION_SCHEMA)
     with rows_sink, quarantine_sink:
-        for rows in iter_parquet_rows(cleaned_file):
+        for batch in iter_parquet_batches(cleaned_file):
+            rows = batch.to_pylist()
             valid, quarantine = validate_rows(rows, seen_ids=seen_ids, limits=limits, counts=counts)
-            rows_sink.write_rows(valid)
+            # Valid rows are written as they were read (an Arrow filter), not rebuilt from Python objects.
+            kept = {id(row) for row in valid}
+            rows_sink.write_table(pa.Table.from_batches([batch]).filter([id(row) in kept for row in rows]))
             quarantine_sink.write_rows(quarantine)
             progress(counts)
     manifest = _finished(

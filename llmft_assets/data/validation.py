@@ -25,7 +25,7 @@ from typing import Any
 
 from llmft_assets.data.answers import extract_boxed_answer
 from llmft_assets.data.formats import FORMAT_COUNT_PREFIX, R1_FORMATS
-from llmft_assets.data.key_set import SeenKeys
+from llmft_assets.data.key_set import SeenKeys, claim
 from llmft_assets.data.schema import StageCounts, quarantine_row
 
 STAGE = "validated"
@@ -191,7 +191,8 @@ def validate_rows(
         counts.rows_in += 1
         problems = conversation_problems(row, limits)
         row_id = row.get("id")
-        if not problems and row_id in seen_ids:
+        # The id is claimed here, by a row that passes every rule.
+        if not problems and not claim(seen_ids, row_id):
             problems.append(f"duplicate_id: id {row_id!r} was already accepted")
         if problems:
             reason = "; ".join(problems)
@@ -206,7 +207,6 @@ def validate_rows(
                 )
             )
             continue
-        seen_ids.add(row_id)
         counts.rows_out += 1
         counts.extra[FORMAT_COUNT_PREFIX + str(row.get("source_format") or "unknown")] += 1
         valid.append(row)

@@ -10,7 +10,7 @@ from llmft_assets.data.uniqueness import duplicated_values
 from llmft_assets.defs.data.assets import split_file
 from llmft_assets.defs.storage_resources import ArtifactHandle
 from llmft_assets.manifests import SplitsManifest, StageManifest
-from llmft_assets.storage.tables import iter_parquet_rows
+from llmft_assets.storage.tables import iter_parquet_batches, iter_parquet_rows
 
 
 def _schema_problems(path, expected) -> list[str]:
@@ -92,22 +92,22 @@ def tokenized_masks(tokenized_dataset: ArtifactHandle, base_model: ArtifactHandl
     "prompts (MinHash) are each in one split only.",
 )
 def splits_disjoint(dataset_splits: ArtifactHandle) -> dg.AssetCheckResult:
-    from llmft_assets.data.splits import NEAR_DUPLICATE_JACCARD, split_isolation_problems
+    from llmft_assets.data.split_tables import first_user_turns
+    from llmft_assets.data.splits import NEAR_DUPLICATE_JACCARD, prompt_isolation_problems
 
-    prompts, hashes = {}, {}
+    prompts: dict[str, list[str]] = {}
+    hashes: dict[str, list[str]] = {}
     for name in SPLIT_NAMES:
-        rows = [
-            row
-            for batch in iter_parquet_rows(
-                split_file(dataset_splits, name), columns=["messages", "content_hash"]
-            )
-            for row in batch
-        ]
-        prompts[name] = [row["messages"] for row in rows]
-        hashes[name] = [row["content_hash"] for row in rows]
+        # Only each row's first user turn becomes a Python string (in Arrow), not its messages.
+        prompts[name], hashes[name] = [], []
+        for batch in iter_parquet_batches(
+            split_file(dataset_splits, name), columns=["messages", "content_hash"]
+        ):
+            prompts[name] += first_user_turns(batch.column("messages"))
+            hashes[name] += batch.column("content_hash").to_pylist()
     recorded = dataset_splits.manifest(SplitsManifest).near_duplicate_jaccard
     threshold = float(recorded if recorded is not None else NEAR_DUPLICATE_JACCARD)
-    report = split_isolation_problems(prompts, hashes, threshold=threshold)
+    report = prompt_isolation_problems(prompts, hashes, threshold=threshold)
     return dg.AssetCheckResult(
         passed=not any(report["counts"].values()),
         metadata={
