@@ -9,19 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from llmft_assets_tests.test_defs_layout import ASSET_KEYS
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ASSETS = {
-    "raw_dataset",
-    "cleaned_dataset",
-    "validated_dataset",
-    "base_model",
-    "tokenized_dataset",
-    "dataset_splits",
-    "lora_adapter",
-    "eval_report",
-    "model_bento",
-    "drift_report",
-}
 
 
 def _dg(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
@@ -49,4 +39,4 @@ def test_dg_list_defs_names_every_asset(tmp_path: Path) -> None:
     assert completed.returncode == 0, completed.stdout + completed.stderr
     listed = json.loads(completed.stdout)
     keys = {asset["asset_key"] for asset in listed["assets"]}
-    assert keys >= ASSETS, sorted(ASSETS - keys)
+    assert keys >= ASSET_KEYS, sorted(ASSET_KEYS - keys)

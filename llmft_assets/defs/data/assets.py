@@ -70,9 +70,90 @@ class TokenizeConfig(dg.Config):
 SplitConfig = dagster_config(SplitSettings, "SplitConfig")
 
 
-def _dataset(upstream: ArtifactHandle) -> dict | None:
+def dataset_of(upstream: ArtifactHandle) -> dict | None:
     """The dataset description the upstream artifact carries (absent on old artifacts)."""
     return upstream.manifest(StageManifest).dataset
+
+
+# The cleaned / validated / tokenized wiring, shared by this chain and its per-shard copy (shards.py);
+# `asset` names the staging folder and the asset in config errors.
+
+
+def cleaned_output(
+    context: dg.AssetExecutionContext,
+    config: CleanConfig,
+    raw: ArtifactHandle,
+    storage: StorageResource,
+    asset: str,
+) -> dg.Output[StagedArtifact]:
+    from llmft_assets.data.stage import stage_cleaned
+
+    staging = storage.staging_dir(asset)
+    result = stage_cleaned(
+        raw.file(DATA_FILE),
+        prefer_reannotated=config.prefer_reannotated,
+        dataset=dataset_of(raw),
+        staging=staging,
+        log=context.log.info,
+    )
+    return artifact_output(
+        StagedArtifact.of(staging, result.manifest),
+        metadata=metadata.stage_metadata(result, staging, raw.version),
+    )
+
+
+def validated_output(
+    context: dg.AssetExecutionContext,
+    config: "ValidationConfig",  # type: ignore[valid-type]
+    cleaned: ArtifactHandle,
+    storage: StorageResource,
+    asset: str,
+) -> dg.Output[StagedArtifact]:
+    from llmft_assets.data.stage import stage_validated
+
+    staging = storage.staging_dir(asset)
+    result = stage_validated(
+        cleaned.file(DATA_FILE),
+        limits=config.to_domain(asset=asset),
+        dataset=dataset_of(cleaned),
+        staging=staging,
+        log=context.log.info,
+    )
+    return artifact_output(
+        StagedArtifact.of(staging, result.manifest),
+        metadata={
+            **metadata.stage_metadata(result, staging, cleaned.version),
+            "reject_rate": result.reject_rate,
+        },
+    )
+
+
+def tokenized_output(
+    context: dg.AssetExecutionContext,
+    config: "TokenizeConfig",
+    validated: ArtifactHandle,
+    base_model: ArtifactHandle,
+    storage: StorageResource,
+    asset: str,
+) -> dg.Output[StagedArtifact]:
+    from llmft_assets.data.stage import stage_tokenized
+
+    staging = storage.staging_dir(asset)
+    result = stage_tokenized(
+        validated.file(DATA_FILE),
+        base_model_dir=base_model.path,
+        base_model_version=base_model.version,
+        max_seq_len=config.max_seq_len,
+        batch_size=config.batch_size,
+        workers=config.workers,
+        dataset=dataset_of(validated),
+        staging=staging,
+        log=context.log.info,
+    )
+    return artifact_output(
+        StagedArtifact.of(staging, result.manifest),
+        metadata=metadata.tokenized_metadata(result, staging, validated.version),
+    )
 
 
 @dg.asset(group_name=DATA_GROUP, owners=OWNERS, kinds={"parquet"}, code_version="2")
@@ -118,20 +199,7 @@ def cleaned_dataset(
 ) -> dg.Output[StagedArtifact]:
     """One canonical conversation schema for both configs: NFC, whitespace and control characters
     normalized, always-null columns dropped, exact duplicates removed by content hash."""
-    from llmft_assets.data.stage import stage_cleaned
-
-    staging = storage.staging_dir("cleaned_dataset")
-    result = stage_cleaned(
-        raw_dataset.file(DATA_FILE),
-        prefer_reannotated=config.prefer_reannotated,
-        dataset=_dataset(raw_dataset),
-        staging=staging,
-        log=context.log.info,
-    )
-    return artifact_output(
-        StagedArtifact.of(staging, result.manifest),
-        metadata=metadata.stage_metadata(result, staging, raw_dataset.version),
-    )
+    return cleaned_output(context, config, raw_dataset, storage, "cleaned_dataset")
 
 
 @dg.asset(group_name=DATA_GROUP, owners=OWNERS, kinds={"parquet"}, code_version="2")
@@ -143,23 +211,7 @@ def validated_dataset(
 ) -> dg.Output[StagedArtifact]:
     """Conversations that pass the rules (role order, non-empty turns, balanced <think>, length bounds,
     answer present, unique ids); every rejected row is in quarantine.parquet with its reason."""
-    from llmft_assets.data.stage import stage_validated
-
-    staging = storage.staging_dir("validated_dataset")
-    result = stage_validated(
-        cleaned_dataset.file(DATA_FILE),
-        limits=config.to_domain(asset="validated_dataset"),
-        dataset=_dataset(cleaned_dataset),
-        staging=staging,
-        log=context.log.info,
-    )
-    return artifact_output(
-        StagedArtifact.of(staging, result.manifest),
-        metadata={
-            **metadata.stage_metadata(result, staging, cleaned_dataset.version),
-            "reject_rate": result.reject_rate,
-        },
-    )
+    return validated_output(context, config, cleaned_dataset, storage, "validated_dataset")
 
 
 @dg.asset(group_name=MODEL_GROUP, owners=OWNERS, kinds={"pytorch", "safetensors"}, code_version="1")
@@ -194,24 +246,7 @@ def tokenized_dataset(
 ) -> dg.Output[StagedArtifact]:
     """Conversations rendered with the base model's own chat template; labels are -100 everywhere
     except assistant turns (content + end token); sequences over max_seq_len truncated and counted."""
-    from llmft_assets.data.stage import stage_tokenized
-
-    staging = storage.staging_dir("tokenized_dataset")
-    result = stage_tokenized(
-        validated_dataset.file(DATA_FILE),
-        base_model_dir=base_model.path,
-        base_model_version=base_model.version,
-        max_seq_len=config.max_seq_len,
-        batch_size=config.batch_size,
-        workers=config.workers,
-        dataset=_dataset(validated_dataset),
-        staging=staging,
-        log=context.log.info,
-    )
-    return artifact_output(
-        StagedArtifact.of(staging, result.manifest),
-        metadata=metadata.tokenized_metadata(result, staging, validated_dataset.version),
-    )
+    return tokenized_output(context, config, validated_dataset, base_model, storage, "tokenized_dataset")
 
 
 @dg.asset(group_name=DATA_GROUP, owners=OWNERS, kinds={"parquet"}, code_version="2")
@@ -232,7 +267,7 @@ def dataset_splits(
         tokenized_dataset.file(DATA_FILE),
         rule=rule,
         tokenized_version=tokenized_dataset.version,
-        dataset=_dataset(tokenized_dataset),
+        dataset=dataset_of(tokenized_dataset),
         staging=staging,
         log=context.log.info,
     )

@@ -17,7 +17,15 @@ import dagster as dg
 from llmft_assets import settings
 from llmft_assets.data.stage import DATA_FILE
 from llmft_assets.defs import metadata
-from llmft_assets.defs.data.assets import CleanConfig, SplitConfig, TokenizeConfig, ValidationConfig
+from llmft_assets.defs.data.assets import (
+    CleanConfig,
+    SplitConfig,
+    TokenizeConfig,
+    ValidationConfig,
+    cleaned_output,
+    tokenized_output,
+    validated_output,
+)
 from llmft_assets.defs.owners import OWNERS
 from llmft_assets.defs.storage_resources import (
     ArtifactHandle,
@@ -108,10 +116,6 @@ def register_shards_job() -> None:
     register_source_shards_op()
 
 
-def _dataset(upstream: ArtifactHandle) -> dict | None:
-    return upstream.manifest(StageManifest).dataset
-
-
 def _shard_input(key: str, tokenized: ArtifactHandle) -> "ShardInput":
     from llmft_assets.data.shards import ShardInput
 
@@ -172,20 +176,7 @@ def shard_cleaned_dataset(
     storage: StorageResource,
 ) -> dg.Output[StagedArtifact]:
     """cleaned_dataset of one shard: exact duplicates removed within the shard (across shards: at assembly)."""
-    from llmft_assets.data.stage import stage_cleaned
-
-    staging = storage.staging_dir("shard_cleaned_dataset")
-    result = stage_cleaned(
-        shard_raw_dataset.file(DATA_FILE),
-        prefer_reannotated=config.prefer_reannotated,
-        dataset=_dataset(shard_raw_dataset),
-        staging=staging,
-        log=context.log.info,
-    )
-    return artifact_output(
-        StagedArtifact.of(staging, result.manifest),
-        metadata=metadata.stage_metadata(result, staging, shard_raw_dataset.version),
-    )
+    return cleaned_output(context, config, shard_raw_dataset, storage, "shard_cleaned_dataset")
 
 
 @dg.asset(
@@ -198,23 +189,7 @@ def shard_validated_dataset(
     storage: StorageResource,
 ) -> dg.Output[StagedArtifact]:
     """validated_dataset of one shard: the same rules; ids unique within the shard (across shards: at assembly)."""
-    from llmft_assets.data.stage import stage_validated
-
-    staging = storage.staging_dir("shard_validated_dataset")
-    result = stage_validated(
-        shard_cleaned_dataset.file(DATA_FILE),
-        limits=config.to_domain(asset="shard_validated_dataset"),
-        dataset=_dataset(shard_cleaned_dataset),
-        staging=staging,
-        log=context.log.info,
-    )
-    return artifact_output(
-        StagedArtifact.of(staging, result.manifest),
-        metadata={
-            **metadata.stage_metadata(result, staging, shard_cleaned_dataset.version),
-            "reject_rate": result.reject_rate,
-        },
-    )
+    return validated_output(context, config, shard_cleaned_dataset, storage, "shard_validated_dataset")
 
 
 @dg.asset(
@@ -228,23 +203,8 @@ def shard_tokenized_dataset(
     storage: StorageResource,
 ) -> dg.Output[StagedArtifact]:
     """tokenized_dataset of one shard, with the base model's chat template and assistant-only labels."""
-    from llmft_assets.data.stage import stage_tokenized
-
-    staging = storage.staging_dir("shard_tokenized_dataset")
-    result = stage_tokenized(
-        shard_validated_dataset.file(DATA_FILE),
-        base_model_dir=base_model.path,
-        base_model_version=base_model.version,
-        max_seq_len=config.max_seq_len,
-        batch_size=config.batch_size,
-        workers=config.workers,
-        dataset=_dataset(shard_validated_dataset),
-        staging=staging,
-        log=context.log.info,
-    )
-    return artifact_output(
-        StagedArtifact.of(staging, result.manifest),
-        metadata=metadata.tokenized_metadata(result, staging, shard_validated_dataset.version),
+    return tokenized_output(
+        context, config, shard_validated_dataset, base_model, storage, "shard_tokenized_dataset"
     )
 
 
