@@ -87,6 +87,7 @@ class TreeMemorySampler:
         import threading
 
         self.peak_mb = 0.0
+        self.samples: list[tuple[float, float]] = []  # (wall time, summed PSS in MB)
         self._interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -94,8 +95,13 @@ class TreeMemorySampler:
     def _run(self) -> None:
         while not self._stop.is_set():
             pids = [os.getpid(), *_descendants(os.getpid())]
-            self.peak_mb = max(self.peak_mb, sum(_pss_mb(pid) for pid in pids))
+            total = sum(_pss_mb(pid) for pid in pids)
+            self.samples.append((time.time(), total))
+            self.peak_mb = max(self.peak_mb, total)
             self._stop.wait(self._interval_s)
+
+    def peak_between(self, start: float, end: float) -> float:
+        return round(max((mb for at, mb in self.samples if start <= at <= end), default=0.0), 1)
 
     def __enter__(self) -> TreeMemorySampler:
         if Path("/proc/self/smaps_rollup").is_file():
@@ -207,6 +213,8 @@ def run_ours(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
         "assistant_tokens": tokenized["assistant_tokens"],
         "seconds": round(max(ended.values()) - min(started.values()), 2),
         "step_seconds": {step: round(ended[step] - started[step], 2) for step in DATA_STEPS},
+        # Wall-clock windows of each step, for the per-step memory peaks (`step_peak_mb`).
+        "step_windows": {step: (started[step], ended[step]) for step in DATA_STEPS},
         "cpu_seconds": round(cpu_seconds() - cpu_started, 2),
     }
 
@@ -429,6 +437,9 @@ def child_main(args: argparse.Namespace) -> None:
         shutil.rmtree(out_dir, ignore_errors=True)
     # peak_rss_mb: this process (ru_maxrss); tree_peak_mb: it and its workers, PSS summed (sampled).
     report.update(path=args.child, peak_rss_mb=peak_rss_mb(), tree_peak_mb=round(sampler.peak_mb, 1))
+    windows = report.pop("step_windows", {})
+    if windows:  # where the peak is: the tree's peak within each step of ours
+        report["step_peak_mb"] = {step: sampler.peak_between(*window) for step, window in windows.items()}
     print(json.dumps(report, sort_keys=True), flush=True)
 
 
@@ -486,6 +497,7 @@ def main() -> None:
             "baseline_rows_per_s": baseline["rows_per_s"],
             "limit_rows_per_s": limit["rows_per_s"],
             "ours_step_seconds": ours["step_seconds"],
+            "ours_step_peak_mb": [small["step_peak_mb"], ours["step_peak_mb"]],
             "speedup": round(ours["rows_per_s"] / baseline["rows_per_s"], 3),
             "ratio_to_limit": round(ours["rows_per_s"] / limit["rows_per_s"], 3),
             # The encoder without offsets (what ours calls for a byte-level BPE tokenizer), for reference.

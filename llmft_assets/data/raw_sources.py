@@ -192,10 +192,11 @@ def _iter_json_file(path: Path, origin_name: str) -> Iterator[_Record]:
 
 def _iter_parquet_file(path: Path, origin_name: str, batch_size: int) -> Iterator[_Record]:
     import pyarrow as pa
-    import pyarrow.parquet as pq
+
+    from llmft_assets.storage.tables import open_parquet
 
     try:
-        parquet_file = pq.ParquetFile(path)
+        parquet_file = open_parquet(path)
     except (pa.ArrowException, ValueError) as error:
         yield _bad(f"{origin_name}#0", f"unreadable_parquet: {error}")
         return

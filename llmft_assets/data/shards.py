@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from llmft_assets.data.key_set import CompactKeySet
 from llmft_assets.data.schema import QUARANTINE_SCHEMA, TOKENIZED_SCHEMA, StageCounts
 from llmft_assets.data.splits import SplitSettings
 from llmft_assets.manifests import DatasetDescription, SplitsManifest
 from llmft_assets.storage.backend import ObjectNotFound, StorageBackend
-from llmft_assets.storage.tables import ParquetSink
+from llmft_assets.storage.tables import ParquetSink, open_parquet
 
 SHARDS_PREFIX = "source_shards"
 ASSEMBLED_STAGE = "assembled"
@@ -240,7 +239,7 @@ def assemble_shards(
         ):
             for shard in ordered:
                 before = counts.rows_out
-                for batch in pq.ParquetFile(shard.data_file).iter_batches(batch_size=ASSEMBLY_BATCH_ROWS):
+                for batch in open_parquet(shard.data_file).iter_batches(batch_size=ASSEMBLY_BATCH_ROWS):
                     kept, quarantine = _dedup_batch(batch, seen_hashes, seen_ids, counts, shard.key)
                     rows_sink.write_table(kept)
                     quarantine_sink.write_rows(quarantine)

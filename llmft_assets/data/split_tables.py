@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from llmft_assets.data.splits import SPLITS, SplitPlan, SplitSettings, plan_leak_free_splits
-from llmft_assets.storage.tables import ParquetSink
+from llmft_assets.storage.tables import ParquetSink, open_parquet
 
 SPLIT_BATCH_ROWS = 2048
 
@@ -48,7 +47,7 @@ class SplitResult:
 
 
 def _prompt_batches(data_file: Path, batch_size: int) -> Iterator[list[tuple[str, str]]]:
-    parquet = pq.ParquetFile(data_file)
+    parquet = open_parquet(data_file)
     for batch in parquet.iter_batches(batch_size=batch_size, columns=["id", "messages"]):
         ids = batch.column("id").to_pylist()
         yield list(zip(ids, first_user_turns(batch.column("messages")), strict=True))
@@ -79,7 +78,7 @@ def write_splits(
     sinks = {split: ParquetSink(out_paths[split], schema) for split in SPLITS}
     position = 0
     try:
-        for batch in pq.ParquetFile(data_file).iter_batches(batch_size=batch_size):
+        for batch in open_parquet(data_file).iter_batches(batch_size=batch_size):
             batch_codes = codes[position : position + batch.num_rows]
             if len(batch_codes) != batch.num_rows:
                 raise ValueError(f"{data_file} has more rows than the split plan ({len(codes)})")

@@ -47,10 +47,19 @@ class ParquetSink:
         self.close()
 
 
+def open_parquet(source: Any) -> pq.ParquetFile:
+    """A Parquet file to stream batch by batch in bounded memory.
+
+    pyarrow's default `pre_buffer=True` keeps every column chunk it has read ahead until the reader is
+    done: streaming a file then holds about the file's size in memory (measured: +390 MB for a 240 MB
+    tokenized table of 200k rows, flat without it). Local files and our row groups gain nothing from it."""
+    return pq.ParquetFile(source, pre_buffer=False)
+
+
 def iter_parquet_batches(
     path: Path, *, batch_size: int = 2048, columns: list[str] | None = None
 ) -> Iterator[pa.RecordBatch]:
-    parquet = pq.ParquetFile(path)
+    parquet = open_parquet(path)
     yield from parquet.iter_batches(batch_size=batch_size, columns=columns)
 
 

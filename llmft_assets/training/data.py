@@ -56,12 +56,13 @@ class TokenizedSplit:
 
     def __init__(self, path: Path, max_seq_len: int, batch_rows: int = 8192) -> None:
         import pyarrow.compute as pc
-        import pyarrow.parquet as pq
+
+        from llmft_assets.storage.tables import open_parquet
 
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"tokenized split not found: {self.path}")
-        parquet = pq.ParquetFile(self.path)
+        parquet = open_parquet(self.path)
         names = set(parquet.schema_arrow.names)
         missing = [column for column in REQUIRED_COLUMNS if column not in names]
         if missing:
