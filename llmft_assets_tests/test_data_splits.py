@@ -70,11 +70,11 @@ def test_cross_split_overlap() -> None:
 
 # ---- leak-free splits: the normalized problem is the key; near duplicates stay together ---------------
 
+from llmft_assets.data.split_isolation import split_isolation_problems  # noqa: E402
 from llmft_assets.data.splits import (  # noqa: E402
     NearDuplicateIndex,
     plan_leak_free_splits,
     problem_key,
-    split_isolation_problems,
 )
 
 
@@ -112,7 +112,11 @@ def test_the_same_problem_under_other_ids_never_crosses_splits() -> None:
 
 
 def test_near_duplicates_are_pulled_into_train_and_template_variants_are_not() -> None:
-    prompt = "A car travels at a constant speed of 93 kilometers per hour for 6 hours. How far does it go?"
+    # Long enough that one reworded word keeps the true shingle Jaccard at 0.90 (a short prompt falls below 0.8).
+    prompt = (
+        "A car travels at a constant speed of 93 kilometers per hour for 6 hours along a straight and quiet "
+        "country road that winds past fields, a river and two old villages. What distance does it cover?"
+    )
     variants = [prompt.replace("car", vehicle) for vehicle in ("train", "bus", "truck", "cyclist", "boat")]
     other_numbers = [prompt.replace("93", str(n)) for n in range(10, 40)]  # other problems, same template
     rows = [(f"r{i}", p) for i, p in enumerate([prompt, *variants, *other_numbers])]
@@ -121,7 +125,7 @@ def test_near_duplicates_are_pulled_into_train_and_template_variants_are_not() -
     ]
     plan = _plan(rows)
     # The key alone scatters the reworded copies of one problem over all three splits...
-    assert plain[:6] == ["train", "validation", "test", "test", "test", "train"]
+    assert plain[:6] == ["train", "validation", "train", "test", "test", "validation"]
     # ...the plan keeps them together, in train (a train copy pulls its evaluation twins in).
     assert plan.assignments[:6] == ["train"] * 6
     assert plan.moved_to_train == 4 and plan.joined_eval_group >= 1
@@ -163,7 +167,61 @@ def test_isolation_check_passes_on_planned_splits_and_fails_on_planted_leaks() -
 def test_near_duplicate_index_needs_the_same_numbers() -> None:
     index = NearDuplicateIndex()
     index.add("a", "A set of pens costs $460. It is on sale for 75% off. What is the sale price in dollars?")
-    same = "A set of notebooks costs $460. It is on sale for 75% off. What is the sale price in dollars?"
+    same = "One set of pens costs $460. It is on sale for 75% off. What is the sale price in dollars?"
     other = "A set of pens costs $460. It is on sale for 25% off. What is the sale price in dollars?"
     assert [item for item, _ in index.query(same)] == ["a"]
     assert index.query(other) == []
+
+
+def test_streamed_isolation_check_counts_what_the_pairwise_search_finds() -> None:
+    """The check streams train against the held evaluation splits; its counts equal the all-pairs
+    reference (`find_near_duplicates`, `find_cross_split_overlap`) for any batching, leaks in every pair."""
+    from llmft_assets.data.split_isolation import isolation_problems
+    from llmft_assets.data.splits import find_near_duplicates, problem_key_of_prompt
+
+    template = (
+        "A farmer has {} cows and {} sheep on the hill behind the old red barn, and every morning she walks "
+        "out with her dog to count them all before the sun rises over the valley. How many animals are there?"
+    )
+    prompts = {
+        "train": [template.format(i, i + 3) for i in range(0, 60)],
+        "validation": [template.format(i, i + 3) for i in range(60, 80)],
+        "test": [template.format(i, i + 3) for i in range(80, 100)],
+    }
+    # Reworded at either end (one or two of ~40 shingles change): near duplicates with another key.
+    prompts["train"] += [
+        prompts["test"][0].upper(),
+        prompts["validation"][1].replace("A farmer", "One farmer"),
+    ]
+    prompts["test"] += [
+        prompts["validation"][2].replace("are there?", "are there now?"),
+        prompts["validation"][3],
+    ]
+    hashes = {name: [f"h{problem_key_of_prompt(p)[:6]}" for p in values] for name, values in prompts.items()}
+    hashes["train"][5] = hashes["test"][7]
+
+    keys = {
+        name: [problem_key_of_prompt(p, f"{name}#{i}") for i, p in enumerate(v)]
+        for name, v in prompts.items()
+    }
+    near = [
+        pair
+        for pair in find_near_duplicates(prompts)
+        if keys[pair.split_a][pair.index_a] != keys[pair.split_b][pair.index_b]
+    ]
+    expected = {
+        "shared_problem_keys": len(find_cross_split_overlap(keys)),
+        "shared_content_hashes": len(find_cross_split_overlap(hashes)),
+        "near_duplicates": len(near),
+    }
+    assert expected == {"shared_problem_keys": 2, "shared_content_hashes": 3, "near_duplicates": 2}
+    for batch_rows in (1, 7, 1000):
+
+        def read_split(name: str, size: int = batch_rows):
+            values, digests = prompts[name], hashes[name]
+            for start in range(0, len(values), size):
+                yield values[start : start + size], digests[start : start + size]
+
+        report = isolation_problems(read_split, ["train", "validation", "test"])
+        assert report["counts"] == expected, batch_rows
+        assert {e["kind"] for e in report["examples"]} == {"problem_key", "near_duplicate"}

@@ -1,5 +1,7 @@
 """Asset checks on the data assets: schema, unique ids, reject rate, loss masks, split isolation."""
 
+from collections.abc import Iterator
+
 import dagster as dg
 import pyarrow.parquet as pq
 
@@ -92,29 +94,30 @@ def tokenized_masks(tokenized_dataset: ArtifactHandle, base_model: ArtifactHandl
     "prompts (MinHash) are each in one split only.",
 )
 def splits_disjoint(dataset_splits: ArtifactHandle) -> dg.AssetCheckResult:
+    from llmft_assets.data.split_isolation import isolation_problems
     from llmft_assets.data.split_tables import first_user_turns
-    from llmft_assets.data.splits import NEAR_DUPLICATE_JACCARD, prompt_isolation_problems
+    from llmft_assets.data.splits import NEAR_DUPLICATE_JACCARD
 
-    prompts: dict[str, list[str]] = {}
-    hashes: dict[str, list[str]] = {}
-    for name in SPLIT_NAMES:
+    rows = dict.fromkeys(SPLIT_NAMES, 0)
+
+    def read_split(name: str) -> Iterator[tuple[list[str], list[str]]]:
         # Only each row's first user turn becomes a Python string (in Arrow), not its messages.
-        prompts[name], hashes[name] = [], []
         for batch in iter_parquet_batches(
             split_file(dataset_splits, name), columns=["messages", "content_hash"]
         ):
-            prompts[name] += first_user_turns(batch.column("messages"))
-            hashes[name] += batch.column("content_hash").to_pylist()
+            rows[name] += batch.num_rows
+            yield first_user_turns(batch.column("messages")), batch.column("content_hash").to_pylist()
+
     recorded = dataset_splits.manifest(SplitsManifest).near_duplicate_jaccard
     threshold = float(recorded if recorded is not None else NEAR_DUPLICATE_JACCARD)
-    report = prompt_isolation_problems(prompts, hashes, threshold=threshold)
+    report = isolation_problems(read_split, SPLIT_NAMES, threshold=threshold)
     return dg.AssetCheckResult(
         passed=not any(report["counts"].values()),
         metadata={
             "shared_problem_keys": report["counts"]["shared_problem_keys"],
             "shared_content_hashes": report["counts"]["shared_content_hashes"],
             "near_duplicates": report["counts"]["near_duplicates"],
-            "rows": dg.MetadataValue.json({name: len(values) for name, values in hashes.items()}),
+            "rows": dg.MetadataValue.json(rows),
             "examples": dg.MetadataValue.json(report["examples"]),
         },
     )
